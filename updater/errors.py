@@ -1,0 +1,29 @@
+"""The error tree of the Layer-1 updater.
+
+Every failure carries the spec's message (spec/updater.md, spec/ota.md §8) and a negative result
+code, as the device's ``updater_process()`` reports them (``< 0`` = failure).
+"""
+
+from __future__ import annotations
+
+__all__ = ["FlashError", "PowerCut", "UpdaterError"]
+
+
+class UpdaterError(Exception):
+    """An update failed. ``message`` is the device's status text, ``code`` its negative result."""
+
+    def __init__(self, message: str, *, code: int = -1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class FlashError(UpdaterError, OSError):
+    """A flash operation the chip would refuse (programming a 0 back to 1, out of range, ...)."""
+
+    def __init__(self, message: str, *, code: int = -11) -> None:
+        super().__init__(message, code=code)
+
+
+class PowerCut(Exception):  # noqa: N818 - an event, not an error: power went away
+    """Raised by the emulated flash when an injected power cut happens; the device is "off"."""
