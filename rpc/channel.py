@@ -50,8 +50,9 @@ class JsonCodec:
 
     name = "json"
 
-    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, html_escape: bool = False,
-                 ascii_only: bool = False) -> None:
+    def __init__(
+        self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, html_escape: bool = False, ascii_only: bool = False
+    ) -> None:
         self.max_frame_size = max_frame_size
         self.html_escape = html_escape
         self.ascii_only = ascii_only

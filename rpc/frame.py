@@ -189,9 +189,7 @@ class Frame:
 
     def reply_error(self, code: int, message: str | None = None, *, src: str = "") -> Frame:
         """The error response to this request."""
-        return Frame(
-            id=self.id, src=src or self.dst, dst=self.src, tag=self.tag, error=ErrorInfo(code, message)
-        )
+        return Frame(id=self.id, src=src or self.dst, dst=self.src, tag=self.tag, error=ErrorInfo(code, message))
 
     # -- parsing ----------------------------------------------------------------------------------
     @classmethod
@@ -206,7 +204,13 @@ class Frame:
 
     # -- encoding ---------------------------------------------------------------------------------
     def to_json(self, style: Style = "mos", *, html_escape: bool = False) -> str:
-        """The frame as JSON text in the given style (no trailing newline)."""
+        """The frame as JSON text in the given style (no trailing newline).
+
+        A response to a JSON-RPC 2.0 request (``extra`` holds ``"jsonrpc": "2.0"``) is always
+        written in JSON-RPC 2.0 form, whatever the style.
+        """
+        if self.extra and not self.method and self.extra.get("jsonrpc") == "2.0":
+            return _encode_jsonrpc(self)
         if style == "device":
             return _encode_device(self)
         return _encode_mos(self, html_escape)
@@ -364,6 +368,13 @@ def _encode_device(f: Frame) -> str:
     else:
         parts.append('"result":' + ("null" if f.result is ABSENT else _device_value(f.result)))
     return "{" + ",".join(parts) + "}"
+
+
+def _encode_jsonrpc(f: Frame) -> str:
+    body = '{"jsonrpc":"2.0","id":' + json.dumps(f.id, ensure_ascii=False)
+    if f.error is not None and f.error.code != 0:
+        return body + ',"error":' + _dumps(f.error.to_json_obj(), _COMPACT) + "}"
+    return body + ',"result":' + ("null" if f.result is ABSENT else _dumps(f.result, _COMPACT)) + "}"
 
 
 def _go_member(name: str, f: Frame) -> Any:

@@ -1,0 +1,192 @@
+"""Transport selection by URL, the way ``mos --port`` works (spec/transports.md §0).
+
+A bare path (``/dev/ttyUSB0``, ``COM7``) means serial. Each scheme maps to a module given as an
+import string and imported on first use, so a missing optional dependency only matters for the
+transport that needs it, and the error names the extra to install.
+
+Every transport module defines ``SCHEMES``, ``OPTIONS`` (allowed ``?query`` options), ``EXTRA`` and
+
+* ``async def open_client(url: TransportURL, **opts) -> Channel`` — the host side;
+* ``async def listen(url: TransportURL, node: Node, **opts) -> Listener`` — the device side.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from rpc.channel import Channel
+from rpc.client import AsyncClient, Client
+from rpc.errors import TransportError, UsageError
+from rpc.node import Node
+
+__all__ = [
+    "COMMON_OPTIONS",
+    "SCHEMES",
+    "Listener",
+    "TransportURL",
+    "connect",
+    "connect_sync",
+    "listen",
+    "load",
+    "open_client",
+    "parse_url",
+]
+
+# scheme -> (module import string, pip extra)
+SCHEMES: dict[str, tuple[str, str]] = {
+    "serial": ("transports.serial", "serial"),
+    "tcp": ("transports.tcp", ""),
+    "udp": ("transports.udp", ""),
+    "ws": ("transports.ws", "ws"),
+    "wss": ("transports.ws", "ws"),
+    "http": ("transports.http", "http"),
+    "https": ("transports.http", "http"),
+    "mqtt": ("transports.mqtt", "mqtt"),
+    "mqtts": ("transports.mqtt", "mqtt"),
+    "ble": ("transports.ble", "ble"),
+    "loop": ("transports.loop", ""),
+}
+
+# Options every transport accepts: the frame codec between two mgrpc ends.
+COMMON_OPTIONS = frozenset({"codec"})
+
+
+@dataclass(frozen=True, slots=True)
+class TransportURL:
+    """A parsed ``--port`` / ``--listen`` URL."""
+
+    scheme: str
+    host: str = ""
+    port: int | None = None
+    path: str = ""
+    user: str | None = None
+    password: str | None = None
+    query: dict[str, str] = field(default_factory=dict)
+    raw: str = ""
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (port omitted when absent)."""
+        return f"{self.host}:{self.port}" if self.port is not None else self.host
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        """A ``?query`` option's value."""
+        return self.query.get(name, default)
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """A boolean ``?query`` option (``1/true/yes/on``)."""
+        v = self.query.get(name)
+        if v is None:
+            return default
+        return v.lower() in ("1", "true", "yes", "on", "")
+
+
+class Listener(Protocol):
+    """A device-side listener returned by a transport's ``listen``."""
+
+    url: str
+
+    async def close(self) -> None:
+        """Stop listening and close its channels."""
+
+
+def parse_url(url: str) -> TransportURL:
+    """Parse a port URL; a value without ``://`` is a serial device path (as mos does)."""
+    if not url:
+        raise UsageError("empty port URL")
+    if "://" not in url:
+        return TransportURL("serial", path=url, raw=url)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise UsageError(f"unknown scheme {scheme!r} in {url!r}; valid schemes: {', '.join(sorted(SCHEMES))}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"invalid port in {url!r}") from None
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    path = parts.path
+    if scheme == "serial":
+        path = (parts.netloc + parts.path) if parts.netloc else parts.path
+    return TransportURL(
+        scheme=scheme,
+        host=parts.hostname or "",
+        port=port,
+        path=path,
+        user=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        query=query,
+        raw=url,
+    )
+
+
+def load(scheme: str) -> ModuleType:
+    """Import the module for ``scheme``; a missing dependency names the extra to install."""
+    try:
+        modname, extra = SCHEMES[scheme]
+    except KeyError:
+        raise UsageError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(sorted(SCHEMES))}") from None
+    try:
+        return importlib.import_module(modname)
+    except ImportError as e:
+        hint = f"; install it with: pip install 'mgrpc[{extra}]'" if extra else ""
+        raise TransportError(f"the {scheme}:// transport needs {e.name or 'a missing module'}{hint}") from e
+
+
+def _check_options(mod: ModuleType, url: TransportURL) -> None:
+    valid = frozenset(getattr(mod, "OPTIONS", frozenset())) | COMMON_OPTIONS
+    unknown = sorted(set(url.query) - valid)
+    if unknown:
+        raise UsageError(
+            f"unknown option(s) {', '.join(unknown)} for {url.scheme}://; valid options: {', '.join(sorted(valid))}"
+        )
+
+
+def _parsed(url: str | TransportURL) -> TransportURL:
+    return url if isinstance(url, TransportURL) else parse_url(url)
+
+
+async def open_client(url: str | TransportURL, **opts: Any) -> Channel:
+    """Open the host side of a transport and return its channel (not yet attached to a node)."""
+    u = _parsed(url)
+    mod = load(u.scheme)
+    _check_options(mod, u)
+    channel: Channel = await mod.open_client(u, **opts)
+    return channel
+
+
+async def listen(url: str | TransportURL, node: Node, **opts: Any) -> Listener:
+    """Start the device side of a transport for ``node``."""
+    u = _parsed(url)
+    mod = load(u.scheme)
+    _check_options(mod, u)
+    listener: Listener = await mod.listen(u, node, **opts)
+    return listener
+
+
+async def connect(url: str | TransportURL, *, timeout_s: float = 20.0, **opts: Any) -> AsyncClient:
+    """Connect to a device and return a started :class:`AsyncClient`.
+
+    ``opts`` go to the client (``creds``, ``compat_args``, ``src``) or, if not a client option, to
+    the transport.
+    """
+    client_keys = {"creds", "compat_args", "src", "dst"}
+    copts = {k: v for k, v in opts.items() if k in client_keys}
+    topts = {k: v for k, v in opts.items() if k not in client_keys}
+    channel = await open_client(url, **topts)
+    client = AsyncClient(channel, timeout_s=timeout_s, **copts)
+    try:
+        await client.start()
+    except BaseException:
+        await client.close()
+        raise
+    return client
+
+
+def connect_sync(url: str | TransportURL, *, timeout_s: float = 20.0, **opts: Any) -> Client:
+    """Blocking variant of :func:`connect`."""
+    return Client(lambda: connect(url, timeout_s=timeout_s, **opts))
