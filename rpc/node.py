@@ -167,6 +167,9 @@ class Node:
         self._local.attach(self)
         self.on_request: Callable[[Channel, Frame], bool] | None = None
         self.on_channel_closed: list[Callable[[Channel], None]] = []
+        # Extra HTTP endpoints served by HTTP transports next to /rpc (path prefix -> async handler
+        # taking the transport's request object); the OTA service registers /update here.
+        self.http_handlers: dict[str, Callable[..., Awaitable[Any]]] = {}
         if builtins:
             self._add_builtins()
 

@@ -6,7 +6,7 @@ code, as the device's ``updater_process()`` reports them (``< 0`` = failure).
 
 from __future__ import annotations
 
-__all__ = ["FlashError", "PowerCut", "UpdaterError"]
+__all__ = ["BootError", "BootStateError", "FlashError", "PowerCut", "SnapshotError", "UpdaterError"]
 
 
 class UpdaterError(Exception):
@@ -27,3 +27,15 @@ class FlashError(UpdaterError, OSError):
 
 class PowerCut(Exception):  # noqa: N818 - an event, not an error: power went away
     """Raised by the emulated flash when an injected power cut happens; the device is "off"."""
+
+
+class BootError(UpdaterError):
+    """The boot loader found nothing bootable (unprovisioned flash, or both slots' images invalid)."""
+
+
+class BootStateError(UpdaterError):
+    """OTA.SetBootState / GetBootState failure; ``code`` is the spec's -1..-4 (ota.md §1.10)."""
+
+
+class SnapshotError(UpdaterError):
+    """OTA.CreateSnapshot failure with the spec's code and message (ota.md §1.8)."""
