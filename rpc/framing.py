@@ -1,0 +1,532 @@
+"""Serial and TCP stream framing of mgRPC, both roles, sans-I/O (spec/transports.md §1 and §7).
+
+Four pieces, none of which does I/O:
+
+* :class:`MosStreamEncoder` — the bytes ``mos`` writes: ``\\n\"\"\"{json}<crc>\"\"\"\\n`` (no CRC on
+  TCP), the handshake ``\"\"\"\\x04\"\"\"\\n\\n`` and its acknowledgement ``\"\"\"``.
+* :class:`MosStreamDecoder` — mos's receive parser: a frame starts only at a delimiter followed by
+  ``{`` or ``0x04``; everything else is console output, delivered as :class:`Junk`.
+* :class:`DeviceStreamDecoder` / :class:`DeviceStreamEncoder` — the rpc-uart algorithm: ``\"\"\"`` or
+  ``\\n`` delimiters, empty frames answered with a ``\\n`` that waits for the next transmission, the
+  ``0x04`` handshake, CRC metadata, and the per-channel *compat* (``\"\"\"``) and *crc* modes, learned
+  from the input and sticky (:class:`DeviceLinkModes`).
+
+Usage follows h11: ``dec.feed(chunk)`` then ``for ev in dec.events(): ...``.
+
+Chunking: both decoders behave as if bytes arrived one at a time (a legal timing for a real UART),
+so the *sequence* of events never depends on how the input was split — except that :class:`Junk`
+and :class:`NonAscii` data may be reported in more, smaller pieces (their concatenation is the
+same). A real device parses whole reads, which differs only on input no correct peer sends (a raw
+``\\n`` inside a ``\"\"\"``-delimited frame, or a non-ASCII byte in the same read as a whole frame).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from rpc.errors import FrameError
+from rpc.frame import DEFAULT_MAX_FRAME_SIZE
+
+__all__ = [
+    "EOF_CHAR",
+    "HANDSHAKE",
+    "HANDSHAKE_ACK",
+    "HANDSHAKE_REPLY",
+    "XOFF",
+    "XON",
+    "BadCrc",
+    "DeviceLinkModes",
+    "DeviceStreamDecoder",
+    "DeviceStreamEncoder",
+    "Empty",
+    "FlowControl",
+    "FrameBytes",
+    "Handshake",
+    "Junk",
+    "MosStreamDecoder",
+    "MosStreamEncoder",
+    "NonAscii",
+    "Oversize",
+    "StreamEvent",
+    "crc32_hex",
+]
+
+QUOTES = b'"""'  # the old delimiter (before 2018-06-14), still sent by mos
+NEWLINE = b"\n"  # the new delimiter
+EOF_CHAR = 0x04
+XON = 0x11
+XOFF = 0x13
+HANDSHAKE = b'"""\x04"""\n\n'  # mos -> device, repeated every 200 ms until answered
+HANDSHAKE_REPLY = b'"""\x04"""'  # device -> mos (queued by the device for the 0x04 frame)
+HANDSHAKE_ACK = b'"""'  # mos -> device, once, when the reply arrives
+
+DEFAULT_MOS_MAX_FRAME_SIZE = 1 << 20  # mos has no limit; we bound memory at 1 MiB per frame
+
+
+def crc32_hex(data: bytes) -> str:
+    """CRC-32 (IEEE, = ``zlib.crc32``) of ``data`` as 8 lowercase hex digits, as both ends print it."""
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+# ---------------------------------------------------------------------------------------------
+# events
+
+
+@dataclass(frozen=True, slots=True)
+class FrameBytes:
+    """One frame's JSON bytes. ``crc_ok`` is True if a CRC came with it and matched, None if none did."""
+
+    data: bytes
+    crc_ok: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Junk:
+    """Bytes that are not part of a frame (device console output, stray bytes)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """A frame consisting of the single byte ``0x04``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Empty:
+    """A frame of whitespace only (device side; the device answers it with a ``\\n``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BadCrc:
+    """A frame whose metadata did not verify: dropped by a device, fatal for mos.
+
+    ``data`` is the frame (JSON part when it could be split off), ``reason`` says what was wrong.
+    """
+
+    data: bytes
+    reason: str = "CRC mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowControl:
+    """An XOFF (``xoff=True``, stop writing) or XON (``xoff=False``, resume) byte from the device."""
+
+    xoff: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Oversize:
+    """A frame longer than the limit was discarded; ``size`` bytes were dropped."""
+
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NonAscii:
+    """Device side: a byte >= 0x80 arrived, so the receive buffer (``data``, ending with it) was dropped."""
+
+    data: bytes
+
+
+StreamEvent = FrameBytes | Junk | Handshake | Empty | BadCrc | FlowControl | Oversize | NonAscii
+
+_HIGH_RE = re.compile(rb"[\x80-\xff]+")
+_FLOW_RE = re.compile(rb"[\x11\x13]")
+_GO_HEX_RE = re.compile(rb"[+-]?[0-9a-fA-F]+")
+_C_HEX_RE = re.compile(rb"[ \t\n\v\f\r]*(?:0[xX])?([0-9a-fA-F]*)")
+
+
+def _earliest_delimiter(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:
+    """Position and length of the first ``\"\"\"`` or ``\\n`` at or after ``start``; (-1, 0) if none."""
+    q = buf.find(QUOTES, start)
+    n = buf.find(NEWLINE, start)
+    if q < 0:
+        return (n, 1) if n >= 0 else (-1, 0)
+    if n < 0 or q < n:
+        return q, 3
+    return n, 1
+
+
+def _quote_tail(buf: bytes | bytearray) -> int:
+    """How many trailing bytes could be the start of a ``\"\"\"`` completed by later input (0..2)."""
+    if buf.endswith(b'""'):
+        return 2
+    if buf.endswith(b'"'):
+        return 1
+    return 0
+
+
+class _Decoder:
+    """Event queue shared by the decoders."""
+
+    def __init__(self) -> None:
+        self._events: deque[StreamEvent] = deque()
+
+    def events(self) -> Iterator[StreamEvent]:
+        """Yield (and remove) the events produced so far."""
+        while self._events:
+            yield self._events.popleft()
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        return self.events()
+
+    def _emit(self, ev: StreamEvent) -> None:
+        self._events.append(ev)
+
+
+# ---------------------------------------------------------------------------------------------
+# mos side
+
+
+class MosStreamEncoder:
+    """What mos writes on a stream: ``\\n\"\"\"{json}[crc]\"\"\"\\n``; ``crc=False`` for TCP."""
+
+    def __init__(self, *, crc: bool = True) -> None:
+        self.crc = crc
+
+    def encode(self, json_bytes: bytes) -> bytes:
+        """Frame one compact JSON message. A raw newline would end the frame early, so it is refused."""
+        json_bytes = json_bytes.rstrip()  # mos trims the Go encoder's trailing newline
+        if b"\n" in json_bytes:
+            raise FrameError("a frame sent on a stream must be compact JSON without raw newlines")
+        parts = [b"\n", QUOTES, json_bytes]
+        if self.crc:
+            parts.append(crc32_hex(json_bytes).encode("ascii"))
+        parts += [QUOTES, b"\n"]
+        return b"".join(parts)
+
+    @staticmethod
+    def handshake() -> bytes:
+        """The handshake mos repeats until the device answers: ``\"\"\"\\x04\"\"\"\\n\\n``."""
+        return HANDSHAKE
+
+    @staticmethod
+    def ack() -> bytes:
+        """What mos writes once when the handshake reply arrives: ``\"\"\"``."""
+        return HANDSHAKE_ACK
+
+
+class _MosState(enum.Enum):
+    HUNT = "hunt"  # between frames: looking for a delimiter followed by '{' or 0x04
+    FRAME = "frame"  # inside a frame: looking for the closing delimiter
+    SKIP = "skip"  # inside an oversize frame: dropping bytes until the closing delimiter
+
+
+class MosStreamDecoder(_Decoder):
+    """mos's receive parser (``frameFromRxBuf``), spec/transports.md §1.6.
+
+    Events: :class:`FrameBytes` (CRC verified when present), :class:`Handshake`, :class:`Junk`,
+    :class:`BadCrc` (malformed metadata or CRC mismatch; mos closes the connection),
+    :class:`FlowControl` (XON/XOFF removed from the stream; only with ``flow_control=True``, the
+    serial default) and :class:`Oversize` (our memory bound; mos itself has none).
+
+    mos indexes the byte after the delimiter relative to the buffer start, which misreads a frame
+    that follows junk in the same read; we check the byte right after the delimiter, as intended.
+    """
+
+    def __init__(self, *, flow_control: bool = True, max_frame_size: int = DEFAULT_MOS_MAX_FRAME_SIZE) -> None:
+        super().__init__()
+        self.flow_control = flow_control
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._state = _MosState.HUNT
+        self._skipped = 0
+        self._steps: dict[_MosState, Callable[[], bool]] = {
+            _MosState.HUNT: self._step_hunt,
+            _MosState.FRAME: self._step_frame,
+            _MosState.SKIP: self._step_skip,
+        }
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes; events become available from :meth:`events`."""
+        data = bytes(data)
+        if not data:
+            return
+        if not self.flow_control:
+            self._parse(data)
+            return
+        start = 0
+        for m in _FLOW_RE.finditer(data):
+            self._parse(data[start : m.start()])
+            self._emit(FlowControl(xoff=data[m.start()] == XOFF))
+            start = m.end()
+        self._parse(data[start:])
+
+    def feed_eof(self) -> None:
+        """The peer closed the stream: a frame in progress is taken as complete (as mos does)."""
+        if self._state is _MosState.FRAME:
+            body = bytes(self._buf)
+            self._buf.clear()
+            self._state = _MosState.HUNT
+            if body:
+                self._frame(body)
+        elif self._state is _MosState.SKIP:
+            self._emit(Oversize(self._skipped + len(self._buf)))
+            self._buf.clear()
+            self._state = _MosState.HUNT
+        elif self._buf:
+            self._emit(Junk(bytes(self._buf)))
+            self._buf.clear()
+
+    @property
+    def in_frame(self) -> bool:
+        """True while a frame has started but not ended."""
+        return self._state is not _MosState.HUNT
+
+    def _parse(self, data: bytes) -> None:
+        if data:
+            self._buf += data
+        while self._steps[self._state]():
+            pass
+
+    def _step_hunt(self) -> bool:
+        buf = self._buf
+        pos, n = _earliest_delimiter(buf)
+        if pos < 0:
+            # No delimiter: all of it is junk, except a tail that may become a """ delimiter.
+            cut = len(buf) - _quote_tail(buf)
+            if cut > 0:
+                self._emit(Junk(bytes(buf[:cut])))
+                del buf[:cut]
+            return False
+        if pos + n >= len(buf):
+            # A frame may start here: wait for the byte after the delimiter.
+            if pos > 0:
+                self._emit(Junk(bytes(buf[:pos])))
+                del buf[:pos]
+            return False
+        if buf[pos + n] in (0x7B, EOF_CHAR):  # '{' or 0x04
+            if pos > 0:
+                self._emit(Junk(bytes(buf[:pos])))
+            del buf[: pos + n]
+            self._state = _MosState.FRAME
+            return True
+        self._emit(Junk(bytes(buf[: pos + n])))
+        del buf[: pos + n]
+        return True
+
+    def _step_frame(self) -> bool:
+        buf = self._buf
+        pos, n = _earliest_delimiter(buf)
+        if pos < 0:
+            keep = _quote_tail(buf)
+            if len(buf) - keep > self.max_frame_size:
+                self._skipped = len(buf) - keep
+                del buf[: len(buf) - keep]
+                self._state = _MosState.SKIP
+                return True
+            return False
+        body = bytes(buf[:pos])
+        del buf[: pos + n]
+        self._state = _MosState.HUNT
+        if len(body) > self.max_frame_size:
+            self._emit(Oversize(len(body)))
+        else:
+            self._frame(body)
+        return True
+
+    def _step_skip(self) -> bool:
+        buf = self._buf
+        pos, n = _earliest_delimiter(buf)
+        if pos < 0:
+            keep = _quote_tail(buf)
+            self._skipped += len(buf) - keep
+            del buf[: len(buf) - keep]
+            return False
+        self._emit(Oversize(self._skipped + pos))
+        self._skipped = 0
+        del buf[: pos + n]
+        self._state = _MosState.HUNT
+        return True
+
+    def _frame(self, body: bytes) -> None:
+        if body == b"\x04":
+            self._emit(Handshake())
+            return
+        data = body.rstrip()
+        if len(data) <= 1:
+            payload, meta = data, b""
+        else:
+            # Metadata = bytes after the last '}' (mos never looks at index 0).
+            j = data.rfind(b"}", 1)
+            split = 1 if j < 0 else j + 1
+            payload, meta = data[:split], data[split:]
+        if not meta:
+            self._emit(FrameBytes(payload, None))
+            return
+        field = meta.split(b",", 1)[0]
+        if not _GO_HEX_RE.fullmatch(field) or not -(1 << 63) <= int(field, 16) < (1 << 63):
+            self._emit(BadCrc(data, f"malformed frame metadata: {meta!r}"))
+            return
+        expected = int(field, 16) & 0xFFFFFFFF
+        actual = zlib.crc32(payload) & 0xFFFFFFFF
+        if expected != actual:
+            self._emit(BadCrc(payload, f"CRC mismatch: expected 0x{expected:08x}, got 0x{actual:08x}"))
+            return
+        self._emit(FrameBytes(payload, True))
+
+
+# ---------------------------------------------------------------------------------------------
+# device side
+
+
+@dataclass(slots=True)
+class DeviceLinkModes:
+    """What a device has learned about its peer; both flags only ever turn on (until reboot)."""
+
+    compat: bool = False  # a """ was seen: frames are written with """ around them
+    crc: bool = False  # a frame with a valid CRC was seen: frames are written with a CRC
+
+
+class DeviceStreamDecoder(_Decoder):
+    """The rpc-uart receive algorithm (spec/transports.md §1.2).
+
+    Events: :class:`FrameBytes` (the JSON part; ``crc_ok`` True when a CRC verified), :class:`Empty`
+    (answer with a queued ``\\n``), :class:`Handshake` (answer ``\"\"\"\\x04\"\"\"``), :class:`BadCrc`
+    (frame dropped, "Corrupted frame"), :class:`Oversize` ("Incoming frame is too big"),
+    :class:`NonAscii` (buffer dropped) and :class:`Junk` (bytes before the first ``{`` of a frame,
+    which the device drops silently).
+
+    Metadata parsing *[inferred]*: the leading hex number is read like C ``strtoul(.., 16)``
+    (leading blanks and ``0x`` allowed, no digits = 0, values above 32 bits saturate).
+    """
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, modes: DeviceLinkModes | None = None) -> None:
+        super().__init__()
+        self.max_frame_size = max_frame_size
+        self.modes = modes if modes is not None else DeviceLinkModes()
+        self._buf = bytearray()
+
+    @property
+    def limit(self) -> int:
+        """The most bytes the unparsed remainder may hold (``max_frame_size + 6``)."""
+        return self.max_frame_size + 6
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes; events become available from :meth:`events`."""
+        data = bytes(data)
+        start = 0
+        for m in _HIGH_RE.finditer(data):
+            self._scan(data[start : m.start()])
+            # Non-ASCII is not allowed on the wire: the device drops everything it has buffered.
+            self._emit(NonAscii(bytes(self._buf) + m.group()))
+            self._buf.clear()
+            start = m.end()
+        self._scan(data[start:])
+
+    def _scan(self, data: bytes) -> None:
+        if not data:
+            return
+        buf = self._buf
+        buf += data
+        limit = self.limit
+        while True:
+            pos, n = _earliest_delimiter(buf)
+            end = pos + n if pos >= 0 else -1
+            # Byte by byte, the buffer would reach limit+1 bytes before this delimiter completed.
+            if (end < 0 and len(buf) > limit) or end > limit + 1:
+                self._emit(Oversize(limit + 1))
+                del buf[: limit + 1]
+                continue
+            if end < 0:
+                return
+            if n == 3:
+                self.modes.compat = True
+            body = bytes(buf[:pos])
+            del buf[:end]
+            self._frame(body)
+
+    def _frame(self, body: bytes) -> None:
+        if not body.strip():
+            self._emit(Empty())
+            return
+        if body == b"\x04":
+            self._emit(Handshake())
+            return
+        k = body.find(b"{")
+        if k < 0:
+            self._emit(Junk(body))
+            return
+        if k > 0:
+            self._emit(Junk(body[:k]))
+        data = body[k:]
+        j = data.rfind(b"}")
+        payload, meta = data[: j + 1], data[j + 1 :]
+        crc_ok: bool | None = None
+        if len(meta) >= 8:
+            m = _C_HEX_RE.match(meta)
+            digits = m.group(1) if m else b""
+            expected = min(int(digits, 16), 0xFFFFFFFF) if digits else 0
+            actual = zlib.crc32(payload) & 0xFFFFFFFF
+            if expected != actual:
+                self._emit(BadCrc(payload, f"Corrupted frame: CRC 0x{expected:08x} != 0x{actual:08x}"))
+                return
+            self.modes.crc = True
+            crc_ok = True
+        self._emit(FrameBytes(payload, crc_ok))
+
+
+class DeviceStreamEncoder:
+    """What rpc-uart writes: ``\\n [\"\"\"] {json} [crc] [\"\"\"] \\n`` per the learned modes.
+
+    Output is kept in a transmit buffer: the ``\\n`` answering an empty frame waits there until a
+    real transmission (a frame or the handshake reply) starts; :meth:`data_to_send` returns what
+    should go on the wire now.
+    """
+
+    def __init__(self, *, modes: DeviceLinkModes | None = None) -> None:
+        self.modes = modes if modes is not None else DeviceLinkModes()
+        self._tx = bytearray()
+        self._transmit = False
+
+    def queue_newline(self) -> None:
+        """Answer an empty frame: a ``\\n`` that is sent with the next transmission."""
+        self._tx += b"\n"
+
+    def queue_handshake_reply(self) -> None:
+        """Answer the ``0x04`` frame with ``\"\"\"\\x04\"\"\"`` and start transmitting."""
+        self._tx += HANDSHAKE_REPLY
+        self._transmit = True
+
+    def queue_frame(self, json_bytes: bytes) -> None:
+        """Queue one frame (compact JSON) and start transmitting."""
+        if b"\n" in json_bytes:
+            raise FrameError("a frame sent on a stream must be compact JSON without raw newlines")
+        compat = self.modes.compat
+        self._tx += b"\n"
+        if compat:
+            self._tx += QUOTES
+        self._tx += json_bytes
+        if self.modes.crc:
+            self._tx += crc32_hex(json_bytes).encode("ascii")
+        if compat:
+            self._tx += QUOTES
+        self._tx += b"\n"
+        self._transmit = True
+
+    def handle(self, ev: StreamEvent) -> None:
+        """Apply the device's automatic answer to a decoder event (:class:`Empty`, :class:`Handshake`)."""
+        if isinstance(ev, Empty):
+            self.queue_newline()
+        elif isinstance(ev, Handshake):
+            self.queue_handshake_reply()
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write now (empty while only ``\\n`` answers are waiting)."""
+        if not self._transmit:
+            return b""
+        out = bytes(self._tx)
+        self._tx.clear()
+        self._transmit = False
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued but not yet handed out."""
+        return len(self._tx)
