@@ -25,7 +25,7 @@ class FlashError(UpdaterError, OSError):
         super().__init__(message, code=code)
 
 
-class PowerCut(Exception):  # noqa: N818 - an event, not an error: power went away
+class PowerCut(Exception):  # an event, not an error: the power went away
     """Raised by the emulated flash when an injected power cut happens; the device is "off"."""
 
 

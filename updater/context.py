@@ -1,0 +1,409 @@
+"""UpdaterContext: applies a fw.zip stream to the inactive slot (spec/updater.md §1.3, §3, §5).
+
+::
+
+    ctx = UpdaterContext(storage, arch="esp32", commit_timeout_s=300, total_size=len(zip_bytes))
+    for chunk in source:
+        r = ctx.process(chunk)      # > 0 done (e.g. same version), 0 need more, < 0 failed
+        if r != 0:
+            break
+    r = ctx.finish()                # > 0: "Update applied, finalizing" -> reboot (storage.boot())
+
+The zip events (:mod:`updater.zipstream`) drive a state machine whose legal moves are the table
+``_TRANSITIONS``: ``(state, event type) -> handler``; each handler returns the next state; an event
+with no entry in the table is a malformed archive. States are the device's (§1.3).
+
+Decisions (documented here, tested in ``tests/test_updater_*.py``):
+
+* Parts: a part named ``app`` or ``fw``, or of type ``app``, goes to the inactive app partition; a
+  part named ``fs`` or of type ``fs`` to the inactive fs partition. Every other part (``boot``, ``pt``,
+  ``nvs``, ...) is skipped, as are zip entries no part names.
+* The app part is **required** (``Incomplete update package`` when the manifest lacks it or the zip
+  lacks its file); the fs part is optional (the old fs is kept, and no merge happens), but if the
+  manifest names an fs file the zip must contain it.
+* Per part: the entry size must equal ``size`` when given (``Invalid size``); data larger than the
+  partition is ``Image too big``; ``cs_sha1``/``cs_sha256``, when given, are checked over the data as
+  it streams (``Digest mismatch``).
+* Refused before anything is written: running firmware uncommitted (``Previous update has not been
+  committed yet``), ``Wrong platform``, bad signatures when ``sig_req_mask != -1``.
+* Same version as the running firmware (version and build_id) and not ``ignore_same_version``:
+  ``Version is the same as current``, result > 0, nothing written, no reboot
+  (:attr:`reboot_required` is false).
+* Data is written in 512-byte programs (the device's backend chunk); a sector is erased when the
+  write cursor first enters it; all-0xFF programs are skipped (they would not change erased flash).
+* **Only the inactive slot is ever written**; the boot config changes only in :meth:`finish`. So any
+  error (and any power cut) before that leaves the running slot, its fs and the boot config as they
+  were.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from .bootcfg import SlotState
+from .errors import UpdaterError
+from .flash import Flash
+from .manifest import MANIFEST_FILE_NAME, Manifest, Part
+from .partitions import Partition
+from .zipstream import ArchiveEnd, EntryData, EntryEnd, EntryStart, Event, ZipStreamParser
+
+__all__ = ["WRITE_CHUNK_SIZE", "UpdaterContext", "UpdaterState", "part_target"]
+
+log = logging.getLogger("mgrpc.updater.context")
+
+WRITE_CHUNK_SIZE = 512  # MGOS_UPDATER_DATA_CHUNK_SIZE
+MAX_MANIFEST_SIZE = 64 * 1024  # the device holds the manifest in RAM
+PROGRESS_EVERY_BYTES = 50_000
+
+MSG_APPLIED = "Update applied, finalizing"
+MSG_SAME_VERSION = "Version is the same as current"
+
+
+class UpdaterState(enum.IntEnum):
+    """The device's updater states (numbers as in the 2018 source, spec/updater.md §1.3)."""
+
+    INITED = 0
+    WAITING_MANIFEST_HEADER = 1
+    WAITING_MANIFEST = 2
+    WAITING_FILE_HEADER = 3
+    WAITING_FILE = 4
+    SKIPPING_DATA = 5
+    SKIPPING_DESCRIPTOR = 6  # never entered: the parser refuses data descriptors outright
+    WRITE_FINISHED = 7
+    FINALIZE = 8
+    FINISHED = 9
+
+
+class StorageLike(Protocol):
+    """What the context needs from :class:`updater.storage.DeviceStorage`."""
+
+    flash: Flash
+
+    @property
+    def running_slot(self) -> int: ...
+    @property
+    def inactive_slot(self) -> int: ...
+    @property
+    def is_committed(self) -> bool: ...
+    @property
+    def running_version(self) -> str: ...
+    @property
+    def running_build_id(self) -> str: ...
+    def finalize_update(self, slot: int, state: SlotState, *, fs_updated: bool, commit_timeout_s: int) -> Any: ...
+
+    @property
+    def layout(self) -> Any: ...
+
+
+def part_target(part: Part) -> str | None:
+    """``"app"``, ``"fs"`` or None (skip) for a manifest part."""
+    if part.name in ("app", "fw") or part.type == "app":
+        return "app"
+    if part.name == "fs" or part.type == "fs":
+        return "fs"
+    return None
+
+
+class _PartWriter:
+    """Streams one part into a partition: lazy sector erase, 512-byte programs, running digests."""
+
+    def __init__(self, flash: Flash, partition: Partition, part: Part) -> None:
+        self.flash = flash
+        self.partition = partition
+        self.part = part
+        self.written = 0  # bytes accepted (programmed or buffered)
+        self._flushed = 0  # bytes programmed
+        self._erased_to = 0  # partition-relative end of the erased area
+        self._buf = bytearray()
+        self.crc32 = 0
+        self.sha1 = hashlib.sha1()
+        self.sha256 = hashlib.sha256()
+
+    def feed(self, data: bytes) -> None:
+        if self.written + len(data) > self.partition.size:
+            raise UpdaterError("Image too big")
+        self.written += len(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
+        self.sha1.update(data)
+        self.sha256.update(data)
+        self._buf += data
+        full = len(self._buf) - len(self._buf) % WRITE_CHUNK_SIZE
+        if full:
+            self._program(bytes(self._buf[:full]))
+            del self._buf[:full]
+
+    def close(self) -> None:
+        if self._buf:
+            self._program(bytes(self._buf))
+            self._buf.clear()
+
+    def _program(self, data: bytes) -> None:
+        sector = self.flash.sector_size
+        for off in range(0, len(data), WRITE_CHUNK_SIZE):
+            piece = data[off : off + WRITE_CHUNK_SIZE]
+            rel = self._flushed
+            end = rel + len(piece)
+            while self._erased_to < end:
+                self.flash.erase_sector((self.partition.offset + self._erased_to) // sector)
+                self._erased_to += sector
+            if piece.count(0xFF) != len(piece):
+                self.flash.write(self.partition.offset + rel, piece)
+            self._flushed = end
+
+    def verify(self) -> None:
+        if self.part.size is not None and self.written != self.part.size:
+            raise UpdaterError("Invalid size")
+        if self.part.cs_sha1 is not None and self.sha1.hexdigest() != self.part.cs_sha1:
+            raise UpdaterError("Digest mismatch")
+        if self.part.cs_sha256 is not None and self.sha256.hexdigest() != self.part.cs_sha256:
+            raise UpdaterError("Digest mismatch")
+
+
+class UpdaterContext:
+    """One update: feed the fw.zip with :meth:`process`, then :meth:`finish` (see the module doc)."""
+
+    def __init__(
+        self,
+        storage: StorageLike,
+        *,
+        arch: str,
+        ignore_same_version: bool = False,
+        allow_deflate: bool = False,
+        keys: Iterable[str | None] = (),
+        sig_req_mask: int = -1,
+        commit_timeout_s: int = 0,
+        total_size: int | None = None,
+        on_progress: Callable[[int, int | None], None] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.arch = arch
+        self.ignore_same_version = ignore_same_version
+        self.keys = tuple(keys)
+        self.sig_req_mask = sig_req_mask
+        self.commit_timeout_s = commit_timeout_s
+        self.total_size = total_size
+        self.on_progress = on_progress
+        self.state = UpdaterState.INITED
+        self.result = 0
+        self.status_message = "idle"
+        self.bytes_processed = 0
+        self.manifest: Manifest | None = None
+        self.reboot_required = False
+        self.sig_check_result = 0
+        self._parser = ZipStreamParser(allow_deflate=allow_deflate)
+        self._manifest_buf = bytearray()
+        self._manifest_extra = b""
+        self._writer: _PartWriter | None = None
+        self._writer_kind = ""
+        self._done: dict[str, _PartWriter] = {}
+        self._target_slot = -1
+        self._last_progress = 0
+        # The state table: legal (state, event) pairs and the handler for each.
+        self._transitions: dict[tuple[UpdaterState, type], Callable[[Any], UpdaterState]] = {
+            (UpdaterState.WAITING_MANIFEST_HEADER, EntryStart): self._on_manifest_start,
+            (UpdaterState.WAITING_MANIFEST, EntryData): self._on_manifest_data,
+            (UpdaterState.WAITING_MANIFEST, EntryEnd): self._on_manifest_end,
+            (UpdaterState.WAITING_FILE_HEADER, EntryStart): self._on_file_start,
+            (UpdaterState.WAITING_FILE_HEADER, ArchiveEnd): self._on_archive_end,
+            (UpdaterState.WAITING_FILE, EntryData): self._on_file_data,
+            (UpdaterState.WAITING_FILE, EntryEnd): self._on_file_end,
+            (UpdaterState.SKIPPING_DATA, EntryData): self._on_skipped_data,
+            (UpdaterState.SKIPPING_DATA, EntryEnd): self._on_skipped_end,
+        }
+
+    # -- public API -----------------------------------------------------------------------------------
+
+    @property
+    def target_slot(self) -> int:
+        """The slot being written (-1 before the update starts)."""
+        return self._target_slot
+
+    def process(self, chunk: bytes) -> int:
+        """Feed the next piece of the fw.zip. Returns > 0 done, 0 need more, < 0 failed."""
+        if self.state is UpdaterState.FINISHED:
+            return self.result  # the device swallows what comes after the end
+        try:
+            if self.state is UpdaterState.INITED:
+                self._begin()
+            self.bytes_processed += len(chunk)
+            self._parser.feed(chunk)
+            for ev in self._parser.events():
+                self._dispatch(ev)
+                if self.state is UpdaterState.FINISHED:
+                    break
+        except UpdaterError as exc:
+            return self._fail(exc)
+        self._report_progress()
+        return self.result
+
+    def finish(self) -> int:
+        """The source says the input is complete: finalize (switch the boot config) or fail."""
+        if self.state is UpdaterState.FINISHED:
+            return self.result
+        if self.state is not UpdaterState.WRITE_FINISHED:
+            return self._fail(UpdaterError("Not all data was processed"))
+        self.state = UpdaterState.FINALIZE
+        try:
+            app = self._done["app"]
+            state = SlotState(
+                app_len=app.written,
+                app_crc32=app.crc32,
+                app_sha256=app.sha256.digest(),
+                version=self.manifest.version if self.manifest else "",
+                build_id=self.manifest.build_id if self.manifest else "",
+            )
+            self.storage.finalize_update(
+                self._target_slot, state, fs_updated="fs" in self._done, commit_timeout_s=self.commit_timeout_s
+            )
+        except UpdaterError as exc:
+            return self._fail(UpdaterError("Failed to set boot config", code=exc.code))
+        self.state = UpdaterState.FINISHED
+        self.result = 1
+        self.reboot_required = True
+        self.status_message = MSG_APPLIED
+        log.info("update to slot %d applied (%d bytes)", self._target_slot, self.bytes_processed)
+        self._report_progress(force=True)
+        return self.result
+
+    def abort(self, message: str = "Update aborted") -> int:
+        """Give up (source failed, OTA.End before all data, ...); nothing is switched."""
+        if self.state is UpdaterState.FINISHED:
+            return self.result
+        return self._fail(UpdaterError(message))
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _fail(self, exc: UpdaterError) -> int:
+        self.state = UpdaterState.FINISHED
+        self.result = exc.code if exc.code < 0 else -1
+        self.status_message = exc.message
+        self._writer = None
+        log.warning("update failed: %s", exc.message)
+        return self.result
+
+    def _begin(self) -> None:
+        if not self.storage.is_committed:
+            raise UpdaterError("Previous update has not been committed yet")
+        self._target_slot = self.storage.inactive_slot
+        self.status_message = "progress"
+        self.state = UpdaterState.WAITING_MANIFEST_HEADER
+
+    def _dispatch(self, ev: Event) -> None:
+        handler = self._transitions.get((self.state, type(ev)))
+        if handler is None:
+            raise UpdaterError(f"Malformed archive (unexpected {type(ev).__name__} in state {self.state.name})")
+        self.state = handler(ev)
+
+    def _report_progress(self, *, force: bool = False) -> None:
+        if self.on_progress is None:
+            return
+        if force or self.bytes_processed - self._last_progress >= PROGRESS_EVERY_BYTES or (
+            self.total_size is not None and self.bytes_processed >= self.total_size
+        ):
+            self._last_progress = self.bytes_processed
+            self.on_progress(self.bytes_processed, self.total_size)
+
+    # manifest
+
+    def _on_manifest_start(self, ev: EntryStart) -> UpdaterState:
+        if ev.name != MANIFEST_FILE_NAME:
+            raise UpdaterError("Malformed archive (manifest.json must be the first entry)")
+        if ev.size > MAX_MANIFEST_SIZE:
+            raise UpdaterError("Out of memory")
+        self._manifest_extra = ev.extra
+        return UpdaterState.WAITING_MANIFEST
+
+    def _on_manifest_data(self, ev: EntryData) -> UpdaterState:
+        self._manifest_buf += ev.data
+        return UpdaterState.WAITING_MANIFEST
+
+    def _on_manifest_end(self, ev: EntryEnd) -> UpdaterState:
+        m = Manifest.parse(bytes(self._manifest_buf))
+        self._manifest_buf = bytearray()
+        m.check_platform(self.arch)
+        self._check_signatures(m)
+        self.manifest = m
+        log.info("manifest: %s %s (%s) for %s", m.name, m.version, m.build_id, m.platform)
+        if not self.ignore_same_version and m.is_same_version(
+            self.storage.running_version, self.storage.running_build_id
+        ):
+            self.result = 1
+            self.status_message = MSG_SAME_VERSION
+            return UpdaterState.FINISHED
+        targets = {part_target(p): p for p in m.parts.values()}
+        app = targets.get("app")
+        if app is None or not app.src:
+            raise UpdaterError("Incomplete update package")
+        for kind, part in targets.items():
+            if kind is not None and part.size is not None and part.size > self._partition(kind).size:
+                raise UpdaterError("Image too big")
+        return UpdaterState.WAITING_FILE_HEADER
+
+    def _check_signatures(self, m: Manifest) -> None:
+        if self.sig_req_mask < 0:
+            return
+        from .signing import verify_signatures  # imports cryptography only when keys are used
+
+        # Raises UpdaterError ("Signature check failed: ...") unless the required bits verify.
+        self.sig_check_result = verify_signatures(m.raw, self._manifest_extra, list(self.keys), self.sig_req_mask)
+
+    def _partition(self, kind: str) -> Partition:
+        layout = self.storage.layout
+        parts: tuple[Partition, Partition] = layout.app if kind == "app" else layout.fs
+        return parts[self._target_slot]
+
+    # files
+
+    def _on_file_start(self, ev: EntryStart) -> UpdaterState:
+        assert self.manifest is not None
+        part = self.manifest.part_for_file(ev.name)
+        kind = part_target(part) if part is not None else None
+        if part is None or kind is None:
+            log.debug("skipping %s", ev.name)
+            self._parser.skip_current()
+            return UpdaterState.SKIPPING_DATA
+        if kind in self._done:
+            raise UpdaterError(f"Malformed archive (second file for the {kind} part)")
+        partition = self._partition(kind)
+        if ev.size > partition.size:
+            raise UpdaterError("Image too big")
+        if part.size is not None and ev.size != part.size:
+            raise UpdaterError("Invalid size")
+        log.info("writing %s (%d bytes) to %s", ev.name, ev.size, partition.name)
+        self._writer = _PartWriter(self.storage.flash, partition, part)
+        self._writer_kind = kind
+        return UpdaterState.WAITING_FILE
+
+    def _on_file_data(self, ev: EntryData) -> UpdaterState:
+        assert self._writer is not None
+        self._writer.feed(ev.data)
+        return UpdaterState.WAITING_FILE
+
+    def _on_file_end(self, ev: EntryEnd) -> UpdaterState:
+        writer = self._writer
+        assert writer is not None
+        writer.close()
+        writer.verify()
+        self._done[self._writer_kind] = writer
+        self._writer = None
+        return UpdaterState.WAITING_FILE_HEADER
+
+    def _on_skipped_data(self, ev: EntryData) -> UpdaterState:
+        return UpdaterState.SKIPPING_DATA
+
+    def _on_skipped_end(self, ev: EntryEnd) -> UpdaterState:
+        return UpdaterState.WAITING_FILE_HEADER
+
+    def _on_archive_end(self, ev: ArchiveEnd) -> UpdaterState:
+        assert self.manifest is not None
+        for part in self.manifest.parts.values():
+            kind = part_target(part)
+            if kind is not None and part.src and kind not in self._done:
+                raise UpdaterError("Incomplete update package")
+        self.status_message = "progress"
+        return UpdaterState.WRITE_FINISHED

@@ -1,0 +1,220 @@
+"""The device filesystem: LittleFS images in the ``fs_N`` partitions, and the first-boot FS merge.
+
+A :class:`FlashFS` is a LittleFS (littlefs-python) mounted over one flash partition: block size = flash
+sector size, block count = partition size / sector size. Every LittleFS read/program/erase goes to the
+emulated flash, so FS writes are counted and can be cut like any other flash operation. LittleFS is
+copy-on-write; a cut in the middle of a file write leaves the previous state of the FS.
+
+littlefs-python calls our block callbacks from C and swallows exceptions raised there, so a
+:class:`~updater.errors.PowerCut` inside a callback is remembered, reported to LittleFS as an I/O error,
+and re-raised once the LittleFS call returns.
+
+The merge (spec/updater.md §5.3): every regular file in the *root* of the old slot's FS that the new FS
+lacks is copied into the new FS; files shipped in the new image win (so ``conf9.json`` survives an update
+unless the new image ships one). Copying only missing files makes it idempotent: re-running it after an
+interruption copies what is still missing and nothing else.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import littlefs
+
+from .errors import FlashError, PowerCut, UpdaterError
+from .flash import Flash
+from .partitions import Partition
+
+__all__ = ["FSError", "FlashFS", "make_fs_image", "merge_fs"]
+
+log = logging.getLogger("mgrpc.updater.fs")
+
+# LittleFS geometry knobs besides block size/count. Images built by make_fs_image() use the same ones.
+READ_SIZE = 16
+PROG_SIZE = 16
+CACHE_SIZE = 512  # bigger caches mean fewer, larger flash programs (fewer ops to cut in tests)
+LOOKAHEAD_SIZE = 32
+NAME_MAX = 255
+
+T = TypeVar("T")
+
+
+class FSError(UpdaterError, OSError):
+    """A filesystem operation failed (not mountable, missing file, no space, ...)."""
+
+    def __init__(self, message: str, *, code: int = -1) -> None:
+        super().__init__(message, code=code)
+
+
+class _FlashContext(littlefs.UserContext):
+    """LittleFS block device callbacks over a flash partition."""
+
+    def __init__(self, flash: Flash, part: Partition) -> None:
+        # Deliberately not calling UserContext.__init__: it would allocate a RAM buffer.
+        self.flash = flash
+        self.part = part
+        self.in_size = part.size
+        self.cut: PowerCut | None = None
+        self.error: Exception | None = None
+
+    def _guard(self, fn: Callable[[], T], fail: T) -> T:
+        try:
+            return fn()
+        except PowerCut as exc:
+            self.cut = exc
+        except FlashError as exc:
+            self.error = exc
+        return fail
+
+    def read(self, cfg: Any, block: int, off: int, size: int) -> bytearray:
+        addr = self.part.offset + block * cfg.block_size + off
+        return self._guard(lambda: bytearray(self.flash.read(addr, size)), bytearray(b"\xff" * size))
+
+    def prog(self, cfg: Any, block: int, off: int, data: bytes) -> int:
+        addr = self.part.offset + block * cfg.block_size + off
+
+        def do() -> int:
+            self.flash.write(addr, data)
+            return 0
+
+        return self._guard(do, -5)  # LFS_ERR_IO
+
+    def erase(self, cfg: Any, block: int) -> int:
+        def do() -> int:
+            self.flash.erase(self.part.offset + block * cfg.block_size, cfg.block_size)
+            return 0
+
+        return self._guard(do, -5)
+
+    def sync(self, cfg: Any) -> int:
+        return 0
+
+
+class FlashFS:
+    """A LittleFS over a flash partition. Raises :class:`FSError` when it cannot be mounted."""
+
+    def __init__(self, flash: Flash, part: Partition, *, format_if_blank: bool = False) -> None:
+        self.flash = flash
+        self.part = part
+        self._ctx = _FlashContext(flash, part)
+        self._fs = littlefs.LittleFS(
+            self._ctx,
+            mount=False,
+            block_size=flash.sector_size,
+            block_count=part.size // flash.sector_size,
+            read_size=READ_SIZE,
+            prog_size=PROG_SIZE,
+            cache_size=min(CACHE_SIZE, flash.sector_size),
+            lookahead_size=LOOKAHEAD_SIZE,
+            name_max=NAME_MAX,
+        )
+        try:
+            self._call(self._fs.mount)
+        except FSError:
+            if not format_if_blank:
+                raise
+            self._call(self._fs.format)
+            self._call(self._fs.mount)
+
+    def _call(self, fn: Callable[..., T], *args: Any, name: str = "") -> T:
+        """Run one LittleFS call; re-raise a power cut or flash error seen inside a callback."""
+        self._ctx.cut = self._ctx.error = None
+        try:
+            result = fn(*args)
+        except littlefs.LittleFSError as exc:
+            if self._ctx.cut is not None:
+                raise self._ctx.cut from None
+            if self._ctx.error is not None:
+                raise FSError(f"{self.part.name}: {self._ctx.error}") from None
+            raise FSError(f"{self.part.name}: {exc}") from None
+        except FileNotFoundError as exc:
+            raise FSError(f"{self.part.name}: no such file: {name or (args[0] if args else exc)}") from None
+        if self._ctx.cut is not None:
+            raise self._ctx.cut
+        return result
+
+    def list(self, path: str = "/") -> list[str]:
+        """Names of the files (not directories) in directory ``path``, sorted."""
+        entries = self._call(self._fs.scandir, path)
+        return sorted(e.name for e in entries if e.type == littlefs.LFSStat.TYPE_REG)
+
+    def listdir(self, path: str = "/") -> builtins.list[str]:
+        """Names of every entry (files and directories) in ``path``, sorted."""
+        return sorted(self._call(self._fs.listdir, path))
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` exists."""
+        try:
+            self._call(self._fs.stat, name)
+        except FSError:
+            return False
+        return True
+
+    def size(self, name: str) -> int:
+        """Size of file ``name`` in bytes."""
+        return int(self._call(self._fs.stat, name).size)
+
+    def read(self, name: str) -> bytes:
+        """Whole content of file ``name``."""
+
+        def do() -> bytes:
+            with self._fs.open(name, "rb") as fh:
+                return bytes(fh.read())
+
+        return self._call(do, name=name)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Create or replace file ``name`` (atomic: LittleFS commits the new content on close)."""
+
+        def do() -> None:
+            with self._fs.open(name, "wb") as fh:
+                fh.write(data)
+
+        self._call(do)
+
+    def remove(self, name: str) -> None:
+        """Delete file ``name``."""
+        self._call(self._fs.remove, name)
+
+    def files(self) -> dict[str, bytes]:
+        """All root files with their content (small filesystems; tests and merges)."""
+        return {n: self.read(n) for n in self.list()}
+
+    def stat_fs(self) -> tuple[int, int]:
+        """``(used_bytes, total_bytes)``."""
+        used_blocks = int(self._call(lambda: self._fs.used_block_count))
+        return used_blocks * self.flash.sector_size, self.part.size
+
+    def unmount(self) -> None:
+        """Unmount (LittleFS keeps no dirty state between calls; this is for symmetry)."""
+        try:
+            self._call(self._fs.unmount)
+        except FSError:
+            pass
+
+
+def merge_fs(old: FlashFS, new: FlashFS, *, should_copy: Callable[[str], bool] | None = None) -> list[str]:
+    """Copy every root file of ``old`` that ``new`` lacks into ``new``; returns the copied names."""
+    present: set[str] = set(new.listdir())
+    copied = []
+    for name in old.list():
+        if name in present or (should_copy is not None and not should_copy(name)):
+            continue
+        new.write(name, old.read(name))
+        copied.append(name)
+    if copied:
+        log.info("FS merge: copied %s from %s to %s", ", ".join(copied), old.part.name, new.part.name)
+    return copied
+
+
+def make_fs_image(files: Mapping[str, bytes], *, block_size: int, block_count: int) -> bytes:
+    """A LittleFS image (``block_size * block_count`` bytes) holding ``files`` in its root."""
+    size = block_size * block_count
+    flash = Flash(None, size=size, sector_size=block_size)
+    fs = FlashFS(flash, Partition("fs", 0, size), format_if_blank=True)
+    for name, data in files.items():
+        fs.write(name, data)
+    return flash.snapshot()
