@@ -294,3 +294,115 @@ class Authenticator:
             code, msg = self.challenge()
             return AuthDecision(False, None, code, msg)
         return AuthDecision(False, user, 403, "unauthorized")
+
+
+# -- HTTP digest (RFC 2617, qop=auth): the device's 401 and mos's HTTP codec (spec/transports.md §3) --
+
+
+def http_challenge_header(realm: str, algorithm: str, nonce: int) -> str:
+    """The ``WWW-Authenticate`` value a device sends with HTTP 401 (nonce = unix time in lowercase hex)."""
+    return f'Digest qop="auth", realm="{realm}", nonce="{nonce:x}", algorithm={algorithm}'
+
+
+def parse_digest_header(value: str) -> dict[str, str] | None:
+    """Parse ``Digest k=v, k="v", ...`` (``WWW-Authenticate`` or ``Authorization``); None if not Digest.
+
+    Keys are lowercased; quoted values are unquoted (backslash escapes honoured).
+    """
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() != "digest":
+        return None
+    params: dict[str, str] = {}
+    i, n = 0, len(rest)
+    while i < n:
+        while i < n and rest[i] in " \t,":
+            i += 1
+        eq = rest.find("=", i)
+        if eq < 0:
+            break
+        key = rest[i:eq].strip().lower()
+        i = eq + 1
+        while i < n and rest[i] in " \t":
+            i += 1
+        if i < n and rest[i] == '"':
+            i += 1
+            buf = []
+            while i < n and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < n:
+                    i += 1
+                buf.append(rest[i])
+                i += 1
+            i += 1  # closing quote
+            params[key] = "".join(buf)
+        else:
+            end = rest.find(",", i)
+            end = n if end < 0 else end
+            params[key] = rest[i:end].strip()
+            i = end
+    return params
+
+
+def http_digest_response(
+    algorithm: str, ha1: str, nonce: str, nc: str, cnonce: str, qop: str, method: str, uri: str
+) -> str:
+    """RFC 2617 ``response`` = H(HA1:nonce:nc:cnonce:qop:H(method:uri)) in lowercase hex."""
+    ha2 = digest_hash(algorithm, f"{method}:{uri}")
+    return digest_hash(algorithm, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+
+
+def http_digest_authorization(
+    challenge: Mapping[str, str], creds: Credentials, *, method: str = "POST", uri: str = "/rpc", cnonce: str = "12345"
+) -> str:
+    """The ``Authorization`` value mos's HTTP codec sends after a 401 (member order and fixed cnonce as mos)."""
+    realm = challenge.get("realm", "")
+    nonce = challenge.get("nonce", "")
+    algorithm = challenge.get("algorithm") or "MD5"
+    ha1 = digest_hash(algorithm, f"{creds.user}:{realm}:{creds.password}")
+    nc = "00000001"
+    response = http_digest_response(algorithm, ha1, nonce, nc, cnonce, "auth", method, uri)
+    value = (
+        f'Digest username="{creds.user}", realm="{realm}", uri="{uri}", algorithm={algorithm}, '
+        f'nonce="{nonce}", nc={nc}, cnonce="{cnonce}", qop=auth, response="{response}"'
+    )
+    if challenge.get("opaque"):
+        value += f', opaque="{challenge["opaque"]}"'
+    return value
+
+
+def verify_http_digest(authenticator: Authenticator, header: str, method: str) -> str | None:
+    """Check an HTTP ``Authorization: Digest`` header against ``authenticator``'s password table.
+
+    Returns the user name, or None when the header is missing, malformed, for another realm or
+    algorithm, carries a stale nonce (hex unix time older than an hour or in the future), names an
+    unknown user, or has a wrong response. ``method`` is the request's HTTP method.
+    """
+    p = parse_digest_header(header) if header else None
+    if p is None:
+        return None
+    try:
+        user, realm, nonce, uri, response = p["username"], p["realm"], p["nonce"], p["uri"], p["response"]
+    except KeyError:
+        return None
+    algorithm = p.get("algorithm") or "MD5"
+    if realm != authenticator.realm or algorithm.upper() != authenticator.algorithm.upper():
+        return None
+    try:
+        nonce_t = int(nonce, 16)
+    except ValueError:
+        return None
+    now = authenticator.clock()
+    if not (now >= nonce_t and now - nonce_t < NONCE_MAX_AGE_S):
+        return None
+    table = authenticator._table()
+    ha1 = table.get((user, realm)) if table is not None else None
+    if ha1 is None:
+        return None
+    qop = p.get("qop", "")
+    if qop:
+        expected = http_digest_response(
+            authenticator.algorithm, ha1, nonce, p.get("nc", ""), p.get("cnonce", ""), qop, method, uri
+        )
+    else:  # RFC 2069 form, no qop
+        ha2 = digest_hash(authenticator.algorithm, f"{method}:{uri}")
+        expected = digest_hash(authenticator.algorithm, f"{ha1}:{nonce}:{ha2}")
+    return user if expected == response.lower() else None

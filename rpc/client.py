@@ -27,7 +27,8 @@ class AsyncClient:
     """Calls methods on the peer at the other end of ``channel``.
 
     ``timeout_s`` is the default per-call timeout (mos ``--timeout``, 20 s); ``creds`` answer a 401;
-    ``compat_args`` sends ``args`` instead of ``params`` (``--mgrpc-compat-args``).
+    ``compat_args`` sends ``args`` instead of ``params`` (``--mgrpc-compat-args``). ``max_pending``
+    bounds calls in flight (mos has no bound; the device's own cap is 25, see :class:`rpc.node.Node`).
     """
 
     def __init__(
@@ -39,11 +40,15 @@ class AsyncClient:
         creds: Credentials | None = None,
         compat_args: bool = False,
         dst: str = "",
+        max_pending: int = 1024,
     ) -> None:
         self.channel = channel
         self.timeout_s = timeout_s
         self.dst = dst
-        self.node = Node(id=src, style="mos", creds=creds, compat_args=compat_args, builtins=False)
+        self.node = Node(
+            id=src, style="mos", creds=creds, compat_args=compat_args, builtins=False, max_queue_length=max_pending,
+            max_frame_size=0,  # a host tool reads replies of any size, as mos does
+        )
         self.node.add_channel(channel, default=True)
 
     async def start(self) -> AsyncClient:

@@ -239,10 +239,23 @@ def parse_frame(data: bytes | bytearray | memoryview | str, *, max_size: int = D
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise FrameError(f"invalid JSON: {e}") from None
+        obj = _retry_vt(raw, e)
     if not isinstance(obj, dict):
         raise FrameError(f"a frame must be a JSON object, not {type(obj).__name__}")
     return _from_obj(obj, raw)
+
+
+_VT_BYTES_RE = re.compile(rb"(?<!\\)((?:\\\\)*)\\v")
+
+
+def _retry_vt(raw: bytes, first: Exception) -> Any:
+    """Devices write a vertical tab as the non-standard ``\\v`` (frozen ``%Q``); accept it."""
+    if b"\\v" in raw:
+        try:
+            return json.loads(_VT_BYTES_RE.sub(rb"\1\\u000b", raw))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            pass
+    raise FrameError(f"invalid JSON: {first}") from None
 
 
 def _from_obj(obj: Mapping[str, Any], raw: bytes | None) -> Frame:

@@ -399,7 +399,7 @@ class Node:
         self._send(channel, reply)
 
     def _handle_response(self, channel: Channel, frame: Frame) -> None:
-        if frame.dst and self.ids and not self.is_local_id(frame.dst):
+        if frame.dst and self.ids and not self.is_local_id(frame.dst) and channel is not self._local:
             if self.on_request is not None and self.on_request(channel, frame):
                 return
             # mos accepts responses whatever their dst (MQTT rewrites it); the device drops them.

@@ -1,0 +1,118 @@
+"""Helpers shared by the CLI commands: durations, port selection, client set-up, error output."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from rpc.errors import MgrpcError, RemoteError, RpcTimeout, TransportError, UsageError
+
+__all__ = ["configure_logging", "connect_from_args", "err", "parse_duration", "port_from_args", "run_async"]
+
+T = TypeVar("T")
+
+_DUR_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (``20s``, ``2m``, ``1m30s``, ``500ms``) or plain seconds; returns seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos = 0
+    total = 0.0
+    for m in _DUR_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise UsageError(f"invalid duration {text!r} (use e.g. 20s, 2m, 1m30s, 500ms)")
+    return total
+
+
+def duration_arg(text: str) -> float:
+    """argparse ``type=`` for durations."""
+    try:
+        return parse_duration(text)
+    except UsageError as e:
+        import argparse
+
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def port_from_args(args: Any) -> str:
+    """``--port``, else ``MGRPC_PORT``, else ``MOS_PORT``; error if none."""
+    port = getattr(args, "port", None) or os.environ.get("MGRPC_PORT") or os.environ.get("MOS_PORT")
+    if not port or port == "auto":
+        if port == "auto":
+            from glob import glob
+
+            found = sorted(glob("/dev/ttyUSB*") + glob("/dev/ttyACM*") + glob("/dev/cu.usb*"))
+            if found:
+                err(f"Using port {found[0]}")
+                return found[0]
+        raise UsageError("no device port: use --port URL (or set MGRPC_PORT / MOS_PORT)")
+    return str(port)
+
+
+def err(*parts: object) -> None:
+    """Informational and progress text goes to stderr, as mos does."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def configure_logging(verbosity: int) -> None:
+    """stdlib logging at WARNING/INFO/DEBUG, with structlog rendering through it."""
+    import structlog
+
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    structlog.configure(
+        processors=[structlog.processors.KeyValueRenderer(key_order=["event"])],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )
+
+
+async def connect_from_args(args: Any, **opts: Any) -> Any:
+    """Open an :class:`rpc.client.AsyncClient` for ``--port``, ``--timeout``, ``--rpc-creds``."""
+    from rpc.auth import parse_creds
+    from transports import connect
+
+    creds = getattr(args, "rpc_creds", None) or os.environ.get("MOS_RPC_CREDS") or None
+    return await connect(
+        port_from_args(args),
+        timeout_s=args.timeout,
+        creds=parse_creds(creds) if creds else None,
+        compat_args=bool(getattr(args, "mgrpc_compat_args", False)),
+        **opts,
+    )
+
+
+def run_async(main: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine function to completion on a fresh event loop."""
+    return asyncio.run(_call(main))
+
+
+async def _call(main: Callable[[], Awaitable[T]]) -> T:
+    return await main()
+
+
+def describe_error(e: BaseException) -> str:
+    """One-line text for an error, in mos's words where mos has them."""
+    if isinstance(e, RemoteError):
+        return f"remote error {e.code}: {e.message}"
+    if isinstance(e, RpcTimeout):
+        return "context deadline exceeded"
+    if isinstance(e, TransportError | MgrpcError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,84 @@
+"""``mgrpc call METHOD [JSON]`` — output exactly like ``mos call`` (spec/tool.md §3)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from rpc.cli._common import connect_from_args, describe_error, err
+from rpc.errors import MgrpcError, RemoteError, TransportError
+from rpc.frame import ABSENT, Frame
+from rpc.jsonfmt import go_indent, member_text
+
+__all__ = ["format_result", "register"]
+
+
+def register(sub: Any) -> None:
+    """Add the ``call`` command."""
+    p = sub.add_parser(
+        "call",
+        help="call an RPC method and print its result",
+        description="Call METHOD with optional JSON params and print the result as `mos call` does: "
+        "two-space indented JSON on stdout, `null` for no result; a remote error goes to stderr "
+        "as `remote error <code>: <message>` with exit status 1.",
+    )
+    p.add_argument("method", help="method name, e.g. Sys.GetInfo")
+    p.add_argument("params", nargs="?", default="", help='JSON params, e.g. \'{"key": "device.id"}\'')
+    p.set_defaults(func=cmd_call)
+
+
+def format_result(frame: Frame) -> str:
+    """The stdout text for a successful response frame (result re-indented as Go does)."""
+    if frame.error is not None or frame.result is ABSENT or frame.result is None:
+        return "null"
+    if frame.raw is not None:
+        text = member_text(frame.raw.decode("utf-8", "surrogateescape"), "result")
+        if text is not None:
+            return go_indent(text)
+    return go_indent(json.dumps(frame.result, ensure_ascii=False))
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """Run ``mgrpc call``."""
+    params: Any = ABSENT
+    if args.params.strip():
+        try:
+            params = json.loads(args.params)
+        except ValueError:
+            err(f"Error: Args [{args.params}] is not a valid JSON string")
+            return 1
+
+    async def run() -> Frame:
+        try:
+            client = await connect_from_args(args)
+        except (TransportError, OSError) as e:
+            # mos prints a connection failure on stdout (plain Println); so do we.
+            print(describe_error(e))
+            raise _Reported() from e
+        try:
+            resp = await client.call_frame(args.method, params, timeout_s=args.timeout)
+            if args.method.lower() == "sys.reboot":
+                await asyncio.sleep(0.2)  # as mos does, let the reply leave before the link drops
+            return resp
+        finally:
+            await client.close()
+
+    try:
+        frame = asyncio.run(run())
+    except _Reported:
+        return 1
+    except (MgrpcError, OSError) as e:
+        err(f"Error: {describe_error(e)}")
+        return 1
+    if frame.error is not None and frame.error.code != 0:
+        err(f"Error: {describe_error(RemoteError(frame.error.code, frame.error.message or ''))}")
+        return 1
+    sys.stdout.write(format_result(frame) + "\n")
+    return 0
+
+
+class _Reported(Exception):
+    """The error was already printed."""
