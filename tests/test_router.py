@@ -10,7 +10,7 @@ import pytest
 
 import transports
 from rpc.errors import ChannelClosed, HandlerError, RemoteError, RpcTimeout
-from rpc.frame import Frame, parse_frame
+from rpc.frame import parse_frame
 from rpc.node import Node
 from tests.helpers import RecordingChannel
 
