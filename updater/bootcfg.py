@@ -120,7 +120,8 @@ class BootConfig:
 
 
 def _pad(text: str, size: int) -> bytes:
-    raw = text.encode("utf-8")[:size]
+    # Cut at a character boundary so a truncated name still decodes cleanly.
+    raw = text.encode("utf-8")[:size].decode("utf-8", "ignore").encode("utf-8")
     return raw + b"\x00" * (size - len(raw))
 
 
@@ -216,4 +217,6 @@ class BootConfigStore:
         self.flash.write(part.offset, rec[:_SEQ_OFF])
         self.flash.write(part.offset + _SEQ_OFF, rec[_SEQ_OFF:])
         log.debug("boot config seq %#x written to copy %d: %s", seq, target, new)
-        return new
+        stored = decode_record(rec)  # what a reader will see (long strings truncated)
+        assert stored is not None
+        return stored
