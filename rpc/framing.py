@@ -395,11 +395,21 @@ class DeviceStreamDecoder(_Decoder):
 
     Metadata parsing *[inferred]*: the leading hex number is read like C ``strtoul(.., 16)``
     (leading blanks and ``0x`` allowed, no digits = 0, values above 32 bits saturate).
+
+    ``ascii_only=False`` lifts the non-ASCII rule (a UART rule) for transports that carry UTF-8,
+    such as our device side of ``tcp://``, since mos never escapes non-ASCII text.
     """
 
-    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, modes: DeviceLinkModes | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        modes: DeviceLinkModes | None = None,
+        ascii_only: bool = True,
+    ) -> None:
         super().__init__()
         self.max_frame_size = max_frame_size
+        self.ascii_only = ascii_only
         self.modes = modes if modes is not None else DeviceLinkModes()
         self._buf = bytearray()
 
@@ -411,6 +421,9 @@ class DeviceStreamDecoder(_Decoder):
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes; events become available from :meth:`events`."""
         data = bytes(data)
+        if not self.ascii_only:
+            self._scan(data)
+            return
         start = 0
         for m in _HIGH_RE.finditer(data):
             self._scan(data[start : m.start()])

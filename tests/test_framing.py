@@ -430,3 +430,8 @@ def test_arbitrary_bytes_never_raise(data: bytes, cuts: list[int]) -> None:
 
 
 StreamEventTypes = (FrameBytes, Junk, Handshake, Empty, BadCrc, FlowControl, Oversize, NonAscii)
+
+
+def test_device_utf8_allowed_when_not_ascii_only() -> None:
+    body = '{"s":"é"}'.encode()
+    assert run(DeviceStreamDecoder(ascii_only=False), body + b"\n") == [FrameBytes(body, None)]
