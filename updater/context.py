@@ -19,8 +19,8 @@ Decisions (documented here, tested in ``tests/test_updater_*.py``):
   part named ``fs`` or of type ``fs`` to the inactive fs partition. Every other part (``boot``, ``pt``,
   ``nvs``, ...) is skipped, as are zip entries no part names.
 * The app part is **required** (``Incomplete update package`` when the manifest lacks it or the zip
-  lacks its file); the fs part is optional (the old fs is kept, and no merge happens), but if the
-  manifest names an fs file the zip must contain it.
+  lacks its file); the fs part is optional: without one, :meth:`finish` copies the running fs into the
+  new slot (no merge then). If the manifest names an fs file the zip must contain it.
 * Per part: the entry size must equal ``size`` when given (``Invalid size``); data larger than the
   partition is ``Image too big``; ``cs_sha1``/``cs_sha256``, when given, are checked over the data as
   it streams (``Digest mismatch``).
@@ -95,6 +95,7 @@ class StorageLike(Protocol):
     @property
     def running_build_id(self) -> str: ...
     def finalize_update(self, slot: int, state: SlotState, *, fs_updated: bool, commit_timeout_s: int) -> Any: ...
+    def copy_fs(self, src_slot: int, dst_slot: int) -> None: ...
 
     @property
     def layout(self) -> Any: ...
@@ -249,6 +250,9 @@ class UpdaterContext:
             return self._fail(UpdaterError("Not all data was processed"))
         self.state = UpdaterState.FINALIZE
         try:
+            if "fs" not in self._done:
+                # App-only update: the new slot gets a copy of the running fs (no merge needed).
+                self.storage.copy_fs(self.storage.running_slot, self._target_slot)
             app = self._done["app"]
             state = SlotState(
                 app_len=app.written,

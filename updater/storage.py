@@ -206,7 +206,11 @@ class DeviceStorage:
             except FSError as exc:
                 log.error("first boot of slot %d: fs does not mount (%s); reverting", decision.slot, exc)
                 self.loader.revert()
-                return self.boot()
+                info = self.boot()
+                self.boot_info = replace(
+                    info, reverted=True, reason=f"fs of slot {decision.slot} does not mount: reverted"
+                )
+                return self.boot_info
             try:
                 old_fs: FlashFS | None = self.fs(cfg.revert_slot)
             except FSError as exc:
@@ -264,6 +268,13 @@ class DeviceStorage:
         return self.flash.read(self.layout.app[slot].offset, state.app_len)
 
     # -- used by UpdaterContext.finish() -------------------------------------------------------------
+
+    def copy_fs(self, src_slot: int, dst_slot: int) -> None:
+        """Copy the whole fs partition of ``src_slot`` over ``dst_slot``'s (app-only updates)."""
+        if dst_slot == self.running_slot:
+            raise UpdaterError("Failed to write data")
+        src, dst = self.layout.fs[src_slot], self.layout.fs[dst_slot]
+        self.loader.copy_partition(src.offset, dst.offset, src.size)
 
     def finalize_update(
         self, slot: int, state: SlotState, *, fs_updated: bool, commit_timeout_s: int
