@@ -470,3 +470,27 @@ def test_property_corrupted_zip_only_updater_error(data: bytes, pos: int, allow_
         parse(corrupted, [97], allow_deflate=allow_deflate)
     except UpdaterError:
         pass
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    files=_files,
+    prefix=st.sampled_from([None, "fw-1.0"]),
+    compress=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_our_builder_any_chunking(
+    files: list[tuple[str, bytes]], prefix: str | None, compress: bool, seed: int
+) -> None:
+    from updater.bundle import BundlePart, build_bundle
+
+    files = [(n, d) for n, d in files if n != "manifest.json"]
+    parts = [BundlePart(f"p{i}", d, {"type": "x", "src": n}) for i, (n, d) in enumerate(files)]
+    data = build_bundle(platform="esp32", version="1.0", parts=parts, compress=compress, dir_prefix=prefix)
+    want = merged(parse(data, allow_deflate=compress))
+    got = files_of(want)
+    assert next(iter(got)) == "manifest.json"
+    assert {k: v for k, v in got.items() if k != "manifest.json"} == dict(files)
+    rnd = random.Random(seed)
+    for sizes in ([1], [7], [512], [rnd.randint(1, 300) for _ in range(40)]):
+        assert merged(parse(data, sizes, allow_deflate=compress)) == want
