@@ -91,9 +91,7 @@ def encode_length(n: int) -> bytes:
 def decode_length(value: bytes | bytearray | memoryview) -> int:
     """Parse a 4-byte big-endian length; anything but 4 bytes is a :class:`GattProtocolError`."""
     if len(value) != LENGTH_SIZE:
-        raise GattProtocolError(
-            AttError.REQUEST_NOT_SUPPORTED, f"a length is {LENGTH_SIZE} bytes, got {len(value)}"
-        )
+        raise GattProtocolError(AttError.REQUEST_NOT_SUPPORTED, f"a length is {LENGTH_SIZE} bytes, got {len(value)}")
     n: int = _LENGTH.unpack(bytes(value))[0]
     return n
 
