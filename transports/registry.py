@@ -177,7 +177,10 @@ async def connect(url: str | TransportURL, *, timeout_s: float = 20.0, **opts: A
     client_keys = {"creds", "compat_args", "src", "dst"}
     copts = {k: v for k, v in opts.items() if k in client_keys}
     topts = {k: v for k, v in opts.items() if k not in client_keys}
-    channel = await open_client(url, **topts)
+    u = _parsed(url)
+    if copts.get("creds") is not None and getattr(load(u.scheme), "WANTS_CREDS", False):
+        topts["creds"] = copts["creds"]  # e.g. HTTP digest is answered by the transport itself
+    channel = await open_client(u, **topts)
     client = AsyncClient(channel, timeout_s=timeout_s, **copts)
     try:
         await client.start()
