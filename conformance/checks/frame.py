@@ -1,0 +1,230 @@
+"""Frame-level device checks (spec/frame.md §1-§3, §5, §8): what any transport must carry unchanged.
+
+Over MQTT the host side rewrites ``src``/``dst`` (transports.md §4), so the checks about those two
+members are done by the ``mqtt`` group on raw MQTT messages instead.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+from conformance.model import CheckFailed, check, expect
+from conformance.probe import Probe
+from conformance.rawjson import member_order, member_text, show
+from conformance.session import Session
+from rpc.frame import ABSENT, Frame
+
+MQTT = ("mqtt", "mqtts")
+
+
+def _token(prefix: str) -> str:
+    return prefix + "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
+
+
+def _raw(frame: Frame) -> bytes:
+    return frame.raw if frame.raw is not None else frame.encode("device")
+
+
+@check("frame.id_numeric_bare", section="frame.md §1.2", title="numeric id echoed bare")
+async def id_numeric_bare(s: Session) -> str | None:
+    fid = Probe.new_id()
+    resp = await s.request("RPC.Ping", id=fid)
+    text = member_text(_raw(resp), "id")
+    expect(
+        text == str(fid), "a numeric id must be echoed as a bare number", seen=f'"id":{text}', expected=f'"id":{fid}'
+    )
+    return None
+
+
+@check("frame.id_string", section="frame.md §1.2, §9", title="string id echoed as a string")
+async def id_string(s: Session) -> str | None:
+    fid = _token("conf-")
+    resp = await s.request("RPC.Ping", id=fid)
+    text = member_text(_raw(resp), "id")
+    expect(
+        text == f'"{fid}"',
+        "a string id must be echoed as the same string",
+        seen=f'"id":{text}',
+        expected=f'"id":"{fid}"',
+    )
+    return None
+
+
+@check("frame.envelope_order", section="frame.md §1.2", title="reply envelope: id, src, dst, tag, payload")
+async def envelope_order(s: Session) -> str | None:
+    resp = await s.request("RPC.Ping", tag=_token("t"))
+    raw = _raw(resp)
+    order = [m for m in member_order(raw) if m in ("id", "src", "dst", "tag", "key", "result", "error")]
+    want = [m for m in ("id", "src", "dst", "tag", "key") if m in order] + [
+        m for m in order if m in ("result", "error")
+    ]
+    expect(
+        order == want and order[-1:] in (["result"], ["error"]),
+        "reply members out of the device order",
+        seen=show(raw),
+        expected="{id,src,dst,tag,...,result|error} in that order",
+    )
+    text = raw.decode("utf-8", "replace")
+    head = text[: text.find('"result"')] if '"result"' in text else text
+    expect(
+        not any(c in head for c in " \t\r\n"),
+        "whitespace in the reply envelope",
+        seen=show(raw),
+        expected="no whitespace between envelope members",
+    )
+    return None
+
+
+@check("frame.src_dst_swap", section="frame.md §1.2, §8", title="reply dst = request src, src = device id", not_on=MQTT)
+async def src_dst_swap(s: Session) -> str | None:
+    src = _token("conf-")
+    resp = await s.request("RPC.Ping", src=src)
+    expect(resp.dst == src, "reply dst must be the request's src", seen=f"dst={resp.dst!r}", expected=f"dst={src!r}")
+    expect(
+        bool(resp.src), "reply must carry the device's id in src", seen=f"src={resp.src!r}", expected="src=<device id>"
+    )
+    return None
+
+
+@check("frame.src_is_dst", section="frame.md §1.2", title="reply src = the request's non-empty dst", not_on=MQTT)
+async def src_is_dst(s: Session) -> str | None:
+    dev = await s.device_id()
+    resp = await s.request("RPC.Ping", dst=dev, src=_token("conf-"))
+    expect(
+        resp.src == dev, "reply src must be the dst the request used", seen=f"src={resp.src!r}", expected=f"src={dev!r}"
+    )
+    return None
+
+
+@check("frame.tag_copied", section="frame.md §1", title="tag copied into the reply")
+async def tag_copied(s: Session) -> str | None:
+    tag = _token("tag-")
+    resp = await s.request("RPC.Ping", tag=tag)
+    expect(resp.tag == tag, "tag must be copied verbatim", seen=f"tag={resp.tag!r}", expected=f"tag={tag!r}")
+    return None
+
+
+@check("frame.wrong_dst_dropped", section="frame.md §3", title="wrong dst dropped without reply", not_on=MQTT)
+async def wrong_dst_dropped(s: Session) -> str | None:
+    fid = Probe.new_id()
+    frame = Frame(id=fid, src="mos", dst=_token("not-this-device-"), method="RPC.Ping")
+    got = await s.exchange_silent(frame)
+    answers = [f for f in got if f.is_response and f.id is not None and str(f.id) == str(fid)]
+    expect(
+        not answers,
+        "a request for another dst must be dropped",
+        seen=show(_raw(answers[0])) if answers else "",
+        expected="no reply",
+    )
+    return None
+
+
+@check("frame.notification_silent", section="frame.md §1", title="request without id gets no reply")
+async def notification_silent(s: Session) -> str | None:
+    frame = Frame(src="mos", method="RPC.Ping", tag=_token("n-"))
+    got = await s.exchange_silent(frame)
+    answers = [f for f in got if f.is_response]
+    expect(
+        not answers,
+        "a notification (no id) must not be answered",
+        seen=show(_raw(answers[0])) if answers else "",
+        expected="no reply",
+    )
+    return None
+
+
+@check("frame.args_accepted", section="frame.md §1", title="legacy args accepted like params")
+async def args_accepted(s: Session) -> str | None:
+    resp = await s.request("RPC.Describe", args={"name": "RPC.Ping"})
+    got = resp.result.get("name") if isinstance(resp.result, dict) else None
+    expect(
+        resp.error is None and got == "RPC.Ping",
+        "args must be read when params is absent",
+        seen=show(_raw(resp)),
+        expected='result {"name": "RPC.Ping", ...}',
+    )
+    return None
+
+
+@check("frame.params_wins", section="frame.md §1", title="params wins over args")
+async def params_wins(s: Session) -> str | None:
+    resp = await s.request("RPC.Describe", {"name": "RPC.List"}, args={"name": "RPC.Ping"})
+    got = resp.result.get("name") if isinstance(resp.result, dict) else None
+    expect(
+        resp.error is None and got == "RPC.List",
+        "with both params and args, params must win",
+        seen=show(_raw(resp)),
+        expected='result {"name": "RPC.List", ...}',
+    )
+    return None
+
+
+@check("frame.not_found_404", section="frame.md §3, §5", title="unknown method: 404 No handler for <M>")
+async def not_found_404(s: Session) -> str | None:
+    method = "Conformance." + _token("NoSuch")
+    resp = await s.request(method)
+    want = f"No handler for {method}"
+    err = resp.error
+    expect(
+        err is not None and err.code == 404 and err.message == want,
+        "wrong reply to an unknown method",
+        seen=show(_raw(resp)),
+        expected=f'"error":{{"code":404,"message":"{want}"}}',
+    )
+    expect(resp.result is ABSENT, "an error reply must not carry a result", seen=show(_raw(resp)), expected="no result")
+    return None
+
+
+@check("frame.method_case_insensitive", section="frame.md §3", title="method names match case-insensitively")
+async def method_case_insensitive(s: Session) -> str | None:
+    for name in ("rpc.ping", "RPC.PING", "Rpc.Ping"):
+        resp = await s.request(name)
+        if resp.error is not None and resp.error.code != 0:
+            raise CheckFailed(f"{name} was not routed to RPC.Ping", seen=show(_raw(resp)), expected="a result")
+    return None
+
+
+@check("frame.unknown_members_ignored", section="frame.md §1, §1.1", title="v and unknown members ignored")
+async def unknown_members_ignored(s: Session) -> str | None:
+    fid = Probe.new_id()
+    frame = Frame(id=fid, src="mos", method="RPC.Ping", v=2, extra={"conformance_extra": {"x": [1, 2]}})
+    p = await s.probe()
+    resp = await p.exchange(frame, timeout_s=s.options.timeout_s)
+    expect(
+        resp is not None and resp.ok,
+        "a request with v and an unknown member must still be answered",
+        seen=show(_raw(resp)) if resp is not None else "no response",
+        expected="a result",
+    )
+    return None
+
+
+@check(
+    "frame.max_frame_size",
+    section="frame.md §2; transports.md §1.2 (rpc.max_frame_size)",
+    title="frames up to the limit answered, oversize dropped, device survives",
+)
+async def max_frame_size(s: Session) -> str | None:
+    limit = s.options.max_frame_size
+    p = await s.probe()
+    small = Frame(id=Probe.new_id(), src="mos", method="RPC.Ping", params={"pad": ""})
+    pad = max(0, limit - 256 - len(small.encode("mos")))
+    fits = small.replace(params={"pad": "x" * pad})
+    resp = await p.exchange(fits, timeout_s=s.options.timeout_s)
+    expect(
+        resp is not None and resp.ok,
+        f"a {len(fits.encode('mos'))}-byte frame (under the limit) must be answered",
+        seen="no response" if resp is None else show(_raw(resp)),
+        expected="a result",
+    )
+    big = Frame(id=Probe.new_id(), src="mos", method="RPC.Ping", params={"pad": "y" * (2 * limit)})
+    got = await s.exchange_silent(big)
+    answers = [f for f in got if f.is_response and str(f.id) == str(big.id) and f.ok]
+    expect(
+        not answers,
+        f"a {len(big.encode('mos'))}-byte frame (over {limit}) must not be processed",
+        seen=show(_raw(answers[0])) if answers else "",
+        expected="dropped (or an error)",
+    )
+    return None

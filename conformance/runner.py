@@ -1,0 +1,157 @@
+"""Runs selected checks against a device URL and returns result objects (no printing).
+
+Reports: :func:`to_json` and :func:`to_junit_xml` turn a :class:`Report` into text; the CLI prints
+the table and writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import conformance.checks  # noqa: F401  (registers the checks)
+from conformance.model import (
+    CheckFailed,
+    CheckResult,
+    CheckSkipped,
+    CheckSpec,
+    Outcome,
+    checks_for,
+)
+from conformance.session import Options, Session
+
+__all__ = ["Report", "run", "run_check", "to_json", "to_junit_xml"]
+
+log = logging.getLogger("mgrpc.conformance")
+
+CHECK_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The results of one run, in run order."""
+
+    target: str
+    results: tuple[CheckResult, ...]
+    duration_s: float = 0.0
+    kind: str = "device"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no selected check failed or errored (skips are fine)."""
+        return all(r.ok for r in self.results)
+
+    def count(self, outcome: Outcome) -> int:
+        """How many results have ``outcome``."""
+        return sum(1 for r in self.results if r.outcome is outcome)
+
+    def failed(self) -> list[CheckResult]:
+        """Failed and errored results."""
+        return [r for r in self.results if not r.ok]
+
+    def by_name(self) -> dict[str, CheckResult]:
+        """Results keyed by check name."""
+        return {r.name: r for r in self.results}
+
+
+def _result(spec: CheckSpec, outcome: Outcome, t0: float, **kw: Any) -> CheckResult:
+    return CheckResult(spec.name, spec.group, spec.section, spec.title, outcome, duration_s=time.monotonic() - t0, **kw)
+
+
+async def run_check(spec: CheckSpec, session: Session, *, timeout_s: float = CHECK_TIMEOUT_S) -> CheckResult:
+    """Run one check and turn its ending into a :class:`CheckResult`."""
+    import asyncio
+
+    t0 = time.monotonic()
+    if spec.destructive and not session.options.destructive:
+        return _result(spec, Outcome.SKIP, t0, message="destructive; run with --ota/--ota-generate to include it")
+    if not spec.applies_to(session.scheme):
+        return _result(spec, Outcome.SKIP, t0, message=f"not applicable over {session.scheme}://")
+    try:
+        note = await asyncio.wait_for(spec.func(session), timeout_s)
+    except CheckFailed as e:
+        return _result(spec, Outcome.FAIL, t0, message=e.message, seen=e.seen, expected=e.expected)
+    except CheckSkipped as e:
+        return _result(spec, Outcome.SKIP, t0, message=str(e))
+    except TimeoutError:
+        return _result(spec, Outcome.ERROR, t0, message=f"check did not finish within {timeout_s:g} s")
+    except Exception as e:
+        log.debug("check %s raised", spec.name, exc_info=True)
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        return _result(spec, Outcome.ERROR, t0, message=tb)
+    return _result(spec, Outcome.PASS, t0, message=note or "")
+
+
+async def run(
+    url: str,
+    *,
+    options: Options | None = None,
+    only: Iterable[str] | None = None,
+    check_timeout_s: float = CHECK_TIMEOUT_S,
+) -> Report:
+    """Run the device checks (``only``: group or check names) against ``url``."""
+    t0 = time.monotonic()
+    specs = [s for s in checks_for(list(only) if only else None) if s.group != "client"]
+    session = Session(url, options)
+    results: list[CheckResult] = []
+    try:
+        for spec in specs:
+            results.append(await run_check(spec, session, timeout_s=check_timeout_s))
+    finally:
+        await session.close()
+    return Report(url, tuple(results), time.monotonic() - t0)
+
+
+def to_json(report: Report) -> str:
+    """The report as a JSON document (summary plus one object per check)."""
+    doc = {
+        "target": report.target,
+        "kind": report.kind,
+        "ok": report.ok,
+        "duration_s": round(report.duration_s, 3),
+        "summary": {o.value: report.count(o) for o in Outcome},
+        "results": [r.to_json() for r in report.results],
+        **({"meta": report.meta} if report.meta else {}),
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def to_junit_xml(report: Report) -> str:
+    """The report as JUnit XML: one ``testsuite`` per check group, one ``testcase`` per check."""
+    root = ET.Element("testsuites", name=f"mgrpc conformance {report.kind}: {report.target}")
+    by_group: dict[str, list[CheckResult]] = {}
+    for r in report.results:
+        by_group.setdefault(r.group, []).append(r)
+    for group, results in by_group.items():
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=f"conformance.{group}",
+            tests=str(len(results)),
+            failures=str(sum(r.outcome is Outcome.FAIL for r in results)),
+            errors=str(sum(r.outcome is Outcome.ERROR for r in results)),
+            skipped=str(sum(r.outcome is Outcome.SKIP for r in results)),
+            time=f"{sum(r.duration_s for r in results):.3f}",
+        )
+        for r in results:
+            case = ET.SubElement(
+                suite, "testcase", classname=f"conformance.{group}", name=r.name, time=f"{r.duration_s:.3f}"
+            )
+            props = ET.SubElement(case, "properties")
+            ET.SubElement(props, "property", name="section", value=r.section)
+            detail = f"{r.message}\nseen: {r.seen}\nexpected: {r.expected}\nspec: {r.section}"
+            if r.outcome is Outcome.FAIL:
+                ET.SubElement(case, "failure", message=r.message).text = detail
+            elif r.outcome is Outcome.ERROR:
+                ET.SubElement(case, "error", message=r.message).text = detail
+            elif r.outcome is Outcome.SKIP:
+                ET.SubElement(case, "skipped", message=r.message)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

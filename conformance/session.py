@@ -1,0 +1,179 @@
+"""State shared by the checks of one run: the target URL, options, an open probe, learned facts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from conformance.model import CheckFailed, CheckSkipped
+from conformance.probe import Probe, id_key
+from rpc.auth import Credentials
+from rpc.errors import MgrpcError
+from rpc.frame import ABSENT, Frame
+
+__all__ = ["Options", "Session"]
+
+log = logging.getLogger("mgrpc.conformance")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    """How to run the device checks.
+
+    ``timeout_s`` bounds each expected reply; ``quiet_s`` is how long to keep listening after a
+    barrier before concluding that a frame got no reply; ``destructive`` allows OTA/reboot checks;
+    ``ota_bundle`` is a fw.zip for the device (``ota_generate`` builds one for its ``arch``).
+    """
+
+    timeout_s: float = 5.0
+    quiet_s: float = 0.3
+    max_frame_size: int = 4096
+    creds: Credentials | None = None
+    auth_method: str = "Sys.GetInfo"
+    destructive: bool = False
+    ota_bundle: bytes | None = None
+    ota_generate: bool = False
+    ota_chunk_size: int = 512
+    reboot_timeout_s: float = 30.0
+    device_id: str | None = None
+    transport_opts: dict[str, Any] = field(default_factory=dict)
+
+
+class Session:
+    """One run against one device URL. Checks share the open :class:`Probe` and learned facts."""
+
+    def __init__(self, url: str, options: Options | None = None) -> None:
+        import transports
+
+        self.url = url
+        self.options = options or Options()
+        self.parsed = transports.parse_url(url)
+        self.scheme = self.parsed.scheme
+        self._probe: Probe | None = None
+        self._device_id: str | None = self.options.device_id
+        self.facts: dict[str, Any] = {}
+
+    # -- the probe ----------------------------------------------------------------------------------
+    async def probe(self) -> Probe:
+        """The open probe (reopened if the device closed it, as non-persistent channels do)."""
+        if self._probe is None or self._probe.closed:
+            if self._probe is not None:
+                await self._probe.close()
+            self._probe = await Probe.open(self.url, **self.options.transport_opts)
+        return self._probe
+
+    async def reopen(self) -> Probe:
+        """Close and reopen the probe (after a reboot, or to start from a fresh channel)."""
+        if self._probe is not None:
+            await self._probe.close()
+            self._probe = None
+        return await self.probe()
+
+    async def close(self) -> None:
+        """Close the probe."""
+        if self._probe is not None:
+            await self._probe.close()
+            self._probe = None
+
+    # -- calls --------------------------------------------------------------------------------------
+    async def request(self, method: str, params: Any = ABSENT, **kw: Any) -> Frame:
+        """Send a request and return its response; a missing response fails the check."""
+        kw.setdefault("timeout_s", self.options.timeout_s)
+        p = await self.probe()
+        resp = await p.request(method, params, **kw)
+        if resp is None:
+            raise CheckFailed(
+                f"no response to {method} within {kw['timeout_s']:g} s", seen="no response", expected="a response"
+            )
+        return resp
+
+    async def call(self, method: str, params: Any = ABSENT, **kw: Any) -> Any:
+        """Call ``method`` and return its result; an error reply fails the check."""
+        resp = await self.request(method, params, **kw)
+        if resp.error is not None and resp.error.code != 0:
+            raise CheckFailed(
+                f"{method} answered with an error",
+                seen=f"error {resp.error.code}: {resp.error.message}",
+                expected="a result",
+            )
+        return None if resp.result is ABSENT else resp.result
+
+    async def exchange_silent(self, frame: Frame) -> list[Frame]:
+        """Send a frame that must get no reply; return every frame that arrived for it anyway.
+
+        Sends ``frame``, then a barrier request (``RPC.Ping`` with a fresh id) and waits for the
+        barrier's reply, then listens ``quiet_s`` longer. Frames other than the barrier's reply
+        received in that window are returned (the caller decides which count as answers).
+        """
+        p = await self.probe()
+        mark = await p.send(frame)
+        barrier_id = Probe.new_id()
+        barrier = Frame(id=barrier_id, src="mos", method="RPC.Ping")
+        if p.closed:  # a non-persistent channel may be closed by the device for this frame
+            p = await self.probe()
+            mark = len(p.frames)
+        try:
+            await p.send(barrier)
+            got = await p.wait_for(
+                lambda f: f.is_response and id_key(f.id) == barrier_id, start=mark, timeout_s=self.options.timeout_s
+            )
+        except MgrpcError:
+            got = None
+        if got is None and p.closed:
+            # The device closed the channel (allowed for a wrong dst on non-persistent channels):
+            # make sure it still answers on a new one.
+            p2 = await self.reopen()
+            again = await p2.request("RPC.Ping", timeout_s=self.options.timeout_s)
+            if again is None:
+                raise CheckFailed("device stopped answering", seen="no response to RPC.Ping", expected="a response")
+            return [f for f in p.frames[mark:] if not (f.is_response and id_key(f.id) == barrier_id)]
+        if got is None:
+            raise CheckFailed("no response to the barrier RPC.Ping", seen="no response", expected="a response")
+        await asyncio.sleep(self.options.quiet_s)
+        return [f for f in p.frames[mark:] if not (f.is_response and id_key(f.id) == barrier_id)]
+
+    # -- learned facts ------------------------------------------------------------------------------
+    async def device_id(self) -> str:
+        """The device's id: ``--device-id``, else the ``src`` of its reply to ``RPC.Ping``."""
+        if self._device_id:
+            return self._device_id
+        if self.scheme in ("mqtt", "mqtts") and self.parsed.path.strip("/"):
+            self._device_id = self.parsed.path.strip("/")
+            return self._device_id
+        resp = await self.request("RPC.Ping")
+        if not resp.src:
+            raise CheckSkipped("the device does not say its id (no src in replies)")
+        self._device_id = resp.src
+        return resp.src
+
+    async def get_info(self, *, fresh: bool = False) -> dict[str, Any]:
+        """``Sys.GetInfo``'s result (cached unless ``fresh``)."""
+        if fresh or "getinfo" not in self.facts:
+            result = await self.call("Sys.GetInfo")
+            if not isinstance(result, dict):
+                raise CheckFailed("Sys.GetInfo result is not an object", seen=result, expected="an object")
+            self.facts["getinfo"] = result
+        info: dict[str, Any] = self.facts["getinfo"]
+        return info
+
+    async def wait_up(self, *, timeout_s: float | None = None) -> None:
+        """After a reboot: reopen the probe until the device answers ``RPC.Ping`` again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout_s if timeout_s is not None else self.options.reboot_timeout_s)
+        last: Exception | None = None
+        while loop.time() < deadline:
+            try:
+                p = await self.reopen()
+                resp = await p.request("RPC.Ping", timeout_s=min(2.0, max(0.1, deadline - loop.time())))
+                if resp is not None:
+                    return
+            except (MgrpcError, OSError) as e:
+                last = e
+            await asyncio.sleep(0.2)
+        raise CheckFailed(
+            "device did not come back after the reboot",
+            seen=f"no answer within the reboot timeout ({last or 'no reply'})",
+            expected="RPC.Ping answered",
+        )
