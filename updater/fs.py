@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import littlefs
+from littlefs import lfs
 
 from .errors import FlashError, PowerCut, UpdaterError
 from .flash import Flash
@@ -129,6 +130,8 @@ class FlashFS:
                 raise self._ctx.cut from None
             if self._ctx.error is not None:
                 raise FSError(f"{self.part.name}: {self._ctx.error}") from None
+            if exc.code == littlefs.LittleFSError.Error.LFS_ERR_NOENT:
+                raise FSError(f"{self.part.name}: no such file: {name or (args[0] if args else '')}") from None
             raise FSError(f"{self.part.name}: {exc}") from None
         except FileNotFoundError as exc:
             raise FSError(f"{self.part.name}: no such file: {name or (args[0] if args else exc)}") from None
@@ -159,21 +162,32 @@ class FlashFS:
 
     def read(self, name: str) -> bytes:
         """Whole content of file ``name``."""
+        fs = self._fs.fs
 
         def do() -> bytes:
-            with self._fs.open(name, "rb") as fh:
-                return bytes(fh.read())
+            fh = lfs.file_open(fs, name, "rb")
+            try:
+                return bytes(lfs.file_read(fs, fh, lfs.file_size(fs, fh)))
+            finally:
+                lfs.file_close(fs, fh)
 
         return self._call(do, name=name)
 
     def write(self, name: str, data: bytes) -> None:
         """Create or replace file ``name`` (atomic: LittleFS commits the new content on close)."""
+        fs = self._fs.fs
 
         def do() -> None:
-            with self._fs.open(name, "wb") as fh:
-                fh.write(data)
+            # The raw lfs calls, not LittleFS.open(): its FileHandle retries a failed close when it is
+            # garbage-collected, which trips an assertion in littlefs after a power cut. Here the
+            # handle is closed exactly once, whatever happens.
+            fh = lfs.file_open(fs, name, "wb")
+            try:
+                lfs.file_write(fs, fh, bytes(data))
+            finally:
+                lfs.file_close(fs, fh)
 
-        self._call(do)
+        self._call(do, name=name)
 
     def remove(self, name: str) -> None:
         """Delete file ``name``."""
