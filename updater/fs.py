@@ -39,6 +39,7 @@ PROG_SIZE = 16
 CACHE_SIZE = 512  # bigger caches mean fewer, larger flash programs (fewer ops to cut in tests)
 LOOKAHEAD_SIZE = 32
 NAME_MAX = 255
+TMP_SUFFIX = ".~tmp"  # suffix of a file being written (see FlashFS.write)
 
 T = TypeVar("T")
 
@@ -142,11 +143,13 @@ class FlashFS:
     def list(self, path: str = "/") -> list[str]:
         """Names of the files (not directories) in directory ``path``, sorted."""
         entries = self._call(self._fs.scandir, path)
-        return sorted(e.name for e in entries if e.type == littlefs.LFSStat.TYPE_REG)
+        return sorted(
+            e.name for e in entries if e.type == littlefs.LFSStat.TYPE_REG and not e.name.endswith(TMP_SUFFIX)
+        )
 
     def listdir(self, path: str = "/") -> builtins.list[str]:
-        """Names of every entry (files and directories) in ``path``, sorted."""
-        return sorted(self._call(self._fs.listdir, path))
+        """Names of every entry (files and directories) in ``path``, sorted (temp files hidden)."""
+        return sorted(n for n in self._call(self._fs.listdir, path) if not n.endswith(TMP_SUFFIX))
 
     def exists(self, name: str) -> bool:
         """Whether ``name`` exists."""
@@ -174,18 +177,27 @@ class FlashFS:
         return self._call(do, name=name)
 
     def write(self, name: str, data: bytes) -> None:
-        """Create or replace file ``name`` (atomic: LittleFS commits the new content on close)."""
+        """Create or replace file ``name`` atomically.
+
+        LittleFS creates a file's directory entry at open and commits its data at close, so a cut in
+        between would leave an empty file under the real name (and a merge re-run would then think
+        the file is there). The data therefore goes to ``name + TMP_SUFFIX`` first and is renamed over
+        ``name`` (an atomic LittleFS commit) once complete. Leftover temp files are hidden by
+        :meth:`list` and overwritten by the next write of that name.
+        """
         fs = self._fs.fs
+        tmp = name + TMP_SUFFIX
 
         def do() -> None:
             # The raw lfs calls, not LittleFS.open(): its FileHandle retries a failed close when it is
             # garbage-collected, which trips an assertion in littlefs after a power cut. Here the
             # handle is closed exactly once, whatever happens.
-            fh = lfs.file_open(fs, name, "wb")
+            fh = lfs.file_open(fs, tmp, "wb")
             try:
                 lfs.file_write(fs, fh, bytes(data))
             finally:
                 lfs.file_close(fs, fh)
+            lfs.rename(fs, tmp, name)
 
         self._call(do, name=name)
 
