@@ -203,3 +203,22 @@ def test_missing_cryptography_names_extra(monkeypatch: pytest.MonkeyPatch) -> No
     assert verify_signatures(MANIFEST, b"", [], -1) == 0
     # Unsigned bundles never need it either.
     assert build_bundle(platform="p", version="1", parts=[BundlePart("a", b"x")])
+
+
+def test_load_public_key_b64(tmp_path: Path, keys: list[Any]) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from updater.signing import load_public_key_b64
+
+    want = public_key_b64(keys[0])
+    pub = keys[0].public_key()
+    pub_pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pub_der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "pub.pem").write_bytes(pub_pem)
+    (tmp_path / "priv.pem").write_bytes(private_key_pem(keys[0]))
+    for source in (want, keys[0], pub, pub_pem, pub_der, tmp_path / "pub.pem", str(tmp_path / "priv.pem")):
+        assert load_public_key_b64(source) == want
+    with pytest.raises(UpdaterError, match="Invalid public key"):
+        load_public_key_b64("bm90IGEga2V5")
+    with pytest.raises(UpdaterError, match="Invalid public key"):
+        load_public_key_b64(b"-----BEGIN PUBLIC KEY-----\nxx\n-----END PUBLIC KEY-----\n")

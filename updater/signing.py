@@ -36,6 +36,7 @@ __all__ = [
     "SigningUnavailable",
     "generate_key",
     "load_private_key",
+    "load_public_key_b64",
     "make_sig_extra",
     "parse_sig_extra",
     "private_key_pem",
@@ -109,6 +110,47 @@ def public_key_b64(key: Any) -> str:
     pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     der = pub.public_bytes(ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo)
     return base64.b64encode(der).decode("ascii")
+
+
+def load_public_key_b64(source: Any) -> str:
+    """An ``update.keyN`` value from: a base64 DER public key (returned checked), a key object, or
+    PEM/DER bytes or a path of a public or private key file.
+    """
+    _hashes, ser, ec, _utils = _crypto()
+    if isinstance(source, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return public_key_b64(source)
+    data: bytes
+    if isinstance(source, str) and not os.path.exists(source):
+        try:
+            der = base64.b64decode(source, validate=True)
+            pub = ser.load_der_public_key(der)
+        except (ValueError, binascii.Error, TypeError):
+            raise UpdaterError(f"Invalid public key {source!r}: not a file nor base64 DER") from None
+        if not isinstance(pub, ec.EllipticCurvePublicKey):
+            raise UpdaterError("Invalid public key: not an ECDSA key")
+        return public_key_b64(pub)
+    if isinstance(source, str | os.PathLike):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise UpdaterError(f"Cannot read key {os.fspath(source)}: {exc.strerror}") from None
+    else:
+        data = bytes(source)
+    if b"PRIVATE KEY" in data:
+        return public_key_b64(load_private_key(data))
+    try:
+        if b"-----BEGIN" in data:
+            pub = ser.load_pem_public_key(data)
+        else:
+            try:
+                pub = ser.load_der_public_key(data)
+            except ValueError:
+                return public_key_b64(load_private_key(data))
+    except (ValueError, TypeError) as exc:
+        raise UpdaterError(f"Invalid public key: {exc}") from None
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise UpdaterError("Invalid public key: not an ECDSA key")
+    return public_key_b64(pub)
 
 
 def sign_manifest(manifest_bytes: bytes, key: Any) -> str:

@@ -1,0 +1,462 @@
+"""``mgrpc fw build | inspect | keygen``: make, check and sign fw.zip bundles.
+
+``mgrpc fw build`` takes the options of ``mos create-fw-bundle`` (spec/tool.md §6)::
+
+    mgrpc fw build -o fw.zip --platform esp32 --name demo --version 1.0 --build-id 20260101/ci \\
+        --attr foo=bar --sign-key k0.pem 'app:src=build/demo.bin,type=app,ptn=app_0' \\
+        'fs:src=build/fs.img,type=fs,ptn=fs_0,fs_size=262144' 'nvs:type=nvs,fill=255,size=16384'
+    mgrpc fw build -o v.zip --virtual --arch esp32 --fw-version 1.1 --behavior hang
+
+Part specs are ``name:prop=value,...`` with mos' value rules: ``true``/``false`` are booleans, an
+integer literal (``123``, ``0x1000``, ``0755`` octal) within 32 bits is a number, ``'..'``/``".."``
+quote a string, anything else is a string.
+
+``mgrpc fw inspect fw.zip [--key K]...`` streams the bundle through the device's zip parser, prints the
+manifest and every entry, checks each part's size, SHA-1, SHA-256 and CRC, and verifies signatures
+(``--key`` = base64 DER public key, or a PEM/DER public or private key file; the N-th ``--key`` is
+``update.keyN``, or ``--key N=K`` picks the slot). Exit status 1 with ``Error: <reason>`` when anything
+is wrong.
+
+``mgrpc fw keygen -o key.pem`` writes a new ECDSA P-256 private key and prints the ``update.keyN``
+value (base64 DER public key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from updater.errors import UpdaterError
+
+__all__ = ["parse_part_spec", "parse_prop_value", "register"]
+
+_OCTAL = re.compile(r"[+-]?0[0-7]+")
+_INT = re.compile(r"[+-]?(0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|[1-9][0-9_]*|0)")
+_READ_CHUNK = 1 << 20
+
+
+def _out(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+def _fail(message: str) -> int:
+    print(f"Error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def parse_prop_value(v: str) -> Any:
+    """A part property value, typed the way mos' ``PartFromString`` does."""
+    if v == "":
+        return ""
+    if v in ("true", "false"):
+        return v == "true"
+    if len(v) >= 2 and v[0] == v[-1] == "'":
+        return v[1:-1].replace("\\'", "'")
+    if len(v) >= 2 and v[0] == v[-1] == '"':
+        return v[1:-1].replace('\\"', '"')
+    n: int | None = None
+    if _OCTAL.fullmatch(v):
+        n = int(v, 8)
+    elif _INT.fullmatch(v):
+        n = int(v, 0)
+    if n is not None and -(2**31) <= n < 2**31:
+        return n
+    return v
+
+
+def parse_part_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name:prop=value,...`` -> (name, props). Raises UpdaterError with mos' wording."""
+    name, colon, rest = spec.partition(":")
+    if not colon or not name:
+        raise UpdaterError(f"invalid part spec '{spec}', must be 'name:prop=value,...'")
+    props: dict[str, Any] = {}
+    for prop in rest.split(","):
+        if not prop:
+            break  # mos stops at the first empty property
+        key, eq, value = prop.partition("=")
+        if not eq:
+            raise UpdaterError(f"invalid property spec '{prop}', must be 'prop=value'")
+        props[key] = parse_prop_value(value)
+    return name, props
+
+
+def _kv_list(items: list[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UpdaterError(f"invalid {what} '{item}', must be 'key=value'")
+        out[key] = parse_prop_value(value)
+    return out
+
+
+# -- build ---------------------------------------------------------------------------------------
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Run ``mgrpc fw build``."""
+    from updater.bundle import BundlePart, write_bundle, write_virtual_bundle
+
+    try:
+        attrs = _kv_list(args.attr, "attr")
+        sig_attrs = _kv_list(args.extra_attr, "extra attr")
+        build_info: dict[str, Any] = {}
+        if args.build_info:
+            try:
+                build_info = json.loads(Path(args.build_info).read_text())
+            except (OSError, ValueError) as exc:
+                return _fail(f"cannot read build info {args.build_info}: {exc}")
+            if not isinstance(build_info, dict):
+                return _fail(f"build info {args.build_info} is not a JSON object")
+        sign_keys = [k or None for k in args.sign_key or []]
+        common: dict[str, Any] = {
+            "sign_keys": sign_keys,
+            "sig_attrs": sig_attrs or None,
+            "compress": args.compress,
+            "dir_prefix": args.dir_prefix,
+        }
+        build_id = args.build_id or attrs.pop("build_id", None) or build_info.get("build_id")
+        if args.virtual:
+            if args.parts:
+                return _fail("--virtual makes its own parts; give no part specs")
+            arch = args.arch or args.platform
+            version = args.fw_version or args.version
+            if not arch or not version:
+                return _fail("--virtual needs --arch and --fw-version")
+            fs_files = {}
+            for item in args.fs_file or []:
+                fname, eq, path = item.partition("=")
+                if not eq:
+                    return _fail(f"invalid --fs-file '{item}', must be 'name=path'")
+                fs_files[fname] = Path(path).read_bytes()
+            vkw: dict[str, Any] = {"behavior": args.behavior, "build_id": build_id, **common}
+            if args.app_size is not None:
+                vkw["app_size"] = args.app_size
+            if args.fs_size is not None:
+                vkw["fs_size"] = args.fs_size
+            if fs_files:
+                vkw["fs_files"] = fs_files
+            if args.name:
+                vkw["name"] = args.name
+            with _atomic_output(args.output) as f:
+                manifest = write_virtual_bundle(f, arch, version, **vkw)
+        else:
+            platform = args.platform or attrs.pop("platform", None)
+            version = args.version or attrs.pop("version", None) or build_info.get("build_version")
+            if not platform:
+                return _fail("--platform is required")
+            if not version:
+                return _fail("--version is required (or --build-info with build_version)")
+            parts = []
+            for spec in args.parts:
+                pname, props = parse_part_spec(spec)
+                src = props.get("src")
+                data = Path(str(src)) if src not in (None, "") else None
+                if data is None:
+                    props.pop("src", None)
+                parts.append(BundlePart(pname, data, props))
+            with _atomic_output(args.output) as f:
+                manifest = write_bundle(
+                    f,
+                    platform=str(platform),
+                    version=str(version),
+                    name=args.name or str(attrs.pop("name", "")),
+                    build_id=build_id,
+                    build_timestamp=args.build_timestamp
+                    or attrs.pop("build_timestamp", None)
+                    or build_info.get("build_timestamp"),
+                    description=args.description or attrs.pop("description", None),
+                    attrs=attrs,
+                    parts=parts,
+                    **common,
+                )
+    except UpdaterError as exc:
+        return _fail(exc.message)
+    except OSError as exc:
+        return _fail(str(exc))
+    print(
+        f"Wrote {args.output}: {manifest.name or '-'} {manifest.version} for {manifest.platform}, "
+        f"{len(manifest.parts)} parts",
+        file=sys.stderr,
+    )
+    return 0
+
+
+@contextlib.contextmanager
+def _atomic_output(path: str) -> Iterator[BinaryIO]:
+    """Write to a temporary name and rename on success, so a failed build leaves no half bundle."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    name: str
+    full_name: str
+    size: int
+    crc32: int
+    method: int
+    extra: bytes
+    sha1: Any = field(default_factory=hashlib.sha1)
+    sha256: Any = field(default_factory=hashlib.sha256)
+    got: int = 0
+    data: bytearray | None = None  # kept only for the manifest
+
+
+def _scan(path: str, *, allow_deflate: bool) -> list[_Entry]:
+    from updater.zipstream import ArchiveEnd, EntryData, EntryEnd, EntryStart, ZipStreamParser
+
+    parser = ZipStreamParser(allow_deflate=allow_deflate)
+    entries: list[_Entry] = []
+    cur: _Entry | None = None
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_READ_CHUNK)
+            if chunk:
+                parser.feed(chunk)
+            for ev in parser.events():
+                if isinstance(ev, EntryStart):
+                    cur = _Entry(ev.name, ev.full_name, ev.size, ev.crc32, ev.method, ev.extra)
+                    if not entries:
+                        cur.data = bytearray()
+                    entries.append(cur)
+                elif isinstance(ev, EntryData):
+                    assert cur is not None
+                    cur.sha1.update(ev.data)
+                    cur.sha256.update(ev.data)
+                    cur.got += len(ev.data)
+                    if cur.data is not None:
+                        cur.data += ev.data
+                elif isinstance(ev, EntryEnd):
+                    cur = None
+                elif isinstance(ev, ArchiveEnd):
+                    return entries
+            if not chunk:
+                parser.close()  # raises: the archive ended early
+                return entries
+
+
+def _parse_keys(values: list[str] | None) -> dict[int, str]:
+    from updater.signing import MAX_KEYS, load_public_key_b64
+
+    keys: dict[int, str] = {}
+    for i, value in enumerate(values or []):
+        slot = i
+        m = re.fullmatch(r"(\d+)=(.+)", value, re.S)
+        if m and not os.path.exists(value):
+            slot, value = int(m.group(1)), m.group(2)
+        if not 0 <= slot < MAX_KEYS:
+            raise UpdaterError(f"key slot {slot} out of range 0..{MAX_KEYS - 1}")
+        keys[slot] = load_public_key_b64(value)
+    return keys
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Run ``mgrpc fw inspect``."""
+    from updater.manifest import MANIFEST_FILE_NAME, Manifest
+    from updater.signing import parse_sig_extra, verify_signatures
+
+    problems: list[str] = []
+    try:
+        keys = _parse_keys(args.key)
+        entries = _scan(args.file, allow_deflate=args.allow_compressed)
+        if not entries or entries[0].name != MANIFEST_FILE_NAME:
+            return _fail("manifest.json must be the first entry of the bundle")
+        first = entries[0]
+        assert first.data is not None
+        raw = bytes(first.data)
+        manifest = Manifest.parse(raw, require_build_id=args.require_build_id)
+    except UpdaterError as exc:
+        return _fail(exc.message)
+    except OSError as exc:
+        return _fail(str(exc))
+
+    size = os.path.getsize(args.file)
+    _out(f"{args.file}: {len(entries)} entries, {size} bytes")
+    _out(f"{MANIFEST_FILE_NAME}:")
+    _out(raw.decode("utf-8", "replace"))
+    if args.arch:
+        try:
+            manifest.check_platform(args.arch)
+        except UpdaterError as exc:
+            problems.append(f"{exc.message}: bundle is for {manifest.platform!r}, not {args.arch!r}")
+    if not manifest.build_id:
+        _out("note: no build_id (devices older than mgrpc's rule refuse such bundles)")
+
+    _out("entries:")
+    seen: set[str] = set()
+    for e in entries:
+        method = {0: "stored", 8: "deflated"}.get(e.method, f"method {e.method}")
+        line = f"  {e.full_name:<32} {e.size:>10}  crc {e.crc32:08x}  {method}"
+        if e is first:
+            _out(line + "  (manifest)")
+            continue
+        part = manifest.part_for_file(e.name)
+        if part is None:
+            _out(line + "  (no part: ignored by devices)")
+            continue
+        seen.add(part.name)
+        checks = []
+        if part.size is not None:
+            ok = part.size == e.got
+            checks.append(f"size {'ok' if ok else 'MISMATCH'}")
+            if not ok:
+                problems.append(f"part {part.name}: size {e.got} != manifest size {part.size}")
+        for label, want, got in (("sha1", part.cs_sha1, e.sha1), ("sha256", part.cs_sha256, e.sha256)):
+            if want is None:
+                continue
+            ok = got.hexdigest() == want
+            checks.append(f"{label} {'ok' if ok else 'MISMATCH'}")
+            if not ok:
+                problems.append(f"part {part.name}: {label} {got.hexdigest()} != manifest {want}")
+        if e.crc32:
+            checks.append("crc ok")  # the parser raised Invalid CRC otherwise
+        _out(line + f"  part {part.name}: " + ", ".join(checks))
+    for part in manifest.parts.values():
+        if part.src and part.name not in seen:
+            problems.append(f"part {part.name}: file {part.src_basename} is missing from the bundle")
+
+    try:
+        sigs = parse_sig_extra(first.extra)
+    except UpdaterError as exc:
+        problems.append(exc.message)
+        sigs = {}
+    slots = sorted(k for k in sigs if re.fullmatch(r"sig[0-7]", k))
+    _out("signatures: " + (", ".join(slots) if slots else "none"))
+    if keys:
+        mask = args.sig_req_mask if args.sig_req_mask is not None else sum(1 << i for i in keys)
+        try:
+            result = verify_signatures(raw, first.extra, keys, -1)
+            for i in sorted(keys):
+                _out(f"  sig{i} with key{i}: {'valid' if result >> i & 1 else 'NOT VALID'}")
+            verify_signatures(raw, first.extra, keys, mask)
+        except UpdaterError as exc:
+            problems.append(exc.message)
+    if problems:
+        for p in problems:
+            print(f"Error: {p}", file=sys.stderr, flush=True)
+        return 1
+    _out("OK")
+    return 0
+
+
+# -- keygen ----------------------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Run ``mgrpc fw keygen``."""
+    from updater.signing import generate_key, private_key_pem, public_key_b64
+
+    path = Path(args.output)
+    if path.exists() and not args.force:
+        return _fail(f"{path} exists (use --force to overwrite)")
+    try:
+        key = generate_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_key_pem(key))
+    except UpdaterError as exc:
+        return _fail(exc.message)
+    except OSError as exc:
+        return _fail(str(exc))
+    pub = public_key_b64(key)
+    if args.pub_out:
+        Path(args.pub_out).write_text(pub + "\n")
+    print(f"Wrote private key to {path}; public key (update.keyN value):", file=sys.stderr)
+    _out(pub)
+    return 0
+
+
+# -- registration ----------------------------------------------------------------------------------
+
+
+def _size_arg(text: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*([kKmM]i?[bB]?)?", text.strip())
+    if not m:
+        try:
+            return int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 65536, 0x10000, 64k, 1M)") from None
+    mult = {"k": 1024, "m": 1 << 20}.get((m.group(2) or " ")[0].lower(), 1)
+    return int(m.group(1)) * mult
+
+
+def register(sub: Any) -> None:
+    """Add the ``fw`` command with ``build``, ``inspect`` and ``keygen``."""
+    p = sub.add_parser(
+        "fw",
+        help="build, inspect and sign fw.zip bundles",
+        description="Build (like `mos create-fw-bundle`), inspect/verify, and make signing keys for fw.zip bundles.",
+    )
+    fw_sub = p.add_subparsers(dest="fw_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda args: (p.print_help(sys.stderr), 1)[1])
+
+    b = fw_sub.add_parser(
+        "build",
+        help="build a fw.zip (like mos create-fw-bundle)",
+        description="Build a fw.zip the way `mos create-fw-bundle` does, or a virtual-device bundle with --virtual.",
+    )
+    b.add_argument("-o", "--output", required=True, help="output zip file")
+    b.add_argument("--platform", help="manifest platform (device arch), e.g. esp32")
+    b.add_argument("--name", help="manifest name (app name)")
+    b.add_argument("--version", help="manifest version")
+    b.add_argument("--build-id", help="manifest build_id (omitted when not given, as mos does)")
+    b.add_argument("--build-timestamp", help="manifest build_timestamp (RFC 3339)")
+    b.add_argument("--build-info", help="JSON file with build_id, build_timestamp, build_version")
+    b.add_argument("--description", help="manifest description")
+    b.add_argument("--attr", action="append", metavar="K=V", help="extra manifest attribute (repeatable)")
+    b.add_argument("--extra-attr", action="append", metavar="K=V", help="extra key of the signature record")
+    b.add_argument("--sign-key", action="append", metavar="KEY.PEM", help="ECDSA P-256 key for sigN (repeatable)")
+    b.add_argument("--compress", action="store_true", help="deflate entries (devices cannot read these)")
+    b.add_argument("--dir-prefix", help="put entries under this directory (devices strip it)")
+    b.add_argument("parts", nargs="*", metavar="PART", help="part spec name:src=path,type=..,prop=value,...")
+    v = b.add_argument_group("virtual-device bundles")
+    v.add_argument("--virtual", action="store_true", help="make a bundle for the virtual device")
+    v.add_argument("--arch", help="device arch (the manifest platform)")
+    v.add_argument("--fw-version", help="firmware version")
+    v.add_argument("--behavior", default="ok", choices=("ok", "crash", "hang", "no_commit"))
+    v.add_argument("--app-size", type=_size_arg, help="app image size (e.g. 64k, 1M)")
+    v.add_argument("--fs-size", type=_size_arg, help="fs image size, multiple of 4096")
+    v.add_argument("--fs-file", action="append", metavar="NAME=PATH", help="file to put into the fs image")
+    b.set_defaults(func=cmd_build)
+
+    i = fw_sub.add_parser(
+        "inspect",
+        help="print and verify a fw.zip",
+        description="Print the manifest and entries of a fw.zip, check sizes, SHA-1/SHA-256 and CRCs, and "
+        "verify signatures. Exit status 1 on any problem.",
+    )
+    i.add_argument("file", help="fw.zip to inspect")
+    i.add_argument(
+        "--key", action="append", metavar="KEY", help="public key for sigN: base64 DER or key file; N=KEY sets the slot"
+    )
+    i.add_argument("--sig-req-mask", type=lambda s: int(s, 0), help="required signatures (default: all --key slots)")
+    i.add_argument("--arch", help="also check the bundle is for this device arch")
+    i.add_argument("--allow-compressed", action="store_true", help="accept deflated entries")
+    i.add_argument("--require-build-id", action="store_true", help="refuse a manifest without build_id")
+    i.set_defaults(func=cmd_inspect)
+
+    k = fw_sub.add_parser("keygen", help="make an ECDSA P-256 signing key", description=cmd_keygen.__doc__)
+    k.add_argument("-o", "--output", required=True, help="private key file to write (PEM, mode 0600)")
+    k.add_argument("--pub-out", help="also write the base64 public key to this file")
+    k.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    k.set_defaults(func=cmd_keygen)
