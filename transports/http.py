@@ -418,9 +418,7 @@ class HttpListener:
         await self.server.release("http")
 
 
-async def listen(
-    url: TransportURL, node: Node, *, reply_timeout_s: float | None = None, **opts: Any
-) -> HttpListener:
+async def listen(url: TransportURL, node: Node, *, reply_timeout_s: float | None = None, **opts: Any) -> HttpListener:
     """Serve ``node`` over HTTP at ``/rpc`` on ``host:port`` (shared with a ``ws://`` listener there).
 
     ``reply_timeout_s`` bounds how long a request waits for its handler (default: no bound, as a

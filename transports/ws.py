@@ -358,7 +358,14 @@ class WsClientChannel(Channel):
                 break
             log.info("%s: connection to %s lost", self.type, self.target)
         if not self._closing:
+            # Gone for good: the router forgets the channel, so nobody will call close() on it.
+            await self._close_session()
             self.mark_closed()
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def _sleep(self, delay_s: float) -> None:
         """Sleep for the backoff delay, or less if a sender wants the connection now."""
@@ -395,9 +402,7 @@ class WsClientChannel(Channel):
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._close_session()
         self.mark_closed()
 
 
