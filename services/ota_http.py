@@ -1,0 +1,168 @@
+"""HTTP sides of OTA on the device: the pull client (``OTA.Update``, ota-http-client) and the
+ota-http-server endpoints (``POST /update``, ``GET /update?url=``, ``/update/commit``,
+``/update/revert``), spec/ota.md §3, §4. aiohttp is imported on first use.
+
+Decisions: a download with chunked transfer encoding is accepted (real devices refuse it with
+``Invalid content-length, perhaps chunked-encoding``; we can stream it, so we do); a connection that
+closes before ``Content-Length`` bytes is ``-5 Update failed``; a refused connection ``-10 Failed to
+connect``; any HTTP status but 200/304 ``-<status> Invalid HTTP response code``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from rpc.errors import HandlerError
+from services.ota import OtaService, OtaState, _Update
+
+__all__ = ["fetch_update", "register_http_endpoints"]
+
+log = logging.getLogger("mgrpc.services.ota_http")
+READ_CHUNK = 4096
+
+
+async def fetch_update(svc: OtaService, u: _Update, url: str, *, headers: Mapping[str, str] | None = None,
+                       finalize: bool = True) -> tuple[int, str]:
+    """Stream ``url`` into the running update ``u``; returns (result code, message).
+
+    0 = applied (and a reboot scheduled when ``finalize``), 1 = nothing to do (304 or same version),
+    < 0 = failed (the update is aborted, nothing switched).
+    """
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url, headers=dict(headers or {})) as resp:
+            if resp.status == 304:
+                svc.abort("Not Modified")
+                svc.state, svc.msg = OtaState.IDLE, "Not Modified"
+                return 1, "Not Modified"
+            if resp.status != 200:
+                svc.abort("Invalid HTTP response code")
+                return -resp.status, "Invalid HTTP response code"
+            if u.size is None and resp.content_length is not None:
+                u.size = resp.content_length
+                u.ctx.total_size = resp.content_length
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                res = svc.write(chunk)
+                if res < 0:
+                    return res, u.ctx.status_message
+                if res > 0:  # done early (e.g. same version)
+                    break
+    except aiohttp.ClientConnectorError:
+        svc.abort("Failed to connect")
+        return -10, "Failed to connect"
+    except (aiohttp.ClientPayloadError, aiohttp.ClientError, OSError) as e:
+        log.warning("download of %s failed: %s", url, e)
+        svc.abort("Update failed")
+        return -5, "Update failed"
+    if u.ctx.result > 0 and not u.ctx.reboot_required:
+        svc.state, svc.msg = OtaState.IDLE, u.ctx.status_message
+        return 1, u.ctx.status_message
+    if u.size is not None and u.written < u.size:
+        svc.abort("Update failed")
+        return -5, "Update failed"
+    if not finalize:
+        return 0, "downloaded"
+    res = svc.finish()
+    if res < 0:
+        return res, u.ctx.status_message
+    return 0, u.ctx.status_message
+
+
+def register_http_endpoints(node: Any, svc: OtaService, *, commit_timeout_default: int = 0) -> None:
+    """Serve ``/update`` and friends through the node's HTTP transports (``node.http_handlers``)."""
+
+    async def handle(request: Any) -> Any:
+        from aiohttp import web
+
+        path = request.path.rstrip("/")
+        if path == "/update/commit":
+            ok = svc.storage.commit()
+            return web.Response(status=200 if ok else 400, text="Ok\r\n" if ok else "Error\r\n",
+                                content_type="text/html")
+        if path == "/update/revert":
+            ok = not svc.storage.is_committed and svc.storage.revert()
+            if ok:
+                svc.fw.reboot(0.1)
+            return web.Response(status=200 if ok else 400, text="Ok\r\n" if ok else "Error\r\n",
+                                content_type="text/html")
+        if path != "/update":
+            return web.Response(status=404, text="Not Found\r\n")
+        if request.method == "POST" and request.content_type.startswith("multipart/"):
+            return await _push(request, svc, commit_timeout_default)
+        return await _pull(request, svc, commit_timeout_default)
+
+    node.http_handlers["/update"] = handle
+
+
+async def _push(request: Any, svc: OtaService, commit_timeout_default: int) -> Any:
+    from aiohttp import web
+
+    def reply(status: int, text: str) -> Any:
+        return web.Response(status=status, text=text + "\r\n", content_type="text/plain",
+                            headers={"Connection": "close"})
+
+    cfg = svc.fw.config
+    if cfg is not None and not cfg.get("update.enable_post"):
+        return reply(400, "POST updates are disabled.")
+    if svc.state == OtaState.PROGRESS:
+        return reply(409, "Another update is in progress.")
+    reader = await request.multipart()
+    commit_timeout = commit_timeout_default
+    u: _Update | None = None
+    result = 0
+    async for part in reader:
+        if part.filename:
+            if u is None:
+                try:
+                    u = svc.begin(size=None, commit_timeout_s=commit_timeout, timeout_s=None, source="post")
+                except HandlerError as e:
+                    return reply(400, e.message or "Update failed")
+            while chunk := await part.read_chunk(READ_CHUNK):
+                result = svc.write(chunk)
+                if result < 0:
+                    return reply(500, f"{result} {u.ctx.status_message}")
+        elif part.name == "commit_timeout":
+            text = (await part.text()).strip()
+            if text.lstrip("-").isdigit():
+                commit_timeout = int(text)
+                if u is not None:
+                    u.ctx.commit_timeout_s = max(0, commit_timeout)
+    if u is None:
+        return reply(400, "Update aborted")
+    if u.ctx.result > 0 and not u.ctx.reboot_required:
+        svc.state, svc.msg = OtaState.IDLE, u.ctx.status_message
+        return reply(200, u.ctx.status_message)
+    res = svc.finish()
+    if res < 0:
+        return reply(500, f"{res} {u.ctx.status_message}")
+    return reply(200, u.ctx.status_message)
+
+
+async def _pull(request: Any, svc: OtaService, commit_timeout_default: int) -> Any:
+    from aiohttp import web
+
+    def reply(status: int, text: str) -> Any:
+        return web.Response(status=status, text=text + "\r\n", content_type="text/plain")
+
+    params = dict(request.query)
+    if request.method == "POST":
+        params.update(await request.post())
+    cfg = svc.fw.config
+    url = str(params.get("url") or (cfg.get("update.url") if cfg else "") or "")
+    if not url:
+        return reply(400, "Update URL not specified and none is configured.")
+    if svc.state == OtaState.PROGRESS:
+        return reply(409, "Another update is in progress.")
+    ct = str(params.get("commit_timeout", "")).strip()
+    commit_timeout = int(ct) if ct.lstrip("-").isdigit() else commit_timeout_default
+    isv = str(params.get("ignore_same_version", "1")).strip()
+    try:
+        u = svc.begin(size=None, commit_timeout_s=commit_timeout, timeout_s=None, source="pull",
+                      ignore_same_version=(int(isv) > 0) if isv.lstrip("-").isdigit() else True)
+    except HandlerError:
+        return reply(409, "Failed to create updater context.")
+    code, message = await fetch_update(svc, u, url)
+    return reply(200 if code >= 0 else 500, f"({code if code < 0 else 1}) {message}")
