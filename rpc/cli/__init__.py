@@ -18,7 +18,11 @@ from rpc.cli._common import configure_logging, duration_arg
 __all__ = ["build_parser", "main"]
 
 # Command modules, each with ``register(subparsers)``.
-COMMANDS = ("rpc.cli.call",)
+COMMANDS = (
+    "rpc.cli.call",
+    "rpc.cli.device",
+    "rpc.cli.fw",
+)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
