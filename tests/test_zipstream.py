@@ -286,6 +286,9 @@ def test_name_length_limit_boundary() -> None:
     assert isinstance(ok[0], EntryStart) and len(ok[0].name) == 49
     with pytest.raises(UpdaterError, match="Too long file name"):
         parse(local_header(b"n" * 20, b"") + CENTRAL, max_name_len=20)
+    # The limit counts stored bytes; a CP437 (non-UTF-8) name is decoded, not re-measured.
+    cp437 = parse(local_header(b"\x81" * 49, b"") + CENTRAL)
+    assert isinstance(cp437[0], EntryStart) and cp437[0].name == "\u00fc" * 49
 
 
 def test_error_is_sticky() -> None:

@@ -51,6 +51,7 @@ from updater.firmware import firmware_chunks
 from updater.manifest import MANIFEST_FILE_NAME, Manifest, dumps_manifest
 
 __all__ = [
+    "DEFAULT_APP_SIZE",
     "DEFAULT_FS_SIZE",
     "FS_BLOCK_SIZE",
     "BundlePart",
@@ -383,10 +384,28 @@ def _signature_extra(manifest_bytes: bytes, sign_keys: Sequence[Any], sig_attrs:
     return signing.make_sig_extra(sigs, attrs=sig_attrs)
 
 
-def build_bundle(**kwargs: Any) -> bytes:
-    """Like :func:`write_bundle` (same keyword arguments) but returns the zip bytes."""
+def build_bundle(
+    *,
+    platform: str,
+    version: str,
+    parts: Sequence[BundlePart] | Mapping[str, Mapping[str, Any]],
+    name: str = "",
+    build_id: str | None = None,
+    build_timestamp: str | None = None,
+    description: str | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    sign_keys: Sequence[Any] = (),
+    sig_attrs: Mapping[str, Any] | None = None,
+    compress: bool = False,
+    dir_prefix: str | None = None,
+) -> bytes:
+    """Like :func:`write_bundle` (same arguments) but returns the fw.zip bytes."""
     buf = io.BytesIO()
-    write_bundle(buf, **kwargs)
+    write_bundle(
+        buf, platform=platform, version=version, parts=parts, name=name, build_id=build_id,
+        build_timestamp=build_timestamp, description=description, attrs=attrs, sign_keys=sign_keys,
+        sig_attrs=sig_attrs, compress=compress, dir_prefix=dir_prefix,
+    )  # fmt: skip
     return buf.getvalue()
 
 
@@ -457,8 +476,23 @@ def write_virtual_bundle(
     return write_bundle(out, platform=arch, version=version, build_id=build_id, name=name, parts=parts, **bundle_kwargs)
 
 
-def make_virtual_bundle(arch: str, version: str, **kwargs: Any) -> bytes:
+def make_virtual_bundle(
+    arch: str,
+    version: str,
+    *,
+    behavior: str = "ok",
+    app_size: int = DEFAULT_APP_SIZE,
+    fs_files: Mapping[str, bytes] | None = None,
+    fs_size: int = DEFAULT_FS_SIZE,
+    build_id: str | None = None,
+    name: str = "mgrpc-virtual",
+    seed: int | None = None,
+    **bundle_kwargs: Any,
+) -> bytes:
     """:func:`write_virtual_bundle` into memory; returns the fw.zip bytes."""
     buf = io.BytesIO()
-    write_virtual_bundle(buf, arch, version, **kwargs)
+    write_virtual_bundle(
+        buf, arch, version, behavior=behavior, app_size=app_size, fs_files=fs_files, fs_size=fs_size,
+        build_id=build_id, name=name, seed=seed, **bundle_kwargs,
+    )  # fmt: skip
     return buf.getvalue()

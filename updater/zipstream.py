@@ -129,9 +129,9 @@ def strip_first_component(name: str) -> str:
     return rest if slash else name
 
 
-def _decode_name(raw: bytes, flags: int) -> str:
+def _decode_name(raw: bytes) -> str:
     # Bit 11 says UTF-8; writers that do not set it (Python for ASCII, old tools) mostly write
-    # ASCII anyway, and CP437 is the fallback the zip format defines.
+    # ASCII anyway, so UTF-8 is tried first and CP437, the zip format's default, is the fallback.
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -355,9 +355,11 @@ class ZipStreamParser:
             raise self._fail("Cannot handle compressed .zip")
         if flags & FLAG_ENCRYPTED:
             raise self._fail("Cannot handle encrypted .zip")
-        full_name = _decode_name(raw_name, flags)
+        full_name = _decode_name(raw_name)
         name = strip_first_component(full_name)
-        if len(name.encode("utf-8", "surrogateescape")) >= self._max_name_len:
+        # The device's limit is on the stored bytes of the stripped name.
+        _, slash, rest = raw_name.partition(b"/")
+        if len(rest if slash else raw_name) >= self._max_name_len:
             raise self._fail("Too long file name")
         if csize == _ZIP64_MARKER or usize == _ZIP64_MARKER or _has_zip64_record(extra):
             raise self._fail("Malformed archive (ZIP64 is not supported)")
