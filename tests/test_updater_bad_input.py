@@ -208,3 +208,20 @@ def test_unsigned_bundle_ignored_mask_accepts() -> None:
     ctx = UpdaterContext(st, arch="esp32", sig_req_mask=-1)
     ctx.process(data)
     assert ctx.finish() == 1
+
+
+def test_refused_while_reboot_pending() -> None:
+    st = device()
+    ctx = UpdaterContext(st, arch="esp32")
+    ctx.process(make_virtual_bundle("esp32", "2.0", app_size=6000, fs_size=FS_SIZE))
+    assert ctx.finish() == 1
+    st.boot()
+    assert st.revert()  # the device would reboot into slot 0 now; it has not yet
+    before = protected(st)
+    slot0 = st.flash.read(LAYOUT.app[0].offset, LAYOUT.fs[0].end - LAYOUT.app[0].offset)
+    ctx = UpdaterContext(st, arch="esp32")
+    assert ctx.process(make_virtual_bundle("esp32", "3.0", app_size=6000, fs_size=FS_SIZE)) < 0
+    assert ctx.status_message == "Reboot pending, cannot update now"
+    assert protected(st) == before
+    assert st.flash.read(LAYOUT.app[0].offset, LAYOUT.fs[0].end - LAYOUT.app[0].offset) == slot0
+    assert st.boot().slot == 0

@@ -91,6 +91,8 @@ class StorageLike(Protocol):
     @property
     def is_committed(self) -> bool: ...
     @property
+    def reboot_pending(self) -> bool: ...
+    @property
     def running_version(self) -> str: ...
     @property
     def running_build_id(self) -> str: ...
@@ -293,6 +295,10 @@ class UpdaterContext:
     def _begin(self) -> None:
         if not self.storage.is_committed:
             raise UpdaterError("Previous update has not been committed yet")
+        if self.storage.reboot_pending:
+            # e.g. OTA.Revert answered and the reboot has not happened yet: the "inactive" slot is
+            # the one the next boot will use, so it must not be written.
+            raise UpdaterError("Reboot pending, cannot update now")
         self._target_slot = self.storage.inactive_slot
         self.status_message = "progress"
         self.state = UpdaterState.WAITING_MANIFEST_HEADER

@@ -129,6 +129,11 @@ class DeviceStorage:
         return 1 - self.running_slot
 
     @property
+    def reboot_pending(self) -> bool:
+        """The boot config now selects another slot than the running one (revert/switch done, not rebooted)."""
+        return self._running is not None and self._running != self.loader.load().active_slot
+
+    @property
     def is_committed(self) -> bool:
         """Whether the running firmware is committed."""
         return self.loader.load().committed
