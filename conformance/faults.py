@@ -188,8 +188,9 @@ def make_faulty_node(faults: Iterable[str], *, ota: FakeOta | None = None, devic
                 return real_end()
             except HandlerError:
                 if ota_state.state == 2:  # pretend the corrupt bundle was installed
-                    ota_state.slots[1 - ota_state.active].version = "corrupt"
-                    ota_state.revert_slot, ota_state.active = ota_state.active, 1 - ota_state.active
+                    new = 1 - ota_state.running_slot
+                    ota_state.slots[new] = type(ota_state.slots[0])("corrupt", "corrupt")
+                    ota_state.revert_slot, ota_state.active = ota_state.running_slot, new
                     ota_state.committed = False
                     ota_state.state = 3
                     return True

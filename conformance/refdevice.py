@@ -58,7 +58,8 @@ class FakeOta:
 
     arch: str = ARCH
     slots: list[_Slot] = field(default_factory=lambda: [_Slot("1.0", "20200101-000000/ref"), _Slot("", "")])
-    active: int = 0
+    active: int = 0  # slot the next boot uses
+    running_slot: int = 0  # slot running now (changes only on reboot)
     committed: bool = True
     revert_slot: int = 0
     commit_timeout: int = 0
@@ -72,8 +73,8 @@ class FakeOta:
 
     @property
     def running(self) -> _Slot:
-        """The slot the device runs from."""
-        return self.slots[self.active]
+        """The firmware the device runs."""
+        return self.slots[self.running_slot]
 
     def status(self) -> dict[str, Any]:
         """``OTA.Status`` result."""
@@ -82,7 +83,7 @@ class FakeOta:
             "msg": self.msg,
             "is_committed": self.committed,
             "commit_timeout": self.commit_timeout,
-            "partition": self.active,
+            "partition": self.running_slot,
             "progress_percent": (100 * len(self.buf) // self.size) if self.state == 1 and self.size else 0,
         }
 
@@ -137,9 +138,9 @@ class FakeOta:
         except HandlerError as e:
             self._fail(e.message or "Update failed")
             raise
-        new = 1 - self.active
+        new = 1 - self.running_slot
         self.slots[new] = _Slot(str(manifest["version"]), str(manifest["build_id"]))
-        self.revert_slot = self.active
+        self.revert_slot = self.running_slot
         self.active = new
         self.committed = False
         self.commit_timeout = int(self.begin_args.get("commit_timeout", 0) or 0)
@@ -179,6 +180,7 @@ class FakeOta:
     def rebooted(self) -> None:
         """What a reboot does to the service state."""
         self.reboots += 1
+        self.running_slot = self.active
         if self.state != 1:
             self.state, self.msg = 0, "idle"
 

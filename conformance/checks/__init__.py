@@ -1,5 +1,5 @@
-"""The check groups; importing this package registers every check in run order."""
+"""The check groups; importing this package registers every check (run order: model.GROUP_ORDER)."""
 
-from conformance.checks import auth, frame, rpcsvc
+from conformance.checks import auth, frame, ota, rpcsvc
 
-__all__ = ["auth", "frame", "rpcsvc"]
+__all__ = ["auth", "frame", "ota", "rpcsvc"]
