@@ -8,6 +8,8 @@ import zlib
 from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from updater.bootcfg import (
     INITIAL_SEQ,
@@ -160,3 +162,42 @@ def test_power_cut_at_every_op_of_a_save(torn: str) -> None:
             again = st.save(sample(commit_timeout_s=4))
             assert st.load() == again
     assert 2 in outcomes
+
+
+slot_states = st.builds(
+    SlotState,
+    app_len=st.integers(0, 2**32 - 1),
+    app_crc32=st.integers(0, 2**32 - 1),
+    app_sha256=st.binary(min_size=32, max_size=32),
+    version=st.text(max_size=40),
+    build_id=st.text(max_size=80),
+)
+configs = st.builds(
+    BootConfig,
+    active_slot=st.integers(0, 1),
+    revert_slot=st.integers(0, 1),
+    flags=st.integers(0, 15).map(BootFlags),
+    commit_timeout_s=st.integers(-(2**31), 2**31 - 1),
+    slots=st.tuples(slot_states, slot_states),
+    seq=st.integers(0, TOMBSTONE_SEQ - 1),
+)
+
+
+@given(configs)
+def test_codec_roundtrip_property(cfg: BootConfig) -> None:
+    back = decode_record(encode_record(cfg))
+    assert back is not None
+    assert encode_record(back) == encode_record(cfg)  # stable after truncation of long strings
+    assert (back.active_slot, back.revert_slot, back.flags, back.commit_timeout_s, back.seq) == (
+        cfg.active_slot, cfg.revert_slot, cfg.flags, cfg.commit_timeout_s, cfg.seq,
+    )  # fmt: skip
+    for a, b in zip(back.slots, cfg.slots, strict=True):
+        assert (a.app_len, a.app_crc32, a.app_sha256) == (b.app_len, b.app_crc32, b.app_sha256)
+        assert b.version.encode().startswith(a.version.encode())
+
+
+@given(configs, st.integers(0, RECORD_SIZE - 1), st.integers(1, 255))
+def test_any_single_byte_corruption_is_rejected(cfg: BootConfig, pos: int, xor: int) -> None:
+    rec = bytearray(encode_record(cfg))
+    rec[pos] ^= xor
+    assert decode_record(bytes(rec)) is None

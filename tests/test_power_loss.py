@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
+import signal
+import subprocess
+import sys
+import textwrap
 import zipfile
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -137,3 +143,43 @@ def test_power_cut_at_every_flash_operation(torn: Literal[False, "keep", "random
     # Cuts before the switch, in the merge or in the commit boot the old slot; a cut while the first
     # boot consumes its one-shot permit leaves the permit in place, so the retry is a first boot again.
     assert outcomes["old"] > 0 and outcomes["new"] > 0
+
+
+def test_sigkill_mid_update_file_backed(tmp_path: Path) -> None:
+    """A killed process is a power loss: the flash file then boots the old firmware, intact."""
+    path = tmp_path / "dev.flash"
+    path.write_bytes(BASE)
+    bundle_path = tmp_path / "fw.zip"
+    bundle_path.write_bytes(NEW_BUNDLE)
+    repo = Path(__file__).resolve().parents[1]
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(repo)!r})
+        from updater.context import UpdaterContext
+        from updater.partitions import make_layout
+        from updater.storage import DeviceStorage
+        st = DeviceStorage.open({str(path)!r}, layout=make_layout(sector_size=4096, app_size={16 << 10},
+                                                                 fs_size={FS_SIZE}), create=False)
+        st.boot()
+        data = open({str(bundle_path)!r}, "rb").read()
+        ctx = UpdaterContext(st, arch="esp32")
+        assert ctx.process(data[: len(data) // 2]) == 0, ctx.status_message
+        print("half", flush=True)
+        sys.stdin.read()  # wait to be killed
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"half"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    image = path.read_bytes()
+    assert image != BASE  # the child did write half of the new slot
+    with DeviceStorage.open(path, layout=LAYOUT, create=False) as st:
+        assert check_bootable(st) == "old"
