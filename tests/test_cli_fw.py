@@ -299,3 +299,66 @@ def test_with_top_level_parser(
     assert rpc.cli.main(["fw", "inspect", str(out), "--arch", "esp8266"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("OK")
     assert rpc.cli.main(["fw", "inspect", str(files / "missing.zip")]) == 1
+
+
+def test_build_from_input_bundle(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-i: rebuild an existing bundle with a new version and an extra part (like mos -i)."""
+    src = build_simple(files, capsys)
+    (files / "extra.bin").write_bytes(b"extra")
+    out = files / "re.zip"
+    argv = ["fw", "build", "-o", str(out), "-i", str(src), "--version", "2.0", "--src-dir", str(files)]
+    rc, _, err = run([*argv, "extra:src=extra.bin,type=data"], capsys)
+    assert rc == 0, err
+    with zipfile.ZipFile(out) as z:
+        m = Manifest.parse(z.read("manifest.json"))
+        assert z.read("extra.bin") == b"extra"
+        assert z.read("app.bin") == (files / "build" / "app.bin").read_bytes()
+    assert (m.name, m.platform, m.version, m.build_id) == ("demo", "esp32", "2.0", "b1")
+    assert set(m.parts) == {"app", "fs", "nvs", "extra"} and m.obj["foo"] == "bar"
+    rc, _, err = run(["fw", "inspect", str(out)], capsys)
+    assert rc == 0, err
+
+
+def test_build_from_manifest_file(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    man = files / "build" / "m.json"
+    man.write_text(
+        json.dumps(
+            {"name": "x", "platform": "esp32", "version": "1.5", "parts": {"app": {"type": "app", "src": "app.bin"}}}
+        )
+    )
+    out = files / "m.zip"
+    rc, _, err = run(["fw", "build", "-o", str(out), "--manifest", str(man), "--attr", "build_id=from-attr"], capsys)
+    assert rc == 0, err
+    with zipfile.ZipFile(out) as z:
+        m = Manifest.parse(z.read("manifest.json"), require_build_id=True)
+    assert (m.name, m.version, m.build_id, m.parts["app"].size) == ("x", "1.5", "from-attr", 5121)
+
+
+def test_build_input_errors(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (files / "junk.zip").write_bytes(b"junk")
+    rc, _, err = run(["fw", "build", "-o", str(files / "o.zip"), "-i", str(files / "junk.zip")], capsys)
+    assert rc == 1 and "failed to read input bundle" in err
+    bad = files / "nomanifest.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("a.bin", b"x")
+    rc, _, err = run(["fw", "build", "-o", str(files / "o.zip"), "-i", str(bad)], capsys)
+    assert rc == 1 and "no manifest.json" in err
+    (files / "m.json").write_text("[1]")
+    rc, _, err = run(["fw", "build", "-o", str(files / "o.zip"), "--manifest", str(files / "m.json")], capsys)
+    assert rc == 1 and "not a JSON object" in err
+
+
+def test_keygen_key_signs_bundles(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("cryptography")
+    key = files / "k.pem"
+    rc, pub, _ = run(["fw", "keygen", "-o", str(key)], capsys)
+    assert rc == 0 and key.read_bytes().startswith(b"-----BEGIN EC PRIVATE KEY-----")
+    out = files / "s.zip"
+    argv = ["fw", "build", "-o", str(out), "--virtual", "--arch", "esp32", "--fw-version", "1", "--fs-size", "8k"]
+    rc, _, err = run([*argv, "--sign-key", "", "--sign-key", str(key), "--attr", "color=blue"], capsys)
+    assert rc == 0, err
+    with zipfile.ZipFile(out) as z:
+        assert json.loads(z.read("manifest.json"))["color"] == "blue"
+    rc, stdout, err = run(["fw", "inspect", str(out), "--key", f"1={pub.strip()}"], capsys)
+    assert rc == 0, err
+    assert "signatures: sig1" in stdout

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("cryptography")
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from updater import signing
@@ -128,10 +128,16 @@ def test_invalid_public_key(keys: list[Any]) -> None:
 
 def test_key_pem_roundtrip(tmp_path: Path, keys: list[Any]) -> None:
     pem = private_key_pem(keys[0])
-    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert pem.startswith(b"-----BEGIN EC PRIVATE KEY-----")  # what mos --sign-key reads
     path = tmp_path / "k.pem"
     path.write_bytes(pem)
-    for source in (pem, path, str(path), keys[0]):
+    pkcs8 = keys[0].private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    der = keys[0].private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    for source in (pem, path, str(path), keys[0], pkcs8, der):
         assert public_key_b64(load_private_key(source)) == public_key_b64(keys[0])
     with pytest.raises(UpdaterError, match="Invalid signing key"):
         load_private_key(b"-----BEGIN PRIVATE KEY-----\nxx\n-----END PRIVATE KEY-----\n")
@@ -206,8 +212,6 @@ def test_missing_cryptography_names_extra(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_load_public_key_b64(tmp_path: Path, keys: list[Any]) -> None:
-    from cryptography.hazmat.primitives import serialization
-
     from updater.signing import load_public_key_b64
 
     want = public_key_b64(keys[0])

@@ -75,9 +75,11 @@ def generate_key() -> Any:
 
 
 def private_key_pem(key: Any) -> bytes:
-    """PEM (PKCS#8, unencrypted) of a private key, as ``mgrpc fw keygen`` writes it."""
+    """Unencrypted SEC1 PEM (``-----BEGIN EC PRIVATE KEY-----``) of a private key: the block type
+    ``mos create-fw-bundle --sign-key`` looks for, so keys from ``mgrpc fw keygen`` work with mos too.
+    """
     _hashes, ser, _ec, _utils = _crypto()
-    return bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+    return bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, ser.NoEncryption()))
 
 
 def load_private_key(source: Any) -> Any:

@@ -28,8 +28,10 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import re
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ __all__ = ["parse_part_spec", "parse_prop_value", "register"]
 _OCTAL = re.compile(r"[+-]?0[0-7]+")
 _INT = re.compile(r"[+-]?(0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|[1-9][0-9_]*|0)")
 _READ_CHUNK = 1 << 20
+_MANIFEST_FIELDS = ("name", "platform", "description", "version", "build_id", "build_timestamp", "parts")
 
 
 def _out(*parts: object) -> None:
@@ -124,8 +127,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             "compress": args.compress,
             "dir_prefix": args.dir_prefix,
         }
-        build_id = args.build_id or attrs.pop("build_id", None) or build_info.get("build_id")
         if args.virtual:
+            build_id = args.build_id or attrs.get("build_id") or build_info.get("build_id")
             if args.parts:
                 return _fail("--virtual makes its own parts; give no part specs")
             arch = args.arch or args.platform
@@ -147,36 +150,56 @@ def cmd_build(args: argparse.Namespace) -> int:
                 vkw["fs_files"] = fs_files
             if args.name:
                 vkw["name"] = args.name
+            extra_attrs = {k: v for k, v in attrs.items() if k not in _MANIFEST_FIELDS}
+            if extra_attrs:
+                vkw["attrs"] = extra_attrs
             with _atomic_output(args.output) as f:
                 manifest = write_virtual_bundle(f, arch, version, **vkw)
         else:
-            platform = args.platform or attrs.pop("platform", None)
-            version = args.version or attrs.pop("version", None) or build_info.get("build_version")
-            if not platform:
-                return _fail("--platform is required")
-            if not version:
-                return _fail("--version is required (or --build-info with build_version)")
-            parts = []
+            obj, parts = _base_bundle(args)
+            # Precedence as in mos: base manifest < flags < --build-info < part specs < --attr; then
+            # mgrpc's own --version/--build-id/--build-timestamp flags.
+            for key, value in (("name", args.name), ("platform", args.platform), ("description", args.description)):
+                if value:
+                    obj[key] = value
+            if build_info:
+                obj.update(
+                    version=build_info.get("build_version", ""),
+                    build_id=build_info.get("build_id", ""),
+                    build_timestamp=build_info.get("build_timestamp", ""),
+                )
             for spec in args.parts:
                 pname, props = parse_part_spec(spec)
                 src = props.get("src")
-                data = Path(str(src)) if src not in (None, "") else None
-                if data is None:
+                if src in (None, ""):
                     props.pop("src", None)
-                parts.append(BundlePart(pname, data, props))
+                    data = None
+                else:
+                    data = _src_path(str(src), args.src_dir)
+                parts[pname] = BundlePart(pname, data, props)
+            obj.update(attrs)
+            for key, value in (
+                ("version", args.version),
+                ("build_id", args.build_id),
+                ("build_timestamp", args.build_timestamp),
+            ):
+                if value:
+                    obj[key] = value
+            if not obj.get("platform"):
+                return _fail("--platform is required")
+            if not obj.get("version"):
+                return _fail("--version is required (or --build-info with build_version)")
             with _atomic_output(args.output) as f:
                 manifest = write_bundle(
                     f,
-                    platform=str(platform),
-                    version=str(version),
-                    name=args.name or str(attrs.pop("name", "")),
-                    build_id=build_id,
-                    build_timestamp=args.build_timestamp
-                    or attrs.pop("build_timestamp", None)
-                    or build_info.get("build_timestamp"),
-                    description=args.description or attrs.pop("description", None),
-                    attrs=attrs,
-                    parts=parts,
+                    platform=str(obj["platform"]),
+                    version=str(obj["version"]),
+                    name=str(obj.get("name") or ""),
+                    build_id=str(obj.get("build_id") or "") or None,
+                    build_timestamp=str(obj.get("build_timestamp") or "") or None,
+                    description=str(obj.get("description") or "") or None,
+                    attrs={k: v for k, v in obj.items() if k not in _MANIFEST_FIELDS},
+                    parts=list(parts.values()),
                     **common,
                 )
     except UpdaterError as exc:
@@ -189,6 +212,64 @@ def cmd_build(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _src_path(src: str, src_dir: str | None) -> Path:
+    path = Path(src)
+    return path if path.is_absolute() or not src_dir else Path(src_dir) / path
+
+
+def _base_bundle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest object and parts to start from: ``--input`` bundle and/or ``--manifest`` file."""
+    from updater.bundle import BundlePart
+
+    obj: dict[str, Any] = {}
+    blobs: dict[str, bytes] = {}
+    if args.input:
+        try:
+            with zipfile.ZipFile(args.input) as z:
+                blobs = {posixpath.basename(n): z.read(n) for n in z.namelist() if not n.endswith("/")}
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise UpdaterError(f"failed to read input bundle {args.input}: {exc}") from None
+        if "manifest.json" not in blobs:
+            raise UpdaterError(f"{args.input}: no manifest.json in the archive")
+        obj = _json_object(blobs["manifest.json"], f"{args.input}: manifest.json")
+    if args.manifest:
+        try:
+            obj = _json_object(Path(args.manifest).read_bytes(), args.manifest)
+        except OSError as exc:
+            raise UpdaterError(f"error reading manifest {args.manifest}: {exc.strerror}") from None
+    parts: dict[str, Any] = {}
+    raw_parts = obj.pop("parts", None) or {}
+    if not isinstance(raw_parts, dict):
+        raise UpdaterError("manifest parts must be an object")
+    src_dir = args.src_dir or (str(Path(args.manifest).parent) if args.manifest else None)
+    for pname, pobj in raw_parts.items():
+        if not isinstance(pobj, dict):
+            raise UpdaterError(f"manifest part {pname} must be an object")
+        pobj = dict(pobj)
+        src = pobj.get("src")
+        data: Any = None
+        if src:
+            base = posixpath.basename(str(src))
+            if base in blobs:
+                data = blobs[base]
+            elif args.manifest:
+                data = _src_path(str(src), src_dir)
+            else:
+                raise UpdaterError(f"{pname}: {src} not found in the archive")
+        parts[pname] = BundlePart(pname, data, pobj)
+    return obj, parts
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise UpdaterError(f"failed to parse {what}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise UpdaterError(f"failed to parse {what}: not a JSON object")
+    return obj
 
 
 @contextlib.contextmanager
@@ -428,6 +509,9 @@ def register(sub: Any) -> None:
     b.add_argument("--sign-key", action="append", metavar="KEY.PEM", help="ECDSA P-256 key for sigN (repeatable)")
     b.add_argument("--compress", action="store_true", help="deflate entries (devices cannot read these)")
     b.add_argument("--dir-prefix", help="put entries under this directory (devices strip it)")
+    b.add_argument("-i", "--input", help="start from this existing fw.zip (its manifest and files)")
+    b.add_argument("--manifest", help="start from this manifest.json (part src relative to --src-dir or its dir)")
+    b.add_argument("--src-dir", help="directory for relative part src paths")
     b.add_argument("parts", nargs="*", metavar="PART", help="part spec name:src=path,type=..,prop=value,...")
     v = b.add_argument_group("virtual-device bundles")
     v.add_argument("--virtual", action="store_true", help="make a bundle for the virtual device")
