@@ -207,7 +207,11 @@ async def test_frame_size_limit(listener: Any, session: aiohttp.ClientSession) -
     assert len(big) == 4096
     async with session.post(base(listener) + "/rpc", data=big) as r:
         assert r.status == 200 and Frame.parse(await r.read(), max_size=0).result == json.loads(big)["params"]
+    async with session.post(base(listener) + "/rpc", data=big + b"\n") as r:  # mos's newline does not count
+        assert r.status == 200
     async with session.post(base(listener) + "/rpc", data=frame_of(4097)) as r:
+        assert (r.status, await r.read()) == (400, b"Invalid request")
+    async with session.post(base(listener) + "/rpc", data=frame_of(100_000)) as r:
         assert r.status == 400
 
 

@@ -158,12 +158,12 @@ def _echo_frame_of_size(size: int, fid: int = 9) -> bytes:
 async def test_frame_size_limit(listener: Any) -> None:
     session, ws = await raw_ws(listener.url)
     try:
-        frame = _echo_frame_of_size(4096)
-        assert len(frame) == 4096
+        frame = _echo_frame_of_size(4097)
+        assert len(frame) == 4097  # 4096 bytes of JSON and mos's newline, which does not count
         await ws.send_bytes(frame)
         msg = await ws.receive(timeout=T)
         assert msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data)["id"] == 9
-        await ws.send_bytes(_echo_frame_of_size(4097, fid=10))
+        await ws.send_bytes(_echo_frame_of_size(4098, fid=10))
         msg = await ws.receive(timeout=T)
         assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1009
     finally:

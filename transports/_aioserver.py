@@ -52,6 +52,7 @@ RPC_PATH = "/rpc"
 # Big enough for a multipart firmware upload read with request.post(); /rpc bodies are checked
 # against the node's max_frame_size by the http transport itself.
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
+SHUTDOWN_TIMEOUT_S = 2.0
 
 RoleHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,7 +92,8 @@ class SharedServer:
         """Bind and start serving; a bind failure is a :class:`TransportError`."""
         app = web.Application(client_max_size=CLIENT_MAX_SIZE)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        runner = web.AppRunner(app, access_log=_access_log, handle_signals=False)
+        # A device stops abruptly; don't let a stuck upload hold a listener's close() for a minute.
+        runner = web.AppRunner(app, access_log=_access_log, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, self.host or None, self.port, ssl_context=self.ssl_context)
         try:

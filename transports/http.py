@@ -355,7 +355,11 @@ class HttpListener:
     async def _full_frame(self, request: web.Request) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return _invalid(request)  # an empty frame (errata)
+        if (request.content_length or 0) > self.node.max_frame_size + 2:
+            return _invalid(request)  # too big to be a frame: do not even read it
         body = await request.read()
+        if self._codec_name == "json":
+            body = body.rstrip(b"\r\n\t ")  # mos's trailing newline is not part of the frame
 
         def build(ch: HttpChannel) -> Frame | None:
             try:
@@ -378,6 +382,8 @@ class HttpListener:
     async def _rest(self, request: web.Request, method_name: str) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return _response(request, 200)  # CORS preflight
+        if (request.content_length or 0) > self.node.max_frame_size + 2:
+            return _invalid(request)
         body = await request.read()
         text = body.decode("utf-8", "replace").strip()
         if not text and request.method == "GET" and request.query_string:

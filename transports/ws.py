@@ -114,8 +114,11 @@ async def _pump(ws: Any, channel: Channel, *, close_on_bad_frame: bool) -> None:
             break
         else:
             continue
-        if not data.strip():
-            continue  # an empty keep-alive message is not a frame
+        if channel.codec.name == "json":
+            # mos's Go encoder ends each message with "\n"; it is not part of the frame (nor of its size).
+            data = data.rstrip(b"\r\n\t ")
+            if not data:
+                continue  # an empty message is not a frame
         try:
             frame = channel.codec.decode(data)
         except FrameError as e:
