@@ -408,6 +408,7 @@ async def ota_update(
     fw = load_firmware(data)
     if not fw:
         raise OtaError("firmware file is empty")
+    params = _begin_params(begin_args, len(fw), update_timeout_s, commit_timeout_s)  # bad JSON: fail first
     up = _Updater(
         client, fw, chunk_size=chunk_size, window=window, timeout_s=timeout_s, attempts=attempts,
         on_progress=on_progress, on_message=on_message, reconnect=reconnect,
@@ -438,7 +439,6 @@ async def ota_update(
     elif state not in (STATE_IDLE, STATE_ERROR):
         raise OtaError(f"update is already in progress ({state}), call OTA.End")
     else:
-        params = _begin_params(begin_args, up.size, update_timeout_s, commit_timeout_s)
         up.say(f"Starting an update (args: {_begin_text(params)})...")
         try:
             await up.client.call("OTA.Begin", params, timeout_s=timeout_s)

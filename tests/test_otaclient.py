@@ -1,0 +1,463 @@
+"""rpc.otaclient: the mos ota sequence, pipelining, resume, retries, failure messages, file helpers.
+
+Most tests run against a small fake OTA device (a Node following the OTA.* contract) so faults can
+be injected exactly; the end-to-end tests at the bottom use the real virtual device over loop:// and
+ws://.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+from typing import Any
+
+import pytest
+
+import transports
+from rpc.client import AsyncClient
+from rpc.errors import HandlerError
+from rpc.jsonfmt import member_text
+from rpc.node import Context, Node
+from rpc.otaclient import (
+    OtaError,
+    apply_config_values,
+    config_set,
+    format_config_value,
+    fs_get,
+    fs_list,
+    fs_put,
+    manifest_version,
+    ota_update,
+    read_manifest,
+    wait_and_commit,
+)
+
+_names = itertools.count()
+
+
+class FakeOta:
+    """A device following the OTA.* contract, with hooks to inject faults."""
+
+    def __init__(self) -> None:
+        self.node = Node(id="esp32_FAKE")
+        self.state = 0
+        self.size = 0
+        self.data = bytearray()
+        self.last: tuple[int, bytes] | None = None
+        self.calls: list[str] = []
+        self.begin_params_text: list[str | None] = []
+        self.drop_reply_once: set[int] = set()  # accept the write at this offset but never answer
+        self.fail_write: dict[int, int] = {}  # offset -> how many times to refuse it
+        self.fail_status = False
+        self.fail_begin = False
+        self.end_error: str | None = None
+        self.max_pending_seen = 0
+        self.client: AsyncClient | None = None
+        self.ended = 0
+        self.files: dict[str, bytes] = {}
+        self.fs_params: list[str] = []
+        self.config: dict[str, Any] = {"wifi": {"sta": {"ssid": "x", "enable": False}}, "debug": {"level": 2}}
+        n = self.node
+        n.add_handler("OTA.Status", self.status)
+        n.add_handler("OTA.Begin", self.begin)
+        n.add_handler("OTA.Write", self.write)
+        n.add_handler("OTA.End", self.end)
+        n.add_handler("FS.Put", self.fs_put)
+        n.add_handler("FS.Get", self.fs_get)
+        n.add_handler("FS.List", lambda ctx, p: sorted(self.files, reverse=True))
+        n.add_handler("Config.Get", lambda ctx, p: self.config)
+        n.add_handler("Config.Set", self.config_set)
+
+    def _log(self, ctx: Context) -> None:
+        self.calls.append(ctx.method)
+
+    def status(self, ctx: Context, params: Any) -> Any:
+        self._log(ctx)
+        if self.fail_status:
+            raise HandlerError(-1, "status broken")
+        return {"state": self.state, "msg": "x", "is_committed": True, "commit_timeout": 0, "partition": 0,
+                "progress_percent": 0, "bytes_written": len(self.data), "size": self.size}  # fmt: skip
+
+    def begin(self, ctx: Context, params: Any) -> Any:
+        self._log(ctx)
+        raw = ctx.frame.raw.decode() if ctx.frame.raw else ""
+        self.begin_params_text.append(member_text(raw, "params"))
+        if self.fail_begin or self.state == 1:
+            raise HandlerError(-1, "Update already in progress")
+        self.state, self.size, self.data, self.last = 1, params["size"], bytearray(), None
+        return None
+
+    def write(self, ctx: Context, params: Any) -> Any:
+        self._log(ctx)
+        if self.client is not None:
+            self.max_pending_seen = max(self.max_pending_seen, self.client.node.pending_count)
+        if self.state != 1:
+            raise HandlerError(-1, "No update in progress")
+        off, chunk = params["offset"], base64.b64decode(params["data"])
+        if self.fail_write.get(off, 0) > 0:
+            self.fail_write[off] -= 1
+            raise HandlerError(-1, "flash write error")
+        if (off, chunk) == self.last:
+            return None
+        if off != len(self.data):
+            raise HandlerError(-1, f"Expected offset {len(self.data)}, got {off}")
+        self.data += chunk
+        self.last = (off, chunk)
+        if off in self.drop_reply_once:
+            self.drop_reply_once.discard(off)
+            return asyncio.get_running_loop().create_future()  # never answered
+        return None
+
+    def end(self, ctx: Context, params: Any) -> Any:
+        self._log(ctx)
+        self.ended += 1
+        if self.state != 1:
+            raise HandlerError(-1, "No update in progress")
+        if len(self.data) < self.size:
+            self.state = 0
+            raise HandlerError(-1, "Update aborted")
+        if self.end_error:
+            self.state = 2
+            raise HandlerError(-1, self.end_error)
+        self.state = 3
+        return None
+
+    def fs_put(self, ctx: Context, params: Any) -> Any:
+        raw = ctx.frame.raw.decode() if ctx.frame.raw else ""
+        self.fs_params.append(member_text(raw, "params") or "")
+        name = params["filename"]
+        chunk = base64.b64decode(params["data"])
+        self.files[name] = (self.files.get(name, b"") if params["append"] else b"") + chunk
+        return None
+
+    def fs_get(self, ctx: Context, params: Any) -> Any:
+        raw = ctx.frame.raw.decode() if ctx.frame.raw else ""
+        self.fs_params.append(member_text(raw, "params") or "")
+        data = self.files[params["filename"]]
+        off, n = params["offset"], params["len"]
+        chunk = data[off : off + n]
+        return {"data": base64.b64encode(chunk).decode(), "left": len(data) - off - len(chunk)}
+
+    def config_set(self, ctx: Context, params: Any) -> Any:
+        raw = ctx.frame.raw.decode() if ctx.frame.raw else ""
+        self.fs_params.append(member_text(raw, "params") or "")
+        return {"saved": True}
+
+
+@pytest.fixture
+async def fake():
+    dev = FakeOta()
+    url = f"loop://fakeota{next(_names)}"
+    lst = await transports.listen(url, dev.node)
+    dev.url = url  # type: ignore[attr-defined]
+
+    async def connect() -> AsyncClient:
+        c = await transports.connect(url, timeout_s=5.0)
+        dev.client = c
+        return c
+
+    dev.connect = connect  # type: ignore[attr-defined]
+    yield dev
+    await lst.close()
+    await dev.node.close()
+
+
+def firmware(n: int = 5000) -> bytes:
+    return bytes((i * 7 + i // 256) % 256 for i in range(n))
+
+
+# -- the sequence ---------------------------------------------------------------------------------
+
+
+async def test_sequence_messages_and_exact_begin_args(fake):
+    fw = firmware(1300)
+    client = await fake.connect()
+    msgs: list[str] = []
+    progress: list[tuple[int, int]] = []
+    res = await ota_update(client, fw, window=1, on_message=msgs.append, on_progress=lambda d, t: progress.append((d, t)))
+    await client.close()
+    assert fake.calls == ["OTA.Status", "OTA.Begin", "OTA.Write", "OTA.Write", "OTA.Write", "OTA.End"]
+    assert fake.begin_params_text == ['{"timeout":600,"commit_timeout":300,"size":1300}']
+    assert msgs == [
+        "Getting current OTA status...",
+        'Starting an update (args: {"timeout":600,"commit_timeout":300,"size":1300})...',
+        "Writing data...",
+        "Finalizing update...",
+    ]
+    assert bytes(fake.data) == fw and fake.state == 3
+    assert progress[-1] == (1300, 1300) and [d for d, _ in progress] == sorted(d for d, _ in progress)
+    assert (res.size, res.resumed_from, res.writes, res.retries) == (1300, 0, 3, 0)
+
+
+async def test_timeouts_go_into_begin_and_custom_args_are_verbatim(fake):
+    client = await fake.connect()
+    await ota_update(client, firmware(100), commit_timeout_s=60, update_timeout_s=120)
+    fake.state = 0
+    await ota_update(client, firmware(100), begin_args='{"size": 100, "commit_timeout": 5}')
+    await client.close()
+    assert fake.begin_params_text == [
+        '{"timeout":120,"commit_timeout":60,"size":100}',
+        '{"size": 100, "commit_timeout": 5}',
+    ]
+
+
+async def test_chunk_size_sets_write_count(fake, tmp_path):
+    path = tmp_path / "fw.zip"
+    path.write_bytes(firmware(1000))
+    client = await fake.connect()
+    res = await ota_update(client, path, chunk_size=100)
+    await client.close()
+    assert res.writes == 10 and bytes(fake.data) == path.read_bytes()
+
+
+@pytest.mark.parametrize("window", [1, 8])
+async def test_window_gives_same_device_data(fake, window):
+    fw = firmware(20000)
+    client = await fake.connect()
+    await ota_update(client, fw, window=window)
+    await client.close()
+    assert bytes(fake.data) == fw
+    if window == 1:
+        assert fake.max_pending_seen == 1
+    else:
+        assert 1 < fake.max_pending_seen <= window
+
+
+@pytest.mark.parametrize("window", [1, 8])
+async def test_lost_reply_is_retried_as_duplicate(fake, window):
+    fw = firmware(6000)
+    fake.drop_reply_once = {1024}
+    client = await fake.connect()
+    res = await ota_update(client, fw, window=window, timeout_s=0.3)
+    await client.close()
+    assert bytes(fake.data) == fw
+    assert res.retries >= 1 and fake.state == 3
+
+
+@pytest.mark.parametrize("window", [1, 8])
+async def test_refused_write_recovers_within_attempts(fake, window):
+    fw = firmware(6000)
+    fake.fail_write = {2048: 2}  # two refusals, the third attempt passes
+    client = await fake.connect()
+    res = await ota_update(client, fw, window=window)
+    await client.close()
+    assert bytes(fake.data) == fw and res.retries == 2
+
+
+# -- failure messages ---------------------------------------------------------------------------------
+
+
+async def test_status_failure_message(fake):
+    fake.fail_status = True
+    client = await fake.connect()
+    with pytest.raises(OtaError, match=r"^unable to get current OTA status: remote error -1: status broken"):
+        await ota_update(client, firmware(100))
+    await client.close()
+    assert fake.calls == ["OTA.Status"]
+
+
+@pytest.mark.parametrize("state", [1, 3])
+async def test_update_in_progress_message(fake, state):
+    fake.state, fake.size = state, 999  # a different size: not ours to resume
+    client = await fake.connect()
+    with pytest.raises(OtaError, match=rf"^update is already in progress \({state}\), call OTA.End$"):
+        await ota_update(client, firmware(100))
+    await client.close()
+    assert "OTA.Begin" not in fake.calls
+
+
+async def test_no_resume_refuses_update_in_progress(fake):
+    fake.state, fake.size = 1, 100
+    client = await fake.connect()
+    with pytest.raises(OtaError, match=r"update is already in progress \(1\), call OTA.End"):
+        await ota_update(client, firmware(100), resume=False)
+    await client.close()
+
+
+async def test_begin_failure_message(fake):
+    fake.fail_begin = True
+    client = await fake.connect()
+    with pytest.raises(OtaError, match=r"^unable to start an update: remote error -1: Update already in progress"):
+        await ota_update(client, firmware(100))
+    await client.close()
+
+
+@pytest.mark.parametrize("window", [1, 8])
+async def test_write_failure_aborts_with_offset(fake, window):
+    fake.fail_write = {1536: 3}
+    client = await fake.connect()
+    with pytest.raises(OtaError, match=r"^write failed at offset 1536: remote error -1: flash write error"):
+        await ota_update(client, firmware(6000), window=window)
+    await client.close()
+    assert fake.calls[-1] == "OTA.End" and fake.state == 0  # aborted by OTA.End
+    assert bytes(fake.data) == firmware(6000)[:1536]
+
+
+async def test_end_error_is_the_result(fake):
+    fake.end_error = "Invalid CRC"
+    client = await fake.connect()
+    with pytest.raises(OtaError, match=r"^remote error -1: Invalid CRC$"):
+        await ota_update(client, firmware(600))
+    await client.close()
+
+
+async def test_bad_options_rejected_before_any_call(fake):
+    client = await fake.connect()
+    with pytest.raises(ValueError, match="window"):
+        await ota_update(client, firmware(10), window=25)
+    with pytest.raises(ValueError, match="not a valid JSON"):
+        await ota_update(client, firmware(10), begin_args="{bad")
+    with pytest.raises(OtaError, match="unable to read firmware file"):
+        await ota_update(client, "/nonexistent/fw.zip")
+    await client.close()
+    assert fake.calls == []
+
+
+# -- resume ------------------------------------------------------------------------------------------
+
+
+def cut_at(client_box: list[AsyncClient], at: int):
+    """A progress callback that closes the current client's channel once ``at`` bytes are acked."""
+    done = {"cut": False}
+
+    def cb(d: int, t: int) -> None:
+        if d >= at and not done["cut"]:
+            done["cut"] = True
+            asyncio.get_running_loop().create_task(client_box[0].channel.close())
+
+    return cb
+
+
+@pytest.mark.parametrize("window", [1, 8])
+async def test_resume_after_cut_with_reconnect(fake, window):
+    fw = firmware(30000)
+    box = [await fake.connect()]
+
+    async def reconnect() -> AsyncClient:
+        box[0] = await fake.connect()
+        return box[0]
+
+    res = await ota_update(box[0], fw, window=window, on_progress=cut_at(box, 15000), reconnect=reconnect)
+    await res.client.close()
+    assert res.reconnects == 1 and res.client is box[0]
+    assert bytes(fake.data) == fw and fake.state == 3
+    assert fake.calls.count("OTA.Begin") == 1
+
+
+async def test_resume_after_client_restart(fake):
+    fw = firmware(30000)
+    box = [await fake.connect()]
+    with pytest.raises(OtaError, match="write failed at offset"):
+        await ota_update(box[0], fw, window=8, on_progress=cut_at(box, 15000))
+    assert fake.state == 1 and 15000 <= len(fake.data) < 30000
+    had = len(fake.data)
+    client = await fake.connect()
+    msgs: list[str] = []
+    res = await ota_update(client, fw, on_message=msgs.append)
+    await client.close()
+    assert res.resumed_from == had and res.bytes_sent == 30000 - had
+    assert f"Resuming the update in progress at offset {had} of 30000..." in msgs
+    assert fake.calls.count("OTA.Begin") == 1
+    assert bytes(fake.data) == fw and fake.state == 3
+
+
+# -- files and config -----------------------------------------------------------------------------
+
+
+async def test_fs_put_get_list_roundtrip(fake):
+    client = await fake.connect()
+    data = bytes(range(256)) * 5
+    await fs_put(client, data, "blob.bin", chunk_size=500)
+    assert fake.fs_params[0] == '{"filename":"blob.bin","offset":0,"append":false,"data":"' + base64.b64encode(data[:500]).decode() + '"}'
+    assert len(fake.fs_params) == 3 and fake.files["blob.bin"] == data
+    fake.fs_params.clear()
+    got = await fs_get(client, "blob.bin", chunk_size=512)
+    assert got == data
+    assert fake.fs_params[0] == '{"filename":"blob.bin","len":512,"offset":0}' and len(fake.fs_params) == 3
+    await fs_put(client, b"", "empty.txt")
+    assert fake.files["empty.txt"] == b""
+    assert [n for n, _ in await fs_list(client)] == ["blob.bin", "empty.txt"]
+    await client.close()
+
+
+async def test_config_set_sends_typed_diff(fake):
+    client = await fake.connect()
+    msgs: list[str] = []
+    diff = await config_set(client, [("wifi.sta.enable", "true"), ("debug.level", "3")], reboot=False, on_message=msgs.append)
+    await client.close()
+    assert diff == {"wifi": {"sta": {"enable": True}}, "debug": {"level": 3}}
+    assert fake.fs_params == ['{"config":{"wifi":{"sta":{"enable":true}},"debug":{"level":3}},"save":true}']
+    assert msgs == ["Getting configuration...", "Setting new configuration..."]
+
+
+def test_config_values_typing_and_errors():
+    conf = {"a": {"b": 1, "s": "x", "f": 1.5, "t": True}}
+    assert apply_config_values(conf, [("a.s", "42")]) == {"a": {"s": "42"}}
+    assert apply_config_values(conf, [("a.f", "2")]) == {"a": {"f": 2.0}}
+    with pytest.raises(OtaError, match=r'no config value at path "a\.zz"'):
+        apply_config_values(conf, [("a.zz", "1")])
+    with pytest.raises(OtaError, match="can't convert"):
+        apply_config_values(conf, [("a.t", "yes")])
+    with pytest.raises(OtaError, match="refers to an object"):
+        apply_config_values(conf, [("a", "1")])
+    assert format_config_value(True) == "true"
+    assert format_config_value(1e21) == "1000000000000000000000"
+    assert format_config_value(0.5) == "0.5"
+    assert format_config_value({"b": 1, "a": "<"}) == '{\n  "a": "\\u003c",\n  "b": 1\n}'
+
+
+def test_manifest_from_bundle():
+    from updater.bundle import make_virtual_bundle
+
+    fw = make_virtual_bundle("esp32", "4.5.6", app_size=4096)
+    assert manifest_version(fw) == "4.5.6"
+    assert read_manifest(fw)["platform"] == "esp32"
+    assert manifest_version(b"not a zip") is None
+
+
+# -- end to end against the virtual device ---------------------------------------------------------
+
+
+@pytest.fixture(params=["loop", "ws"])
+async def vdev(request, tmp_path):
+    from services.device import VirtualDevice
+
+    url = f"loop://vdev{next(_names)}" if request.param == "loop" else "ws://127.0.0.1:0/rpc"
+    dev = VirtualDevice(id="esp32_E2E", state_dir=tmp_path / "dev", listen=[url], listen_fn=transports.listen)
+    await dev.start()
+    yield dev
+    await dev.stop()
+
+
+async def test_e2e_update_reboot_commit(vdev):
+    from updater.bundle import make_virtual_bundle
+
+    fw = make_virtual_bundle("esp32", "2.0", app_size=16384)
+    client = await transports.connect(vdev.urls[0], timeout_s=5.0)
+    res = await ota_update(client, fw)
+    await res.client.close()
+    await vdev.wait_booted(boots=2)
+    cr = await wait_and_commit(
+        lambda: transports.connect(vdev.urls[0], timeout_s=5.0), timeout_s=20, expected_version="2.0",
+        initial_delay_s=0.2, poll_interval_s=0.2,
+    )  # fmt: skip
+    assert (cr.fw_version, cr.already_committed) == ("2.0", False)
+    assert vdev.storage.is_committed and vdev.boot_info.version == "2.0"
+
+
+async def test_e2e_resume_after_cut(vdev):
+    from updater.bundle import make_virtual_bundle
+
+    fw = make_virtual_bundle("esp32", "3.0", app_size=32768)
+    box = [await transports.connect(vdev.urls[0], timeout_s=5.0)]
+
+    async def reconnect() -> AsyncClient:
+        box[0] = await transports.connect(vdev.urls[0], timeout_s=5.0)
+        return box[0]
+
+    res = await ota_update(box[0], fw, on_progress=cut_at(box, len(fw) // 2), reconnect=reconnect)
+    await res.client.close()
+    assert res.reconnects == 1
+    info = await vdev.wait_booted(boots=2)
+    assert info.version == "3.0" and not vdev.storage.is_committed
