@@ -31,24 +31,41 @@ def register(sub: Any) -> None:
         "({url} in CMD is replaced by the reference device's URL). Destructive checks (OTA, reboot) "
         "run only with --ota BUNDLE or --ota-generate.",
     )
-    p.add_argument("--only", action="append", default=[], metavar="GROUP",
-                   help="run only these groups or checks (repeatable, or comma-separated)")  # fmt: skip
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="run only these groups or checks (repeatable, or comma-separated)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ota", metavar="BUNDLE", help="fw.zip to install in the OTA checks (destructive)")
-    g.add_argument("--ota-generate", action="store_true",
-                   help="generate an app-only bundle for the device's arch (mgrpc virtual-device firmware)")  # fmt: skip
+    g.add_argument(
+        "--ota-generate",
+        action="store_true",
+        help="generate an app-only bundle for the device's arch (mgrpc virtual-device firmware)",
+    )
     p.add_argument("--ota-chunk-size", type=int, default=512, help="bytes per OTA.Write (default 512, as mos)")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     p.add_argument("--json", metavar="FILE", help="write a JSON report")
     p.add_argument("--reply-timeout", type=float, default=5.0, help="seconds to wait for each expected reply")
-    p.add_argument("--quiet-time", type=float, default=0.3,
-                   help="seconds to keep listening for a reply that must not come (after a barrier)")  # fmt: skip
+    p.add_argument(
+        "--quiet-time",
+        type=float,
+        default=0.3,
+        help="seconds to keep listening for a reply that must not come (after a barrier)",
+    )
     p.add_argument("--max-frame-size", type=int, default=4096, help="the device's rpc.max_frame_size")
     p.add_argument("--device-id", help="the device's id (default: learned from its replies)")
     p.add_argument("--auth-method", default="Sys.GetInfo", help="method that needs auth (with --rpc-creds)")
     p.add_argument("--client", metavar="CMD", help="check a host tool: CMD with {url} for the device URL")
-    p.add_argument("--client-transport", action="append", default=[], metavar="SCHEME",
-                   help=f"transport(s) for --client: {', '.join(CLIENT_TRANSPORTS)} (default tcp)")  # fmt: skip
+    p.add_argument(
+        "--client-transport",
+        action="append",
+        default=[],
+        metavar="SCHEME",
+        help=f"transport(s) for --client: {', '.join(CLIENT_TRANSPORTS)} (default tcp)",
+    )
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     p.set_defaults(func=cmd_conformance)
 
