@@ -177,3 +177,16 @@ def test_snapshot_without_boot_state() -> None:
     with pytest.raises(SnapshotError) as ei:
         st.loader.create_snapshot()
     assert (ei.value.code, ei.value.message) == (-2, "Failed to get boot state")
+
+
+def test_commit_timeout_expired_reverts_only_when_uncommitted() -> None:
+    st = fresh()
+    st.boot()
+    assert not st.commit_timeout_expired()
+    install_new(st, timeout_s=5)
+    assert st.boot().commit_timeout_s == 5
+    assert st.commit_timeout_expired()
+    assert st.reboot_pending
+    info = st.boot()
+    assert (info.slot, info.first_boot) == (0, False)
+    assert not st.reboot_pending

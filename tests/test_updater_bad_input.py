@@ -225,3 +225,45 @@ def test_refused_while_reboot_pending() -> None:
     assert protected(st) == before
     assert st.flash.read(LAYOUT.app[0].offset, LAYOUT.fs[0].end - LAYOUT.app[0].offset) == slot0
     assert st.boot().slot == 0
+
+
+def test_begin_handler_can_abort() -> None:
+    st = device()
+    before = protected(st)
+    seen = []
+
+    def on_begin(m: Any) -> bool:
+        seen.append((m.version, m.build_id))
+        return False
+
+    ctx = UpdaterContext(st, arch="esp32", on_begin=on_begin)
+    assert ctx.process(valid()) < 0
+    assert ctx.status_message == "OTA aborted by the MGOS_EVENT_OTA_BEGIN handler"
+    assert seen == [("2.0", "b2")]
+    assert protected(st) == before
+    ctx = UpdaterContext(st, arch="esp32", on_begin=lambda m: None)  # None = go on
+    ctx.process(valid())
+    assert ctx.finish() == 1
+
+
+def test_flash_failure_is_write_failed() -> None:
+    from updater.errors import FlashError
+
+    st = device()
+    before = protected(st)
+    real_write = st.flash.write
+    calls = {"n": 0}
+
+    def failing_write(addr: int, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise FlashError("simulated program failure")
+        real_write(addr, data)
+
+    st.flash.write = failing_write  # type: ignore[method-assign]
+    ctx = UpdaterContext(st, arch="esp32")
+    assert ctx.process(valid()) < 0
+    assert (ctx.status_message, ctx.result) == ("Write failed", -11)
+    st.flash.write = real_write  # type: ignore[method-assign]
+    assert ctx.finish() < 0
+    assert protected(st) == before

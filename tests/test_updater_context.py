@@ -248,3 +248,15 @@ def test_file_backed_device(tmp_path: Path) -> None:
         assert st.boot().slot == 1
         assert st.commit()
     assert Flash(path, sector_size=4096).size == LAYOUT.total_size
+
+
+def test_progress_percent() -> None:
+    st = device()
+    data = new_bundle()
+    ctx = UpdaterContext(st, arch="esp32", total_size=len(data))
+    assert ctx.progress_percent == 0
+    ctx.process(data[: len(data) // 2])
+    assert ctx.progress_percent == 50
+    ctx.process(data[len(data) // 2 :])
+    assert ctx.progress_percent == 100
+    assert UpdaterContext(st, arch="esp32").progress_percent == 0

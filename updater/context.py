@@ -25,7 +25,10 @@ Decisions (documented here, tested in ``tests/test_updater_*.py``):
   partition is ``Image too big``; ``cs_sha1``/``cs_sha256``, when given, are checked over the data as
   it streams (``Digest mismatch``).
 * Refused before anything is written: running firmware uncommitted (``Previous update has not been
-  committed yet``), ``Wrong platform``, bad signatures when ``sig_req_mask != -1``.
+  committed yet``), ``Wrong platform``, bad signatures when ``sig_req_mask != -1``, and an
+  ``on_begin(manifest)`` hook (the MGOS_EVENT_OTA_BEGIN handler) returning False (``OTA aborted by
+  the MGOS_EVENT_OTA_BEGIN handler``).
+* A flash failure while writing is ``Write failed`` (code -11).
 * Same version as the running firmware (version and build_id) and not ``ignore_same_version``:
   ``Version is the same as current``, result > 0, nothing written, no reboot
   (:attr:`reboot_required` is false).
@@ -46,7 +49,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from .bootcfg import SlotState
-from .errors import UpdaterError
+from .errors import FlashError, UpdaterError
 from .flash import Flash
 from .manifest import MANIFEST_FILE_NAME, Manifest, Part
 from .partitions import Partition
@@ -182,6 +185,7 @@ class UpdaterContext:
         commit_timeout_s: int = 0,
         total_size: int | None = None,
         on_progress: Callable[[int, int | None], None] | None = None,
+        on_begin: Callable[[Manifest], bool | None] | None = None,
     ) -> None:
         self.storage = storage
         self.arch = arch
@@ -191,6 +195,7 @@ class UpdaterContext:
         self.commit_timeout_s = commit_timeout_s
         self.total_size = total_size
         self.on_progress = on_progress
+        self.on_begin = on_begin
         self.state = UpdaterState.INITED
         self.result = 0
         self.status_message = "idle"
@@ -222,6 +227,13 @@ class UpdaterContext:
     # -- public API -----------------------------------------------------------------------------------
 
     @property
+    def progress_percent(self) -> int:
+        """Percent of ``total_size`` processed (0 when the total is unknown), for OTA.Status."""
+        if not self.total_size:
+            return 0
+        return min(100, self.bytes_processed * 100 // self.total_size)
+
+    @property
     def target_slot(self) -> int:
         """The slot being written (-1 before the update starts)."""
         return self._target_slot
@@ -239,6 +251,9 @@ class UpdaterContext:
                 self._dispatch(ev)
                 if self.state is UpdaterState.FINISHED:
                     break
+        except FlashError as exc:
+            log.error("flash write failed: %s", exc)
+            return self._fail(UpdaterError("Write failed", code=exc.code))
         except UpdaterError as exc:
             return self._fail(exc)
         self._report_progress()
@@ -338,6 +353,8 @@ class UpdaterContext:
         m.check_platform(self.arch)
         self._check_signatures(m)
         self.manifest = m
+        if self.on_begin is not None and self.on_begin(m) is False:
+            raise UpdaterError("OTA aborted by the MGOS_EVENT_OTA_BEGIN handler")
         log.info("manifest: %s %s (%s) for %s", m.name, m.version, m.build_id, m.platform)
         if not self.ignore_same_version and m.is_same_version(
             self.storage.running_version, self.storage.running_build_id

@@ -248,6 +248,13 @@ class DeviceStorage:
         """Switch back to the revert slot; the caller reboots (:meth:`boot`). False if committed."""
         return self.loader.revert()
 
+    def commit_timeout_expired(self) -> bool:
+        """The device's commit timer fired: revert if still uncommitted (then reboot with :meth:`boot`)."""
+        if self.is_committed:
+            return False
+        log.warning("Update commit timeout expired")
+        return self.revert()
+
     def get_boot_state(self) -> dict[str, Any]:
         """OTA.GetBootState result (see :meth:`BootLoader.get_boot_state`)."""
         return self.loader.get_boot_state()
