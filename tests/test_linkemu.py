@@ -59,6 +59,10 @@ def test_transparent_both_directions() -> None:
             assert read_exactly(b, len(data_ab)) == data_ab
             write_all(b, data_ba)
             assert read_exactly(a, len(data_ba)) == data_ba
+            # The counter is updated right after the relay's write returns: allow it to catch up.
+            deadline = time.monotonic() + 5
+            while emu.stats["b_to_a"].delivered < len(data_ba) and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert emu.stats["a_to_b"].delivered == len(data_ab)
             assert emu.stats["b_to_a"].delivered == len(data_ba)
         finally:
