@@ -9,7 +9,8 @@ offset   size        field
 0        8           magic ``b"MGVFW\\x00\\x01\\n"`` (format version 1)
 8        4           ``n``: length of the header JSON, uint32 little-endian
 12       n           header: compact UTF-8 JSON object ``{"app", "version", "build_id", "arch",
-                     "behavior", "payload_size"}`` (unknown keys are kept in ``extra``)
+                     "behavior", "payload_size"}`` (unknown keys are kept in ``extra``),
+                     possibly followed by spaces (used to hit an exact image size)
 12+n     p           payload (``payload_size`` bytes: padding to make the image a given size)
 12+n+p   4           CRC-32 of bytes ``0 .. 12+n+p-1``, uint32 little-endian
 =======  ==========  ==================================================================
