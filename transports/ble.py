@@ -82,6 +82,7 @@ DEFAULT_HCI = "usb:0"
 DEFAULT_ADVERTISING_INTERVAL_MS = 100.0
 DEFAULT_CONNECT_TIMEOUT_S = 20.0
 DEFAULT_POLL_S = 0.1  # the reference client's rx_ctl polling period
+DISCONNECT_TIMEOUT_S = 5.0
 MAX_INCOMING_FRAME = 1 << 20  # a sanity bound on announced lengths; the codec enforces the real limit
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 _CB_UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
@@ -167,8 +168,9 @@ class GattsChannel(Channel):
         if not self.closed:
             self.mark_closed()
             self.sender.clear()
+            # bounded: a controller that lost the peer may never report the disconnection
             with contextlib.suppress(Exception):
-                await self.connection.disconnect()
+                await asyncio.wait_for(self.connection.disconnect(), DISCONNECT_TIMEOUT_S)
         for t in list(self._tasks):
             t.cancel()
 

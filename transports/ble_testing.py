@@ -96,7 +96,10 @@ class BumbleAir:
         return device
 
     async def release(self, device: Device) -> None:
-        """Power a central off and take its controller off the link."""
+        """Disconnect a device, power it off and take its controller off the link."""
+        for connection in list(device.connections.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.disconnect(), 2.0)
         with contextlib.suppress(Exception):
             await device.power_off()
         controller = self._controllers.pop(id(device), None)
