@@ -142,3 +142,19 @@ def test_shipped_conf9_replaces_users_settings() -> None:
     assert st.fs().files() == {"conf0.json": b"{}", "conf9.json": b'{"shipped": 1}', "keep.txt": b"k"}
     # merge flag is cleared once done: later boots do not merge again
     assert st.config is not None and not st.config.flags & BootFlags.MERGE_FS
+
+
+def test_running_fs_is_one_shared_mount_per_boot() -> None:
+    layout = make_layout(sector_size=SECTOR, app_size=16 << 10, fs_size=SIZE)
+    st = DeviceStorage.in_memory(layout=layout)
+    st.factory_init(b"app" * 100, {"a": b"1"}, version="1.0", build_id="")
+    st.boot()
+    fs = st.fs()
+    assert st.fs() is fs and st.fs(0) is fs
+    with pytest.raises(FSError):
+        st.fs(1)  # another slot gets its own mount; slot 1 is blank, so it does not mount
+    for i in range(20):  # many writes through the shared mount stay consistent
+        st.fs().write(f"f{i}", bytes([i]) * 700)
+    st.boot()
+    assert st.fs() is not fs
+    assert st.fs().files() == {"a": b"1", **{f"f{i}": bytes([i]) * 700 for i in range(20)}}

@@ -82,6 +82,7 @@ class DeviceStorage:
         self.bootcfg = BootConfigStore(flash, layout)
         self.loader = BootLoader(self.bootcfg)
         self._running: int | None = None
+        self._running_fs: FlashFS | None = None
         self.boot_info: BootInfo | None = None
 
     @classmethod
@@ -185,6 +186,7 @@ class DeviceStorage:
         cfg = BootConfig(active_slot=0, revert_slot=1, flags=BootFlags.COMMITTED).with_slot(0, state)
         self.bootcfg.save(cfg)
         self._running = None
+        self._running_fs = None
         self.boot_info = None
 
     def _write(self, addr: int, data: bytes) -> None:
@@ -202,6 +204,7 @@ class DeviceStorage:
         FS that cannot be mounted counts as a failed init: revert, and boot again.
         """
         self._running = None
+        self._running_fs = None
         decision = self.loader.boot()
         cfg = decision.config
         merged: tuple[str, ...] = ()
@@ -270,8 +273,18 @@ class DeviceStorage:
         return self.loader.create_snapshot(set_as_revert=set_as_revert, commit_timeout=commit_timeout)
 
     def fs(self, slot: int | None = None) -> FlashFS:
-        """The filesystem of ``slot`` (default: the running slot). :class:`FSError` if it won't mount."""
-        return FlashFS(self.flash, self.layout.fs[self.running_slot if slot is None else slot])
+        """The filesystem of ``slot`` (default: the running slot). :class:`FSError` if it won't mount.
+
+        The running slot's FS is mounted once per boot and shared: two independent LittleFS mounts
+        writing the same partition would each trust their own allocator state and corrupt it.
+        Other slots get a fresh mount per call (they are only read, or written by the boot merge).
+        """
+        running = self.running_slot
+        if slot is not None and slot != running:
+            return FlashFS(self.flash, self.layout.fs[slot])
+        if self._running_fs is None or self._running_fs.part != self.layout.fs[running]:
+            self._running_fs = FlashFS(self.flash, self.layout.fs[running])
+        return self._running_fs
 
     def read_app(self, slot: int | None = None) -> bytes:
         """The app image of ``slot`` as written (length from the boot config)."""
