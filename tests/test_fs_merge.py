@@ -154,7 +154,7 @@ def test_running_fs_is_one_shared_mount_per_boot() -> None:
     with pytest.raises(FSError):
         st.fs(1)  # another slot gets its own mount; slot 1 is blank, so it does not mount
     for i in range(20):  # many writes through the shared mount stay consistent
-        st.fs().write(f"f{i}", bytes([i]) * 700)
+        st.fs().write(f"f{i}", bytes([i]) * 100)
     st.boot()
     assert st.fs() is not fs
-    assert st.fs().files() == {"a": b"1", **{f"f{i}": bytes([i]) * 700 for i in range(20)}}
+    assert st.fs().files() == {"a": b"1", **{f"f{i}": bytes([i]) * 100 for i in range(20)}}
