@@ -61,7 +61,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
-        name = getattr(item, "callspec", None) and item.callspec.id
+        callspec = getattr(item, "callspec", None)
+        name = callspec.id if callspec is not None else None
         if item.get_closest_marker("mgrpc_conformance") is None or not name:
             keep.append(item)
             continue
