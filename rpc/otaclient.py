@@ -46,6 +46,7 @@ from rpc.frame import RawJSON
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_WINDOW",
+    "MAX_WINDOW",
     "CommitResult",
     "OtaError",
     "OtaResult",
