@@ -22,6 +22,8 @@ COMMANDS = (
     "rpc.cli.call",
     "rpc.cli.device",
     "rpc.cli.fw",
+    "rpc.cli.ota",
+    "rpc.cli.files",
 )
 
 
