@@ -81,15 +81,17 @@ def free_port() -> int:
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
-    """A throw-away CA and a server certificate for ``127.0.0.1`` / ``localhost`` (PEM files)."""
+    """A throw-away CA, a server certificate for ``127.0.0.1``/``localhost`` and a client certificate (PEM)."""
 
     ca_cert: Path
     server_cert: Path
     server_key: Path
+    client_cert: Path
+    client_key: Path
 
 
 def make_tls_files(directory: Path) -> TlsFiles:
-    """Write a CA and a CA-signed server certificate into ``directory`` (needs ``cryptography``)."""
+    """Write a CA and CA-signed server and client certificates into ``directory`` (needs ``cryptography``)."""
     import ipaddress
 
     from cryptography import x509
@@ -124,33 +126,40 @@ def make_tls_files(directory: Path) -> TlsFiles:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    srv = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(srv_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(validity[0])
-        .not_valid_after(validity[1])
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
+    def leaf(common_name: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName]) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(validity[0])
+            .not_valid_after(validity[1])
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+
+    usages = x509.oid.ExtendedKeyUsageOID
+    srv_cert, srv_key = leaf(
+        "localhost", usages.SERVER_AUTH, [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     )
+    cli_cert, cli_key = leaf("mgrpc test client", usages.CLIENT_AUTH, [])
     directory.mkdir(parents=True, exist_ok=True)
-    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    files = TlsFiles(
+        directory / "ca.pem", directory / "server.pem", directory / "server.key",
+        directory / "client.pem", directory / "client.key",
+    )  # fmt: skip
     files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(srv.public_bytes(serialization.Encoding.PEM))
-    files.server_key.write_bytes(key_pem(srv_key))
+    files.server_cert.write_bytes(srv_cert)
+    files.server_key.write_bytes(srv_key)
+    files.client_cert.write_bytes(cli_cert)
+    files.client_key.write_bytes(cli_key)
     return files
 
 
@@ -166,7 +175,8 @@ class Mosquitto:
 
     ``users`` turns anonymous access off and writes a password file; ``tls`` (True, or prepared
     :class:`TlsFiles`) makes the listener TLS-only with a server certificate signed by a test CA
-    (``tls_files.ca_cert`` is the CA clients verify with).
+    (``tls_files.ca_cert`` is the CA clients verify with); ``require_client_cert`` then also asks
+    clients for a certificate signed by that CA (``tls_files.client_cert``/``client_key``).
     """
 
     def __init__(
@@ -176,6 +186,7 @@ class Mosquitto:
         port: int | None = None,
         users: dict[str, str] | None = None,
         tls: bool | TlsFiles = False,
+        require_client_cert: bool = False,
         extra_config: str = "",
         binary: str | None = None,
     ) -> None:
@@ -197,6 +208,7 @@ class Mosquitto:
             self.tls_files = tls
         else:
             self.tls_files = None
+        self.require_client_cert = require_client_cert
         self.extra_config = extra_config
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
@@ -248,6 +260,8 @@ class Mosquitto:
                 f"keyfile {self.tls_files.server_key}",
                 f"cafile {self.tls_files.ca_cert}",
             ]
+            if self.require_client_cert:
+                lines.append("require_certificate true")
         if self.extra_config:
             lines.append(self.extra_config)
         self.config_path.write_text("\n".join(lines) + "\n")

@@ -21,8 +21,7 @@ from rpc.errors import HandlerError, RemoteError, RpcTimeout, TransportError, Us
 from rpc.frame import Frame, RawJSON
 from rpc.node import Node
 from tests.mosquitto import Mosquitto, free_port, make_tls_files, mosquitto_broker  # noqa: F401
-from transports import registry
-from transports.registry import connect, listen, parse_url
+from transports import connect, listen, parse_url, registry
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 
@@ -447,6 +446,25 @@ async def test_tls_with_and_without_ca(mosquitto_broker: Callable[..., Mosquitto
             await connect(b.url("dev1", ca=str(other.ca_cert)), timeout_s=WAIT_S)
         with pytest.raises(TransportError):
             await connect(b.url("dev1", ca=str(tmp_path / "missing.pem")), timeout_s=WAIT_S)
+    finally:
+        await lst.close()
+        await node.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning", "ignore::ResourceWarning")
+async def test_tls_client_certificate(mosquitto_broker: Callable[..., Mosquitto]) -> None:  # noqa: F811
+    b = mosquitto_broker(tls=True, require_client_cert=True)
+    assert b.tls_files is not None
+    files = b.tls_files
+    opts = {"ca": str(files.ca_cert), "cert": str(files.client_cert), "key": str(files.client_key)}
+    node, _ = make_device("dev1")
+    lst = await listen(b.url(**opts), node)
+    try:
+        c = await connect(b.url("dev1", **opts), timeout_s=WAIT_S)
+        assert await c.call("Test.Echo", "mtls") == "mtls"
+        await c.close()
+        with pytest.raises(TransportError):
+            await connect(b.url("dev1", ca=str(files.ca_cert)), timeout_s=WAIT_S)  # no client certificate
     finally:
         await lst.close()
         await node.close()
