@@ -8,6 +8,7 @@ import os
 import sys
 import tty
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -343,3 +344,49 @@ async def test_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     monkeypatch.setitem(sys.modules, "serial", None)
     with pytest.raises(TransportError, match=r"mgrpc\[serial\]"):
         await transports.open_client("/dev/ttyUSB9")
+
+
+# --------------------------------------------------------------------------------------------
+# mgrpc console
+
+
+def test_console_formatter_timestamps() -> None:
+    from rpc.cli.console import ConsoleFormatter, timestamp_formatter
+
+    t = datetime(2020, 1, 5, 13, 4, 5, 123456).timestamp()
+    stamp = timestamp_formatter(None)
+    assert stamp is not None and stamp(t) == "[Jan  5 13:04:05.123] "
+    fmt = ConsoleFormatter(stamp)
+    assert fmt.feed(b"boot\r\nline tw", t) == "[Jan  5 13:04:05.123] boot\r\n[Jan  5 13:04:05.123] line tw"
+    assert fmt.feed(b"o\n", t + 1) == "o\n"  # the line had started: no new prefix
+    assert fmt.feed("é".encode()[:1], t) == ""  # half a UTF-8 character waits for the rest
+    assert fmt.feed("é\n".encode()[1:], t) == "[Jan  5 13:04:05.123] é\n"
+    epoch = timestamp_formatter("true")
+    assert epoch is not None and epoch(1580229426.716123) == "[1580229426.716123] "
+    assert ConsoleFormatter(timestamp_formatter("off")).feed(b"a\nb", t) == "a\nb"
+    strf = timestamp_formatter("%H:%M")
+    assert strf is not None and strf(t) == "[13:04] "
+    with pytest.raises(UsageError):
+        timestamp_formatter("Sometimes")
+
+
+async def test_console_prints_device_output(pty: Pty) -> None:
+    import argparse
+    import io
+
+    from rpc.cli import console
+
+    parser = argparse.ArgumentParser()
+    console.register(parser.add_subparsers())
+    args = parser.parse_args(["console", "--no-input", "--timestamp", "false", "--duration", "2s"])
+    ser = console._open(pty.path, args)
+    try:
+        pty.write(b'I (12) boot: ok\r\n\n"""{"id":1,"result":1}"""\n')
+        out = io.StringIO()
+        await asyncio.to_thread(
+            console._run, ser, console.ConsoleFormatter(None), out, duration_s=0.5, forward_stdin=False
+        )
+    finally:
+        ser.close()
+    assert out.getvalue() == 'I (12) boot: ok\r\n\n"""{"id":1,"result":1}"""\n'
+    assert args.func is console.cmd_console
