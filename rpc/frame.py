@@ -237,7 +237,7 @@ def parse_frame(data: bytes | bytearray | memoryview | str, *, max_size: int = D
     if max_size and len(raw) > max_size:
         raise FrameTooLarge(len(raw), max_size)
     try:
-        obj = json.loads(raw)
+        obj = _DECODE(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         obj = _retry_vt(raw, e)
     if not isinstance(obj, dict):
@@ -245,6 +245,7 @@ def parse_frame(data: bytes | bytearray | memoryview | str, *, max_size: int = D
     return _from_obj(obj, raw)
 
 
+_DECODE = json.JSONDecoder().decode
 _VT_BYTES_RE = re.compile(rb"(?<!\\)((?:\\\\)*)\\v")
 
 
@@ -252,72 +253,67 @@ def _retry_vt(raw: bytes, first: Exception) -> Any:
     """Devices write a vertical tab as the non-standard ``\\v`` (frozen ``%Q``); accept it."""
     if b"\\v" in raw:
         try:
-            return json.loads(_VT_BYTES_RE.sub(rb"\1\\u000b", raw))
+            return _DECODE(_VT_BYTES_RE.sub(rb"\1\\u000b", raw).decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError):
             pass
     raise FrameError(f"invalid JSON: {first}") from None
 
 
 def _from_obj(obj: Mapping[str, Any], raw: bytes | None) -> Frame:
-    kw: dict[str, Any] = {}
-    extra: dict[str, Any] | None = None
-    for k, val in obj.items():
-        if k in _KNOWN:
-            kw[k] = val
-        else:
-            if extra is None:
-                extra = {}
-            extra[k] = val
+    if obj.keys() <= _KNOWN:
+        kw: dict[str, Any] = dict(obj)
+        extra: dict[str, Any] | None = None
+    else:
+        kw = {k: v for k, v in obj.items() if k in _KNOWN}
+        extra = {k: v for k, v in obj.items() if k not in _KNOWN}
     fid = kw.get("id")
-    if fid is not None and (isinstance(fid, bool) or not isinstance(fid, int | float | str)):
+    if fid is not None and (fid.__class__ is bool or not isinstance(fid, int | float | str)):
         raise FrameError("id must be a number or a string")
     for name in _STR_MEMBERS:
-        val = kw.get(name)
-        if val is None:
-            kw.pop(name, None)
-        elif not isinstance(val, str):
-            raise FrameError(f"{name} must be a string")
-    err = kw.get("error")
-    if err is not None:
-        if not isinstance(err, dict):
-            raise FrameError("error must be an object")
-        code = err.get("code", 0)
-        if isinstance(code, bool) or not isinstance(code, int):
-            if isinstance(code, float) and code.is_integer():
-                code = int(code)
-            else:
-                raise FrameError("error.code must be an integer")
-        msg = err.get("message")
-        if msg is not None and not isinstance(msg, str):
-            msg = json.dumps(msg, separators=(",", ":"))
-        kw["error"] = ErrorInfo(code, msg)
-    elif "error" in kw:
-        del kw["error"]
-    auth = kw.get("auth")
-    if auth is not None and not isinstance(auth, dict):
+        if name in kw:
+            val = kw[name]
+            if val is None:
+                del kw[name]
+            elif val.__class__ is not str:
+                raise FrameError(f"{name} must be a string")
+    if "error" in kw:
+        err = kw["error"]
+        if err is None:
+            del kw["error"]
+        else:
+            kw["error"] = _error_info(err)
+    if "auth" in kw and kw["auth"] is not None and not isinstance(kw["auth"], dict):
         raise FrameError("auth must be an object")
-    v = kw.get("v")
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-        kw.pop("v")  # the device parses it with %d and ignores it
-    for name in ("deadline", "timeout"):
-        val = kw.get(name)
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int)):
-            kw.pop(name)
-    nr = kw.get("nr")
-    if nr is not None:
-        kw["nr"] = bool(nr)
+    for name in ("v", "deadline", "timeout"):
+        if name in kw:
+            val = kw[name]
+            if val is not None and (val.__class__ is bool or not isinstance(val, int)):
+                del kw[name]  # the device parses these with %d and ignores them
+    if "nr" in kw:
+        kw["nr"] = bool(kw["nr"])
     if extra:
         kw["extra"] = extra
     return Frame(raw=raw, **kw)
 
 
+def _error_info(err: Any) -> ErrorInfo:
+    if not isinstance(err, dict):
+        raise FrameError("error must be an object")
+    code = err.get("code", 0)
+    if code.__class__ is bool or not isinstance(code, int):
+        if isinstance(code, float) and code.is_integer():
+            code = int(code)
+        else:
+            raise FrameError("error.code must be an integer")
+    msg = err.get("message")
+    if msg is not None and not isinstance(msg, str):
+        msg = json.dumps(msg, separators=(",", ":"))
+    return ErrorInfo(code, msg)
+
+
 # ---------------------------------------------------------------------------------------------
 # encoding
 
-_GO_ORDER = (
-    "v", "src", "dst", "key", "tag", "id", "method", "params", "deadline", "timeout", "result",
-    "error", "trace", "auth", "nr", "args",
-)  # fmt: skip
 _VT_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u000b")
 _HTML = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _HTML_RE = re.compile("[<>&\u2028\u2029]")
@@ -325,15 +321,19 @@ _GO_RE = re.compile("[\u2028\u2029]")
 _COMPACT = (",", ":")
 
 
+_ENC_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=_COMPACT).encode
+_ENC_SPACED = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _dumps(value: Any, separators: tuple[str, str] | None = None) -> str:
     if isinstance(value, RawJSON):
         return str(value)
-    return json.dumps(value, ensure_ascii=False, separators=separators)
+    return _ENC_COMPACT(value) if separators is _COMPACT else _ENC_SPACED(value)
 
 
 def frozen_quote(s: str) -> str:
     """Quote a string as frozen's ``%Q`` does: ``\\b \\t \\n \\v \\f \\r`` short, other controls ``\\u00XX``."""
-    out = json.dumps(s, ensure_ascii=False)
+    out = _ENC_SPACED(s)
     if "\\u000b" in out:
         out = _VT_RE.sub(r"\1\\v", out)
     return out
@@ -349,8 +349,9 @@ def _device_value(value: Any) -> str:
 def _device_id(fid: int | float | str) -> str:
     if isinstance(fid, str):
         return frozen_quote(fid)
-    text = json.dumps(fid)
-    return text if text.isdigit() else frozen_quote(text)
+    if fid.__class__ is int and fid >= 0:
+        return str(fid)
+    return frozen_quote(json.dumps(fid))
 
 
 def _encode_device(f: Frame) -> str:
@@ -390,31 +391,43 @@ def _encode_jsonrpc(f: Frame) -> str:
     return body + ',"result":' + ("null" if f.result is ABSENT else _dumps(f.result, _COMPACT)) + "}"
 
 
-def _go_member(name: str, f: Frame) -> Any:
-    """The value of a member for mos-style encoding, or ABSENT when omitempty drops it."""
-    val = getattr(f, name)
-    if name in ("params", "args", "result"):
-        return val
-    if name == "error":
-        return ABSENT if val is None else val.to_json_obj()
-    if name == "nr":
-        return True if val else ABSENT
-    if name == "id":
-        return ABSENT if val is None or val == "" or val == 0 else val
-    if val is None or val == "" or val == 0:
-        return ABSENT
-    return val
-
-
 def _encode_mos(f: Frame, html_escape: bool) -> str:
     parts: list[str] = []
-    for name in _GO_ORDER:
-        val = _go_member(name, f)
-        if val is ABSENT:
-            continue
-        parts.append(f'"{name}":' + _dumps(val, _COMPACT))
+    add = parts.append
+    if f.v:
+        add('"v":%d' % f.v)
+    if f.src:
+        add('"src":' + _ENC_COMPACT(f.src))
+    if f.dst:
+        add('"dst":' + _ENC_COMPACT(f.dst))
+    if f.key:
+        add('"key":' + _ENC_COMPACT(f.key))
+    if f.tag:
+        add('"tag":' + _ENC_COMPACT(f.tag))
+    if f.id is not None and f.id != "" and f.id != 0:
+        add('"id":' + (str(f.id) if f.id.__class__ is int else _ENC_COMPACT(f.id)))
+    if f.method:
+        add('"method":' + _ENC_COMPACT(f.method))
+    if f.params is not ABSENT:
+        add('"params":' + _dumps(f.params, _COMPACT))
+    if f.deadline:
+        add('"deadline":%d' % f.deadline)
+    if f.timeout:
+        add('"timeout":%d' % f.timeout)
+    if f.result is not ABSENT:
+        add('"result":' + _dumps(f.result, _COMPACT))
+    if f.error is not None:
+        add('"error":' + _ENC_COMPACT(f.error.to_json_obj()))
+    if f.trace:
+        add('"trace":' + _dumps(f.trace, _COMPACT))
+    if f.auth:
+        add('"auth":' + _dumps(f.auth, _COMPACT))
+    if f.nr:
+        add('"nr":true')
+    if f.args is not ABSENT:
+        add('"args":' + _dumps(f.args, _COMPACT))
     for k, val in f.extra.items():
-        parts.append(json.dumps(k, ensure_ascii=False) + ":" + _dumps(val, _COMPACT))
+        add(_ENC_COMPACT(k) + ":" + _dumps(val, _COMPACT))
     text = "{" + ",".join(parts) + "}"
     if html_escape:
         if _HTML_RE.search(text):
