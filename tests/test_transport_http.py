@@ -148,21 +148,24 @@ async def test_full_frame_reply_and_headers(listener: Any, session: aiohttp.Clie
 
 
 async def test_keep_alive_only_when_asked(listener: Any) -> None:
-    async def raw(extra: str) -> tuple[str, bytes]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        body = b'{"id":1,"method":"Sys.Echo","params":5}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+
+    async def exchange(extra: str, fid: int) -> tuple[str, bytes]:
+        body = b'{"id":%d,"method":"Sys.Echo","params":5}' % fid
         writer.write(f"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), T)).decode()
         n = int(re.search(r"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-        await reader.readexactly(n)
-        rest = await asyncio.wait_for(reader.read(1), T) if "close" in head else b"?"
-        writer.close()
-        return head, rest
+        return head, await reader.readexactly(n)
 
-    head, rest = await raw("Connection: keep-alive\r\n")
-    assert "\r\nConnection: keep-alive\r\n" in head
-    head, rest = await raw("")
-    assert "\r\nConnection: close\r\n" in head and rest == b""  # the server closed the connection
+    try:
+        head, body = await exchange("Connection: keep-alive\r\n", 1)
+        assert "\r\nConnection: keep-alive\r\n" in head and Frame.parse(body).id == 1
+        # The same connection serves the next request; without keep-alive it is closed after the reply.
+        head, body = await exchange("", 2)
+        assert "\r\nConnection: close\r\n" in head and Frame.parse(body).id == 2
+        assert await asyncio.wait_for(reader.read(1), T) == b""
+    finally:
+        writer.close()
 
 
 async def test_errors_are_inside_the_frame(listener: Any, session: aiohttp.ClientSession) -> None:

@@ -83,6 +83,11 @@ class SharedServer:
         self.roles: dict[str, tuple[RoleHandler, Node]] = {}
         self._runner: web.AppRunner | None = None
 
+    def url(self, scheme: str, path: str = RPC_PATH) -> str:
+        """The URL of ``path`` on this server (IPv6 hosts bracketed)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}{path}"
+
     @property
     def scheme_secure(self) -> bool:
         """True when the server speaks TLS."""

@@ -287,7 +287,7 @@ class HttpListener:
         self.channels: set[HttpChannel] = set()
         self.host = server.host
         self.port = server.port
-        self.url = f"{url.scheme}://{server.host}:{server.port}/rpc"
+        self.url = server.url(url.scheme)
 
     # -- auth ----------------------------------------------------------------------------------
     def _user(self, request: web.BaseRequest) -> str | None:

@@ -188,7 +188,7 @@ class WsListener:
         self.channels: set[WsChannel] = set()
         self.host = server.host
         self.port = server.port
-        self.url = f"{url.scheme}://{server.host}:{server.port}/rpc"
+        self.url = server.url(url.scheme)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Upgrade the request and serve the connection as one channel."""
