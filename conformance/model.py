@@ -139,7 +139,8 @@ CHECKS: dict[str, CheckSpec] = {}
 _counter = 0
 
 # Run order of the groups: cheap, non-destructive wire checks first, reboots (OTA) last.
-GROUP_ORDER = ("frame", "rpc", "sys", "auth", "serial", "tcp", "ws", "http", "mqtt", "ble", "ota", "client")
+# serial first: its link modes are sticky, and the newline-style check wants a device not yet in compat mode.
+GROUP_ORDER = ("serial", "tcp", "frame", "rpc", "sys", "auth", "ws", "http", "mqtt", "ble", "ota", "client")
 
 
 def _run_key(spec: CheckSpec) -> tuple[int, int]:

@@ -51,3 +51,24 @@ async def test_fault_is_caught_by_its_check(fault: str) -> None:
 def test_unknown_fault_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown fault"):
         make_faulty_node(["no_such_fault"])
+
+
+SERIAL_FAULTS = [name for name, f in FAULTS.items() if f.transport == "serial"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "openpty"), reason="needs ptys")
+@pytest.mark.parametrize("fault", [None, *SERIAL_FAULTS])
+async def test_serial_framing_faults_are_caught(fault: str | None) -> None:
+    from conformance.serialdev import PtySerialDevice
+
+    dev = await PtySerialDevice(make_node(), faults=[fault] if fault else []).start()
+    try:
+        report = await runner.run(f"serial://{dev.path}", options=OPTS, only=["serial"])
+    finally:
+        await dev.close()
+    results = report.by_name()
+    if fault is None:
+        assert report.ok, [(r.name, r.message, r.seen) for r in report.failed()]
+        assert report.count(Outcome.PASS) == len(results)
+    else:
+        assert results[FAULTS[fault].caught_by].outcome is Outcome.FAIL
