@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 from typing import Any
 
 from rpc.errors import HandlerError
 from rpc.node import Context, Node
 from services.firmware import Firmware
+from services.ota import decode_data
 
 __all__ = ["add_fs_service"]
 
@@ -50,10 +50,7 @@ def add_fs_service(node: Node, fw: Firmware) -> None:
 
     def put(ctx: Context, params: Any) -> Any:
         name = _filename(params)
-        try:
-            chunk = base64.b64decode(params.get("data") or "", validate=True)
-        except (binascii.Error, ValueError, TypeError):
-            raise HandlerError(400, "invalid data (base64 expected)") from None
+        chunk = decode_data(params.get("data"), code=400)
         try:
             if params.get("append") and fw.fs.exists(name):
                 chunk = fw.fs.read(name) + chunk

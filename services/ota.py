@@ -214,6 +214,16 @@ class OtaService:
         }
 
 
+def decode_data(value: Any, *, code: int) -> bytes:
+    """Chunk data: base64 text (JSON, as mos sends it) or raw bytes (msgpack links between mgrpc ends)."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    try:
+        return base64.b64decode(value or "", validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise HandlerError(code, "Invalid data (base64 expected)") from None
+
+
 def _int(p: dict[str, Any], key: str, default: int) -> int:
     v = p.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int):
@@ -247,10 +257,7 @@ def add_ota_service(
         u = svc._require()
         p = params if isinstance(params, dict) else {}
         offset = _int(p, "offset", -1)
-        try:
-            data = base64.b64decode(p.get("data") or "", validate=True)
-        except (binascii.Error, ValueError, TypeError):
-            raise HandlerError(-1, "Invalid data (base64 expected)") from None
+        data = decode_data(p.get("data"), code=-1)
         if offset == u.last_offset and data == u.last_data and offset >= 0:
             return None  # exact repeat of the last chunk: its reply was lost, nothing to do
         if offset != u.written:
