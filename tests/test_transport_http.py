@@ -477,3 +477,12 @@ async def test_mos_client_second_401_and_server_errors() -> None:
             await c.call("Sys.GetInfo")
         with pytest.raises(TransportError, match="invalid reply"):
             await c.call("Sys.GetInfo")
+
+
+async def test_msgpack_codec_over_http(device: Node) -> None:
+    lst: Any = await transports.listen("http://127.0.0.1:0/rpc?codec=msgpack", device)
+    try:
+        async with await transports.connect(f"http://127.0.0.1:{lst.port}/rpc?codec=msgpack", timeout_s=T) as c:
+            assert await c.call("Sys.Echo", {"b": b"\x00\xff"}) == {"b": b"\x00\xff"}
+    finally:
+        await lst.close()

@@ -16,11 +16,10 @@ import pytest
 from aiohttp import web
 
 import transports
+from rpc.codec import codec_by_name
 from rpc.errors import ChannelClosed, HandlerError, RemoteError, TransportError, UsageError
 from rpc.frame import Frame
 from rpc.node import Context, Node
-from transports._aioserver import codec_from_url
-from transports.registry import parse_url
 from transports.ws import WsChannel, WsClientChannel, dial_out
 
 DEV_ID = "esp32_0A1B2C"
@@ -180,16 +179,27 @@ async def test_oversize_request_fails_the_call(listener: Any) -> None:
         await client.close()
 
 
-async def test_bad_json_and_wrong_dst_close_the_connection(listener: Any) -> None:
-    for bad in ("{not json", '{"src":"me","id":1,"dst":"someone_else","method":"Sys.Echo"}'):
-        session, ws = await raw_ws(listener.url)
-        try:
-            await ws.send_str(bad)
-            msg = await ws.receive(timeout=T)
-            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), bad
-        finally:
-            await ws.close()
-            await session.close()
+async def test_bad_json_closes_the_connection(listener: Any) -> None:
+    session, ws = await raw_ws(listener.url)
+    try:
+        await ws.send_str("{not json")
+        msg = await ws.receive(timeout=T)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1007
+    finally:
+        await ws.close()
+        await session.close()
+
+
+async def test_wrong_dst_drops_the_connection_without_close_frame(listener: Any, device: Node) -> None:
+    session, ws = await raw_ws(listener.url)
+    try:
+        await ws.send_str('{"src":"me","id":1,"dst":"someone_else","method":"Sys.Echo"}')
+        msg = await ws.receive(timeout=T)
+        assert msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR), msg
+    finally:
+        await ws.close()
+        await session.close()
+    await wait_for(lambda: not any(isinstance(c, WsChannel) for c in device.channels), "channel removal")
 
 
 async def _raw_handshake(port: int, extra: str) -> str:
@@ -455,14 +465,21 @@ async def test_listen_outbound_option(device: Node, fake: FakeServer) -> None:
 
 
 async def test_msgpack_codec_between_mgrpc_ends(device: Node) -> None:
-    try:
-        codec_from_url(parse_url("ws://x/rpc?codec=msgpack"))
-    except UsageError:
-        pytest.skip("no MsgpackCodec in rpc/ yet")
+    codec = codec_by_name("msgpack")
     lst: Any = await transports.listen("ws://127.0.0.1:0/rpc?codec=msgpack", device)
     try:
         async with await transports.connect(f"ws://127.0.0.1:{lst.port}/rpc?codec=msgpack", timeout_s=T) as c:
-            assert await c.call("Sys.Echo", {"a": 1}) == {"a": 1}
+            assert await c.call("Sys.Echo", {"b": b"\x00\xff", "n": 1}) == {"b": b"\x00\xff", "n": 1}
+        session, ws = await raw_ws(lst.url)
+        try:
+            await ws.send_bytes(codec.encode(Frame.request("Sys.Echo", [b"\x01"], id=3, src="me"), "mos"))
+            msg = await ws.receive(timeout=T)
+            assert msg.type == aiohttp.WSMsgType.BINARY
+            reply = codec.decode(msg.data)
+            assert (reply.id, reply.dst, reply.result) == (3, "me", [b"\x01"])
+        finally:
+            await ws.close()
+            await session.close()
     finally:
         await lst.close()
 

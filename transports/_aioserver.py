@@ -20,7 +20,6 @@ Also here: the TLS contexts built from the ``ca``/``cert``/``key`` URL options a
 
 from __future__ import annotations
 
-import importlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from rpc.channel import FrameCodec, JsonCodec
+from rpc.codec import codec_by_name
 from rpc.errors import TransportError, UsageError
 from rpc.node import Node
 from transports.registry import TransportURL
@@ -208,23 +208,10 @@ def server_ssl_context(url: TransportURL) -> ssl.SSLContext:
 
 # -- codecs --------------------------------------------------------------------------------------
 
-# Where a non-JSON codec class may live (the msgpack codec is being added to rpc/ separately).
-_CODEC_MODULES = ("rpc.codec", "rpc.codecs", "rpc.msgpack_codec", "rpc.channel")
-
 
 def codec_from_url(url: TransportURL) -> FrameCodec:
     """The codec named by ``?codec=`` (default ``json``); ``msgpack`` only between two mgrpc ends."""
     name = (url.option("codec") or "json").lower()
     if name == "json":
         return JsonCodec()
-    cls_name = name.capitalize() + "Codec"
-    for modname in _CODEC_MODULES:
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue
-        cls = getattr(mod, cls_name, None)
-        if cls is not None:
-            codec: FrameCodec = cls()
-            return codec
-    raise UsageError(f"codec {name!r} is not available; valid codecs: json, msgpack")
+    return codec_by_name(name)

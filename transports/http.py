@@ -160,7 +160,7 @@ class HttpClientChannel(Channel):
         if status != 200:
             detail = data.decode("utf-8", "replace").strip()[:200]
             raise TransportError(f"server returned an error: HTTP {status}" + (f" {detail}" if detail else ""))
-        if not data.strip():
+        if not (data.strip() if self.codec.name == "json" else data):
             return  # a notification gets no reply
         try:
             reply = self.codec.decode(data)
@@ -377,7 +377,8 @@ class HttpListener:
             return _invalid(request)  # closed without a reply (wrong dst, ...)
         if reply.error is not None and reply.error.code == 401:
             return self._unauthorized(request, reply.error.message)
-        return _response(request, 200, ch.encode(reply) + b"\r\n")
+        tail = b"\r\n" if self._codec_name == "json" else b""  # the device's CRLF, JSON only
+        return _response(request, 200, ch.encode(reply) + tail)
 
     async def _rest(self, request: web.Request, method_name: str) -> web.StreamResponse:
         if request.method == "OPTIONS":

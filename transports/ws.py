@@ -153,10 +153,18 @@ class WsChannel(Channel):
     persistent = False
     broadcast = True
 
-    def __init__(self, ws: web.WebSocketResponse, peer: str, *, codec: FrameCodec | None = None) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        peer: str,
+        *,
+        codec: FrameCodec | None = None,
+        transport: asyncio.BaseTransport | None = None,
+    ) -> None:
         super().__init__(codec=codec, style="device")
         self.ws = ws
         self.peer = peer
+        self._transport = transport
 
     def info(self) -> str:
         """The peer's ``ip:port``."""
@@ -171,9 +179,16 @@ class WsChannel(Channel):
         await _pump(self.ws, self, close_on_bad_frame=True)
 
     async def close(self) -> None:
-        """Close the connection."""
-        with contextlib.suppress(Exception):
-            await self.ws.close()
+        """Drop the connection as mongoose does (send what is queued, then close; no close frame).
+
+        This is what the router's close of a non-persistent channel (a wrong ``dst``) looks like to
+        the peer (spec errata).
+        """
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+        else:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
         self.mark_closed()
 
 
@@ -196,7 +211,7 @@ class WsListener:
         protocols = tuple(p.strip() for p in requested.split(",") if p.strip())
         ws = _EchoProtocolResponse(protocols=protocols, compress=False, autoping=True)
         await ws.prepare(request)
-        ch = WsChannel(ws, peer_address(request), codec=codec_from_url(self._url))
+        ch = WsChannel(ws, peer_address(request), codec=codec_from_url(self._url), transport=request.transport)
         if isinstance(self.node.auth, Authenticator):
             # A valid digest on the upgrade request names the channel's user (spec §2).
             ch.user = verify_http_digest(self.node.auth, request.headers.get("Authorization", ""), request.method)
