@@ -88,11 +88,6 @@ class SharedServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}{path}"
 
-    @property
-    def scheme_secure(self) -> bool:
-        """True when the server speaks TLS."""
-        return self.ssl_context is not None
-
     async def start(self) -> None:
         """Bind and start serving; a bind failure is a :class:`TransportError`."""
         app = web.Application(client_max_size=CLIENT_MAX_SIZE)

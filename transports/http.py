@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -324,7 +325,9 @@ class HttpListener:
             return await self._rest(request, method_name)
         return await self._full_frame(request)
 
-    async def _exchange(self, request: web.BaseRequest, build: Any) -> tuple[HttpChannel, Frame | None, Frame | None]:
+    async def _exchange(
+        self, request: web.BaseRequest, build: Callable[[HttpChannel], Frame | None]
+    ) -> tuple[HttpChannel, Frame | None, Frame | None]:
         """Run one request on a fresh channel: (channel, request frame or None if invalid, reply or None)."""
         codec = codec_from_url(self._url) if self._codec_name != "json" else None
         ch = HttpChannel(peer_address(request), codec=codec)
