@@ -1,0 +1,121 @@
+"""OTA goodput (firmware bytes per second): stop-and-wait (window 1, as mos) against pipelined writes.
+
+One virtual device serves ``loop://`` and ``ws://``; a latency proxy (transports/latency.py) in front
+of the WebSocket listener adds 10 ms each way, a 20 ms round trip as on Wi-Fi. The same bundle is
+pushed with ``mgrpc``'s OTA client (Status → Begin → Write… → End, 512-byte chunks) for window 1 and
+for the default window over both links, committing after each reboot, all in one run. A
+stop-and-wait client moves at most one chunk per round trip (512 B / 20 ms = 25.6 KB/s); the
+pipelined default should reach at least 10 times that. ``--sweep`` also measures other windows over the
+slow link (how the default was chosen). Bounded: a few fixed-size updates, well under two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import transports
+from rpc.otaclient import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ota_update
+from services.device import VirtualDevice
+from transports.latency import LatencyProxy
+from updater.bundle import make_virtual_bundle
+
+ONE_WAY_DELAY_S = 0.010
+APP_SIZE = 65536  # with the default LittleFS part the bundle is ~330 KB
+
+
+async def rtt_s(url: str, n: int = 10) -> float:
+    """Median round trip of an RPC call over ``url``."""
+    client = await transports.connect(url, timeout_s=10.0)
+    try:
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await client.call("RPC.Ping")
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+    finally:
+        await client.close()
+
+
+async def one_update(dev: VirtualDevice, url: str, fw: bytes, window: int) -> float:
+    """Push ``fw`` over ``url`` with ``window``; returns goodput in bytes/s. Commits after the reboot."""
+    boots = dev.boots
+    client = await transports.connect(url, timeout_s=20.0)
+    t0 = time.perf_counter()
+    try:
+        res = await ota_update(client, fw, window=window, chunk_size=DEFAULT_CHUNK_SIZE)
+        dt = time.perf_counter() - t0
+        client = res.client
+    finally:
+        await client.close()
+    await dev.wait_booted(boots=boots + 1, timeout_s=20.0)
+    assert dev.storage is not None
+    dev.storage.commit()  # the next update needs a committed firmware; no need to time a commit poll
+    return len(fw) / dt
+
+
+async def main(sweep: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        dev = VirtualDevice(
+            id="esp32_BENCH", state_dir=tmp, listen=["loop://bench-ota", "ws://127.0.0.1:0/rpc"],
+            listen_fn=transports.listen,
+        )  # fmt: skip
+        await dev.start()
+        loop_url, ws_url = dev.urls
+        host_port = ws_url.split("//", 1)[1].split("/", 1)[0]
+        host, port = host_port.rsplit(":", 1)
+        proxy = LatencyProxy(host, int(port), delay_s=ONE_WAY_DELAY_S)
+        await proxy.start()
+        slow_url = proxy.url_for(ws_url)
+        try:
+            rtt = await rtt_s(slow_url)
+            links = [("loop://", loop_url), ("ws:// + 20 ms RTT", slow_url)]
+            windows = [1, DEFAULT_WINDOW]
+            version = iter(range(2, 1000))
+            results: dict[tuple[str, int], float] = {}
+            size = 0
+            for name, url in links:
+                for w in windows:
+                    fw = make_virtual_bundle("esp32", f"{next(version)}.0", app_size=APP_SIZE)
+                    size = len(fw)
+                    results[name, w] = await one_update(dev, url, fw, w)
+            sweep_results: dict[int, float] = {}
+            if sweep:
+                for w in (2, 4, 8, 12, 16, 20):
+                    fw = make_virtual_bundle("esp32", f"{next(version)}.0", app_size=APP_SIZE)
+                    sweep_results[w] = await one_update(dev, slow_url, fw, w)
+        finally:
+            await proxy.close()
+            await dev.stop()
+
+    bound = DEFAULT_CHUNK_SIZE / (2 * ONE_WAY_DELAY_S)
+    print(f"OTA goodput, bundle {size} bytes, chunk {DEFAULT_CHUNK_SIZE} B, measured RTT via proxy {rtt * 1000:.1f} ms")
+    print(f"{'link':<20} {'window':>6} {'KB/s':>10}")
+    for (name, w), bps in results.items():
+        print(f"{name:<20} {w:>6} {bps / 1000:>10.1f}")
+    for name, _ in links:
+        r = results[name, DEFAULT_WINDOW] / results[name, 1]
+        print(f"{name:<20} pipelined (window {DEFAULT_WINDOW}) / stop-and-wait: {r:.1f}x")
+    slow = results["ws:// + 20 ms RTT", DEFAULT_WINDOW]
+    print(f"stop-and-wait bound 512 B / 20 ms = {bound / 1000:.1f} KB/s; pipelined over it: {slow / bound:.1f}x "
+          f"(target >= 10x)")  # fmt: skip
+    if sweep_results:
+        print("window sweep over ws:// + 20 ms RTT:")
+        for w, bps in sweep_results.items():
+            print(f"  window {w:>2}: {bps / 1000:8.1f} KB/s ({bps / bound:.1f}x the bound)")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="also measure windows 2..20 over the slow link")
+    logging.basicConfig(level=logging.ERROR)
+    asyncio.run(main(ap.parse_args().sweep))
