@@ -24,6 +24,8 @@ COMMANDS = (
     "rpc.cli.fw",
     "rpc.cli.ota",
     "rpc.cli.files",
+    "rpc.cli.console",
+    "rpc.cli.demo",
 )
 
 
