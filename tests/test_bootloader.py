@@ -190,3 +190,20 @@ def test_commit_timeout_expired_reverts_only_when_uncommitted() -> None:
     info = st.boot()
     assert (info.slot, info.first_boot) == (0, False)
     assert not st.reboot_pending
+
+
+def test_commit_timeout_range() -> None:
+    from updater.context import UpdaterContext
+
+    st = fresh()
+    st.boot()
+    with pytest.raises(BootStateError) as ei:
+        st.set_boot_state(commit_timeout=2**31)
+    assert ei.value.code == -4
+    with pytest.raises(SnapshotError) as se:
+        st.create_snapshot(set_as_revert=True, commit_timeout=2**31)
+    assert (se.value.code, se.value.message) == (-4, "Failed to set commit timeout")
+    with pytest.raises(ValueError):
+        UpdaterContext(st, arch="esp32", commit_timeout_s=2**31)
+    st.set_boot_state(commit_timeout=2**31 - 1)
+    assert st.get_boot_state()["commit_timeout"] == 2**31 - 1

@@ -48,6 +48,7 @@ from .partitions import SLOT_COUNT, Layout
 
 __all__ = [
     "INITIAL_SEQ",
+    "MAX_COMMIT_TIMEOUT_S",
     "RECORD_SIZE",
     "TOMBSTONE_SEQ",
     "BootConfig",
@@ -65,6 +66,7 @@ FORMAT_VERSION = 1
 RECORD_SIZE = 512
 INITIAL_SEQ = 0xFFFF_FFFF_FFFF_FFFE
 TOMBSTONE_SEQ = 0xFFFF_FFFF_FFFF_FFFF
+MAX_COMMIT_TIMEOUT_S = 2**31 - 1
 _CRC_OFF = 500
 _SEQ_OFF = 504
 _HEADER = struct.Struct("<4sHBBIi")  # magic, version, active, revert, flags, commit_timeout_s
@@ -142,6 +144,8 @@ def encode_record(cfg: BootConfig) -> bytes:
         raise ValueError(f"need {SLOT_COUNT} slot states")
     if not 0 <= cfg.seq < TOMBSTONE_SEQ:
         raise ValueError(f"seq {cfg.seq:#x} out of range")
+    if not -(2**31) <= cfg.commit_timeout_s < 2**31:
+        raise ValueError(f"commit_timeout_s {cfg.commit_timeout_s} does not fit 32 bits")
     rec = bytearray(b"\xff" * RECORD_SIZE)
     _HEADER.pack_into(
         rec, 0, MAGIC, FORMAT_VERSION, cfg.active_slot, cfg.revert_slot, int(cfg.flags), cfg.commit_timeout_s

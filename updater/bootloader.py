@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .bootcfg import BootConfig, BootConfigStore, BootFlags
+from .bootcfg import MAX_COMMIT_TIMEOUT_S, BootConfig, BootConfigStore, BootFlags
 from .errors import BootError, BootStateError, FlashError, SnapshotError
 from .flash import Flash
 from .partitions import SLOT_COUNT, Layout
@@ -223,7 +223,7 @@ class BootLoader:
                 new = new.with_flags(set_=BootFlags.FIRST_BOOT | BootFlags.BOOT_ATTEMPT, clear=BootFlags.COMMITTED)
         if "commit_timeout" in known:
             t = known["commit_timeout"]
-            if not isinstance(t, int) or isinstance(t, bool):
+            if not isinstance(t, int) or isinstance(t, bool) or t > MAX_COMMIT_TIMEOUT_S:
                 raise BootStateError("Failed to set commit timeout", code=-4)
             if t >= 0:
                 new = replace(new, commit_timeout_s=t)
@@ -244,6 +244,8 @@ class BootLoader:
             raise SnapshotError("Failed to get boot state", code=-2)
         if not cfg.committed:
             raise SnapshotError("Cannot create snapshots in uncommitted state", code=-1)
+        if commit_timeout > MAX_COMMIT_TIMEOUT_S:
+            raise SnapshotError("Failed to set commit timeout", code=-4)
         src, dst = cfg.active_slot, 1 - cfg.active_slot
         state = cfg.slots[src]
         try:

@@ -48,7 +48,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from .bootcfg import SlotState
+from .bootcfg import MAX_COMMIT_TIMEOUT_S, SlotState
 from .errors import FlashError, UpdaterError
 from .flash import Flash
 from .manifest import MANIFEST_FILE_NAME, Manifest, Part
@@ -187,6 +187,8 @@ class UpdaterContext:
         on_progress: Callable[[int, int | None], None] | None = None,
         on_begin: Callable[[Manifest], bool | None] | None = None,
     ) -> None:
+        if not 0 <= commit_timeout_s <= MAX_COMMIT_TIMEOUT_S:
+            raise ValueError(f"commit_timeout_s must be 0..{MAX_COMMIT_TIMEOUT_S}, got {commit_timeout_s}")
         self.storage = storage
         self.arch = arch
         self.ignore_same_version = ignore_same_version
