@@ -56,7 +56,8 @@ class VirtualDevice:
 
     ``on_boot`` callbacks run after each boot with the :class:`BootInfo` (tests and the demo watch
     them); ``setup`` callbacks run on every fresh stack with ``(node, firmware)`` so embedders and
-    other services (shadow, polling) can add handlers.
+    other services (shadow, polling) can add handlers; ``on_stop`` callbacks run when that stack
+    stops (reboot, power off), so such services can cancel their timers.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class VirtualDevice:
         self.running = False
         self.on_boot: list[Callable[[VirtualDevice, BootInfo], None]] = []
         self.setup: list[Callable[[Node, Firmware], None]] = []
+        self.on_stop: list[Callable[[], None]] = []  # run when a stack stops (reboot, power off)
         self._timers: list[asyncio.TimerHandle] = []
         self._reboot_task: asyncio.Task[None] | None = None
         self._booted = asyncio.Event()
@@ -197,6 +199,11 @@ class VirtualDevice:
         self.urls = [str(getattr(lst, "url", u)) for lst, u in zip(self.listeners, urls, strict=True)]
 
     async def _stop_stack(self) -> None:
+        for stop_cb in list(self.on_stop):
+            try:
+                stop_cb()
+            except Exception:
+                log.exception("%s: stop callback failed", self.id)
         for lst in self.listeners:
             try:
                 await lst.close()
