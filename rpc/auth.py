@@ -27,9 +27,15 @@ __all__ = [
     "Credentials",
     "challenge_message",
     "digest_hash",
+    "htdigest_line",
+    "http_challenge_header",
+    "http_digest_authorization",
+    "http_digest_response",
     "load_htdigest",
     "make_auth",
     "parse_creds",
+    "parse_digest_header",
+    "verify_http_digest",
 ]
 
 ALGORITHMS = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
