@@ -15,12 +15,14 @@ optionally after doing only part of its work ("torn"), and the flash stays "off"
 raises ``PowerCut`` too) until :meth:`Flash.power_on` is called -- so code that swallows the exception
 cannot keep writing after the power went away.
 
-File-backed flashes write through to the file with ``os.pwrite`` on every operation and keep no cache,
-so a SIGKILLed process leaves exactly what a power loss at that point would leave.
+File-backed flashes map the file shared (``mmap``): every operation stores straight into the file's
+pages and nothing is cached in the process, so a SIGKILLed process leaves exactly what a power loss at
+that point would leave.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 from dataclasses import dataclass
@@ -86,7 +88,7 @@ class Flash:
         self._cut: _Cut | None = None
         self._dead = False
         self._fd: int | None = None
-        self._mem: bytearray | None = None
+        self._mem: bytearray | mmap.mmap | None = None
         if self.path is None:
             if size is None:
                 raise ValueError("an in-memory flash needs a size")
@@ -118,6 +120,9 @@ class Flash:
             raise
         self._fd = fd
         self.size = size
+        # A shared mapping: every store lands in the file's page cache at once, which a killed
+        # process cannot take back (only an OS crash could, and that is not what we model).
+        self._mem = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
 
     def _check_size(self, size: int) -> None:
         if size <= 0 or size % self.sector_size:
@@ -128,6 +133,9 @@ class Flash:
     def close(self) -> None:
         """Close the backing file (in-memory flashes keep their content)."""
         if self._fd is not None:
+            assert isinstance(self._mem, mmap.mmap)
+            self._mem.close()
+            self._mem = None
             os.close(self._fd)
             self._fd = None
 
@@ -172,24 +180,14 @@ class Flash:
     # -- raw access --------------------------------------------------------------------------------
 
     def _raw_read(self, addr: int, length: int) -> bytes:
-        if self._mem is not None:
-            return bytes(self._mem[addr : addr + length])
-        assert self._fd is not None, "flash is closed"
-        data = os.pread(self._fd, length, addr)
-        if len(data) != length:
-            raise FlashError(f"short read at 0x{addr:x} from {self.path!r}")
-        return data
+        if self._mem is None:
+            raise FlashError("flash is closed")
+        return bytes(self._mem[addr : addr + length])
 
     def _raw_write(self, addr: int, data: bytes) -> None:
-        if self._mem is not None:
-            self._mem[addr : addr + len(data)] = data
-            return
-        assert self._fd is not None, "flash is closed"
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, addr)
-            view = view[n:]
-            addr += n
+        if self._mem is None:
+            raise FlashError("flash is closed")
+        self._mem[addr : addr + len(data)] = data
 
     def _check_range(self, addr: int, length: int) -> None:
         if addr < 0 or length < 0 or addr + length > self.size:
