@@ -479,6 +479,8 @@ class MqttConnection:
             err = TransportError(f"MQTT broker {self.config.address} closed the connection: {reason}")
             self._first.set_exception(err)
             return
+        if self.connects == 0:
+            return  # a refused first connection: connect() reports it
         log.warning("MQTT: connection to %s lost (%s); reconnecting", self.config.address, reason)
         # A SUBACK that never came is replaced by the resubscription done on reconnect.
         for fut in self._sub_waiters.values():
