@@ -233,6 +233,7 @@ class _Updater:
         self.writes = 0
         self.retries = 0
         self.reconnects = 0
+        self.gone = ""
 
     def say(self, text: str) -> None:
         log.info("%s", text)
@@ -289,7 +290,9 @@ class _Updater:
             return fallback
         state = st.get("state", STATE_IDLE)
         if state != STATE_PROGRESS:
-            log.info("device is no longer updating: state %s (%s)", state, st.get("msg"))
+            msg = st.get("msg")
+            self.gone = f"the device is no longer updating (state {state}{': ' + str(msg) if msg else ''})"
+            log.info("%s", self.gone)
             return None
         bw = st.get("bytes_written")
         if isinstance(bw, int) and not isinstance(bw, bool) and 0 <= bw <= self.size:
@@ -356,7 +359,8 @@ class _Updater:
                 link_down = True
                 continue
             if where is None:
-                raise _WriteFailed(failed_at, exc)
+                # After a lost link the device's own word says more; a refused write says it best.
+                raise _WriteFailed(failed_at, OtaError(self.gone) if link_down else exc)
             return where
         raise _WriteFailed(failed_at, exc)
 

@@ -345,6 +345,37 @@ async def test_resume_after_cut_with_reconnect(fake, window):
     assert fake.calls.count("OTA.Begin") == 1
 
 
+async def test_device_lost_the_update_during_a_cut(fake):
+    fw = firmware(30000)
+    box = [await fake.connect()]
+    cut = cut_at(box, 15000)
+
+    def cb(d: int, t: int) -> None:
+        if d >= 15000:
+            fake.state = 0  # as if the device rebooted while the link was down
+        cut(d, t)
+
+    async def reconnect() -> AsyncClient:
+        box[0] = await fake.connect()
+        return box[0]
+
+    with pytest.raises(OtaError, match=r"^write failed at offset \d+: the device is no longer updating \(state 0: x\)$"):
+        await ota_update(box[0], fw, window=4, on_progress=cb, reconnect=reconnect)
+    await box[0].close()
+
+
+async def test_reconnect_failure_is_reported(fake):
+    box = [await fake.connect()]
+
+    async def reconnect() -> AsyncClient:
+        raise ConnectionRefusedError("refused")
+
+    with pytest.raises(OtaError, match="connection lost and could not be re-opened: refused"):
+        await ota_update(box[0], firmware(30000), on_progress=cut_at(box, 15000), reconnect=reconnect,
+                         reconnect_attempts=2)  # fmt: skip
+    assert fake.state == 1  # left resumable
+
+
 async def test_resume_after_client_restart(fake):
     fw = firmware(30000)
     box = [await fake.connect()]
