@@ -183,3 +183,11 @@ def test_sigkill_leaves_written_data(tmp_path: Path) -> None:
             proc.wait()
     with Flash(path, sector_size=SECTOR) as f:
         assert f.read(0, 19) == b"written-before-kill"
+
+
+def test_closed_file_flash_refuses_access(tmp_path: Path) -> None:
+    f = Flash(tmp_path / "c.flash", size=2 * SECTOR, sector_size=SECTOR)
+    f.close()
+    f.close()  # idempotent
+    with pytest.raises(FlashError, match="closed"):
+        f.read(0, 1)
