@@ -267,3 +267,20 @@ def test_flash_failure_is_write_failed() -> None:
     st.flash.write = real_write  # type: ignore[method-assign]
     assert ctx.finish() < 0
     assert protected(st) == before
+
+
+def test_boot_state_changed_during_update() -> None:
+    st = device()
+    st.create_snapshot()  # slot 1 now holds a valid copy of slot 0
+    data = valid()
+    ctx = UpdaterContext(st, arch="esp32")
+    assert ctx.process(data[:100]) == 0  # started, nothing of slot 1 written yet
+    st.set_boot_state(active_slot=1)  # someone switched slots meanwhile
+    before = protected(st)
+    slot1 = st.flash.read(LAYOUT.app[1].offset, LAYOUT.fs[1].end - LAYOUT.app[1].offset)
+    assert ctx.process(data[100:]) < 0
+    assert ctx.finish() < 0 and ctx.status_message == "Failed to set boot config"
+    assert protected(st) == before
+    # the slot that became active was not written either
+    assert st.flash.read(LAYOUT.app[1].offset, LAYOUT.fs[1].end - LAYOUT.app[1].offset) == slot1
+    assert st.boot().slot == 1

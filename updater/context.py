@@ -100,6 +100,7 @@ class StorageLike(Protocol):
     @property
     def running_build_id(self) -> str: ...
     def finalize_update(self, slot: int, state: SlotState, *, fs_updated: bool, commit_timeout_s: int) -> Any: ...
+    def get_boot_state(self) -> dict[str, Any]: ...
     def copy_fs(self, src_slot: int, dst_slot: int) -> None: ...
 
     @property
@@ -269,6 +270,7 @@ class UpdaterContext:
             return self._fail(UpdaterError("Not all data was processed"))
         self.state = UpdaterState.FINALIZE
         try:
+            self._check_target()
             if "fs" not in self._done:
                 # App-only update: the new slot gets a copy of the running fs (no merge needed).
                 self.storage.copy_fs(self.storage.running_slot, self._target_slot)
@@ -319,6 +321,15 @@ class UpdaterContext:
         self._target_slot = self.storage.inactive_slot
         self.status_message = "progress"
         self.state = UpdaterState.WAITING_MANIFEST_HEADER
+
+    def _check_target(self) -> None:
+        """Refuse to go on if the boot state changed under the update (SetBootState, revert): the
+        slot being written might now be the one the next boot uses."""
+        if self.storage.reboot_pending or self.storage.inactive_slot != self._target_slot:
+            raise UpdaterError("Failed to set boot config")
+        cfg_active = self.storage.get_boot_state()["active_slot"]
+        if cfg_active == self._target_slot:
+            raise UpdaterError("Failed to set boot config")
 
     def _dispatch(self, ev: Event) -> None:
         handler = self._transitions.get((self.state, type(ev)))
@@ -398,6 +409,7 @@ class UpdaterContext:
             return UpdaterState.SKIPPING_DATA
         if kind in self._done:
             raise UpdaterError(f"Malformed archive (second file for the {kind} part)")
+        self._check_target()
         partition = self._partition(kind)
         if ev.size > partition.size:
             raise UpdaterError("Image too big")
