@@ -8,7 +8,8 @@ It bundles the flash, the layout, the boot config, the boot loader and the files
     info = st.boot()                                # boot-loader decision + first-boot FS merge
     # ... the firmware runs st.fs() (FS.*, Config.*) ...
     # first boot (info.first_boot): after a successful init, commit at once when
-    # info.commit_timeout_s == 0, else arm a timer and st.revert() + reboot if it expires.
+    # info.commit_timeout_s == 0, else arm a timer; when it fires call
+    # st.commit_timeout_expired() (reverts if still uncommitted) and reboot. Init failed: st.revert().
     ctx = UpdaterContext(st, arch="esp32", commit_timeout_s=300)   # OTA: feed fw.zip
     ...
     st.commit() / st.revert() / st.get_boot_state() / st.set_boot_state(...) / st.create_snapshot(...)
