@@ -390,3 +390,24 @@ async def test_console_prints_device_output(pty: Pty) -> None:
         ser.close()
     assert out.getvalue() == 'I (12) boot: ok\r\n\n"""{"id":1,"result":1}"""\n'
     assert args.func is console.cmd_console
+
+
+async def test_device_console_output_is_junk_between_frames(link: LinkEmulator) -> None:
+    node = device_node()
+    junk: list[bytes] = []
+
+    def echo_and_log(ctx: Any, params: Any) -> Any:
+        ctx.channel.write_console("I (42) handler ran\r\n")
+        return params
+
+    node.add_handler("Test.Log", echo_and_log)
+    lst = await transports.listen(link.a_path, node)
+    client = await transports.connect(link.b_path, timeout_s=10, on_junk=junk.append)
+    try:
+        assert await client.call("Test.Log", [1]) == [1]
+        assert await client.call("Test.Log", [2]) == [2]
+        assert b"".join(junk).count(b"I (42) handler ran\r\n") == 2
+    finally:
+        await client.close()
+        await lst.close()
+        await node.close()

@@ -115,6 +115,8 @@ def _options(url: TransportURL, opts: dict[str, Any]) -> SerialOptions:
     for name in SerialOptions.__dataclass_fields__:
         if name in opts:
             kw[name] = opts.pop(name)
+    if opts:
+        log.debug("serial: ignoring options %s", ", ".join(sorted(opts)))
     o = SerialOptions(**kw)
     if o.handshake not in HANDSHAKE_MODES:
         raise UsageError(f"serial: handshake must be one of {', '.join(HANDSHAKE_MODES)}, not {o.handshake!r}")

@@ -236,6 +236,16 @@ class StreamDeviceChannel(Channel):
         self.send_nowait(frame)
         await self.drain()
 
+    def write_console(self, text: str | bytes) -> None:
+        """Write device log output (what a device's debug console prints on a shared UART).
+
+        Frames are queued whole, so log text lands between frames, never inside one; mos shows it
+        as console *junk*.
+        """
+        if self.closed:
+            return
+        self.write(text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text))
+
     @abc.abstractmethod
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer."""
