@@ -337,6 +337,10 @@ async def test_node_to_client_at_115200_with_mos_defaults() -> None:
 async def test_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     with pytest.raises(UsageError, match="valid options"):
         await transports.open_client("serial:///dev/null?speed=1")
+    with pytest.raises(UsageError, match="baud"):
+        await transports.open_client("serial:///dev/null?baud=fast")
+    with pytest.raises(UsageError, match="no device path"):
+        await transports.open_client("serial://")
     with pytest.raises(UsageError, match="handshake"):
         await transports.open_client("serial:///dev/null?handshake=sometimes")
     with pytest.raises(TransportError, match="cannot open serial port"):

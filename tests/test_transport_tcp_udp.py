@@ -158,6 +158,10 @@ async def test_tcp_errors() -> None:
         await transports.open_client("tcp://127.0.0.1:1?bogus=1")
     with pytest.raises(UsageError):
         await transports.open_client("tcp://127.0.0.1:1?codec=msgpack")
+    with pytest.raises(UsageError, match="connect_timeout"):
+        await transports.open_client("tcp://127.0.0.1:1?connect_timeout=soon")
+    with pytest.raises(UsageError, match="max_peers"):
+        await transports.listen("udp://127.0.0.1:0?max_peers=many", Node(id="x"))
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

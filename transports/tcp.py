@@ -430,7 +430,10 @@ async def open_client(url: TransportURL, **opts: Any) -> Channel:
     """Connect to ``host:port`` (option ``connect_timeout`` in seconds, default 10)."""
     host, port = _host_port(url)
     codec = stream_codec(url, opts)
-    timeout_s = float(opts.pop("connect_timeout_s", url.option("connect_timeout", "10")))
+    try:
+        timeout_s = float(opts.pop("connect_timeout_s", url.option("connect_timeout", "10")))
+    except (TypeError, ValueError):
+        raise UsageError("tcp:// option connect_timeout must be a number of seconds") from None
     on_junk = opts.pop("on_junk", None)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
