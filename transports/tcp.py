@@ -210,18 +210,13 @@ class StreamDeviceChannel(Channel):
             self.write(out)
 
     def _on_event(self, ev: StreamEvent) -> None:
-        if isinstance(ev, FrameBytes):
-            self.deliver_bytes(ev.data)
-        elif isinstance(ev, Empty | Handshake):
-            self._enc.handle(ev)
-        elif isinstance(ev, BadCrc):
-            log.warning("%s: Corrupted frame (%s)", self.type, ev.reason)
-        elif isinstance(ev, Oversize):
-            log.warning("%s: Incoming frame is too big, %d bytes dropped", self.type, ev.size)
-        elif isinstance(ev, NonAscii):
-            log.warning("%s: non-ASCII input, %d buffered bytes dropped", self.type, len(ev.data))
-        elif isinstance(ev, Junk):
-            log.debug("%s: dropped bytes before a frame: %r", self.type, ev.data)
+        _DEVICE_ACTIONS[type(ev)](self, ev)
+
+    def _deliver_event(self, ev: FrameBytes) -> None:
+        self.deliver_bytes(ev.data)
+
+    def _answer_event(self, ev: Empty | Handshake) -> None:
+        self._enc.handle(ev)
 
     def send_nowait(self, frame: Frame) -> bool:
         """Queue ``frame`` for transmission (in order); raise :class:`ChannelClosed` if closed."""
@@ -252,6 +247,26 @@ class StreamDeviceChannel(Channel):
 
     async def drain(self) -> None:
         """Wait until queued bytes are written."""
+
+
+def _log_event(level: int, text: str) -> Callable[[StreamDeviceChannel, Any], None]:
+    def act(ch: StreamDeviceChannel, ev: Any) -> None:
+        log.log(level, text, ch.type, ev)
+
+    return act
+
+
+# What the device does with each decoder event (rpc-uart's reactions, as data).
+_DEVICE_ACTIONS: dict[type, Callable[[StreamDeviceChannel, Any], None]] = {
+    FrameBytes: StreamDeviceChannel._deliver_event,
+    Empty: StreamDeviceChannel._answer_event,
+    Handshake: StreamDeviceChannel._answer_event,
+    BadCrc: _log_event(logging.WARNING, "%s: Corrupted frame (%s)"),
+    Oversize: _log_event(logging.WARNING, "%s: Incoming frame is too big (%s)"),
+    NonAscii: _log_event(logging.WARNING, "%s: non-ASCII input, receive buffer dropped (%s)"),
+    Junk: _log_event(logging.DEBUG, "%s: dropped bytes before a frame (%s)"),
+    FlowControl: _log_event(logging.DEBUG, "%s: ignored %s"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
