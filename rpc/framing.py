@@ -23,6 +23,7 @@ same). A real device parses whole reads, which differs only on input no correct 
 from __future__ import annotations
 
 import enum
+import json
 import re
 import zlib
 from collections import deque
@@ -54,6 +55,7 @@ __all__ = [
     "Oversize",
     "StreamEvent",
     "crc32_hex",
+    "stream_safe",
 ]
 
 QUOTES = b'"""'  # the old delimiter (before 2018-06-14), still sent by mos
@@ -66,6 +68,20 @@ HANDSHAKE_REPLY = b'"""\x04"""'  # device -> mos (queued by the device for the 0
 HANDSHAKE_ACK = b'"""'  # mos -> device, once, when the reply arrives
 
 DEFAULT_MOS_MAX_FRAME_SIZE = 1 << 20  # mos has no limit; we bound memory at 1 MiB per frame
+
+
+def stream_safe(json_bytes: bytes) -> bytes:
+    """JSON made safe for newline framing: a raw ``\\n`` (which would end the frame early) can only
+    be insignificant whitespace in valid JSON, so it becomes a space (the CRC covers the result).
+    Invalid JSON holding one is refused with :class:`FrameError`.
+    """
+    if b"\n" not in json_bytes:
+        return json_bytes
+    try:
+        json.loads(json_bytes)  # strict: a raw newline inside a string is invalid
+    except ValueError:
+        raise FrameError("a frame with a raw newline that is not valid JSON cannot be framed") from None
+    return json_bytes.replace(b"\n", b" ")
 
 
 def crc32_hex(data: bytes) -> str:
@@ -191,10 +207,8 @@ class MosStreamEncoder:
         self.crc = crc
 
     def encode(self, json_bytes: bytes) -> bytes:
-        """Frame one compact JSON message. A raw newline would end the frame early, so it is refused."""
-        json_bytes = json_bytes.rstrip()  # mos trims the Go encoder's trailing newline
-        if b"\n" in json_bytes:
-            raise FrameError("a frame sent on a stream must be compact JSON without raw newlines")
+        """Frame one JSON message (see :func:`stream_safe` for raw newlines)."""
+        json_bytes = stream_safe(json_bytes.rstrip())  # mos trims the Go encoder's trailing newline
         parts = [b"\n", QUOTES, json_bytes]
         if self.crc:
             parts.append(crc32_hex(json_bytes).encode("ascii"))
@@ -508,9 +522,8 @@ class DeviceStreamEncoder:
         self._transmit = True
 
     def queue_frame(self, json_bytes: bytes) -> None:
-        """Queue one frame (compact JSON) and start transmitting."""
-        if b"\n" in json_bytes:
-            raise FrameError("a frame sent on a stream must be compact JSON without raw newlines")
+        """Queue one frame (JSON; see :func:`stream_safe`) and start transmitting."""
+        json_bytes = stream_safe(json_bytes)
         compat = self.modes.compat
         self._tx += b"\n"
         if compat:

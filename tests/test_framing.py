@@ -105,12 +105,17 @@ def test_tcp_encoder_has_no_crc() -> None:
     assert MosStreamEncoder(crc=False).encode(REQ) == b'\n"""' + REQ + b'"""\n'
 
 
-def test_encoder_trims_go_newline_and_refuses_inner_newline() -> None:
+def test_encoder_trims_go_newline_and_handles_inner_newline() -> None:
     assert MosStreamEncoder().encode(REQ + b"\n") == REQ_WIRE
+    # A raw newline can only be whitespace in valid JSON: it becomes a space, CRC over the result.
+    assert MosStreamEncoder().encode(b'{"a":\n1}') == b'\n"""{"a": 1}' + crc32_hex(b'{"a": 1}').encode() + b'"""\n'
+    enc = DeviceStreamEncoder()
+    enc.queue_frame(b'{\n"a":1}')
+    assert enc.data_to_send() == b'\n{ "a":1}\n'
     with pytest.raises(FrameError):
-        MosStreamEncoder().encode(b'{"a":\n1}')
+        MosStreamEncoder().encode(b'{"a":"x\ny"}')
     with pytest.raises(FrameError):
-        DeviceStreamEncoder().queue_frame(b'{"a":\n1}')
+        DeviceStreamEncoder().queue_frame(b'{"a":"x\ny"}')
 
 
 def test_full_byte_trace_device_side() -> None:

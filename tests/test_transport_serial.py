@@ -303,6 +303,9 @@ async def test_node_to_client_over_link(link: LinkEmulator, io: str) -> None:
         big = "x" * 3000
         assert await client.call("Test.Echo", big) == big
         assert await client.call("RPC.Ping") == {"channel_info": "UART0"}
+        # Requests are escaped for the UART; the device answers UTF-8 as a real one does.
+        resp = await client.call_frame("Test.Echo", "é")
+        assert resp.raw is not None and "é".encode() in resp.raw
         with pytest.raises(RemoteError) as ei:
             await client.call("No.Such")
         assert ei.value.code == 404

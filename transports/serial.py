@@ -506,7 +506,8 @@ class SerialDeviceChannel(StreamDeviceChannel):
     def __init__(
         self, ser: Any, path: str, options: SerialOptions, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     ) -> None:
-        super().__init__(max_frame_size=max_frame_size, codec=JsonCodec(ascii_only=True))
+        # A device writes UTF-8 as is (frozen's %Q escapes no non-ASCII); only its input must be ASCII.
+        super().__init__(max_frame_size=max_frame_size, codec=JsonCodec())
         self.path = path
         self.options = options
         self._io = _make_io(ser, options, self.data_received, self._lost)
