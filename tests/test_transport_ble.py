@@ -429,3 +429,49 @@ async def test_indications_with_a_bumble_gatt_client(device: Device, air: Bumble
         assert gatts.sender.pending_length == 0
     finally:
         await air.release(central)
+
+
+async def test_client_recovers_from_an_interrupted_read(device: Device, connect: Connect) -> None:
+    client = await connect(poll_s=0.01)
+    gatts = device.channel()
+    original = gatts.on_data_read
+    calls = 0
+
+    def flaky() -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            return b""  # as if the frame were lost mid-way; the client re-reads rx_ctl, which rewinds
+        return original()
+
+    gatts.on_data_read = flaky  # type: ignore[method-assign]
+    result = await client.call("Test.Echo", "z" * 600)
+    assert result["params"] == "z" * 600
+    assert calls > 4
+
+
+async def test_listen_url_options(air: BumbleAir, connect: Connect) -> None:
+    node = Node(id="dev9")
+    node.add_handler("Who", lambda ctx, p: ctx.node.id)
+    lst = await ble.listen(parse_url("ble://?name=lamp&address=C0:AA:BB:CC:DD:EE"), node, link=air.link)
+    try:
+        assert lst.name == "lamp"
+        client = await connect("lamp")
+        assert await client.call("Who") == "dev9"
+        client2 = await connect("/C0:AA:BB:CC:DD:EE")  # see test_call_by_address_through_registry
+        assert await client2.call("Who") == "dev9"
+        # two connections at once, one channel each
+        assert len(lst.channels) == 2
+        assert len({ch.info() for ch in lst.channels.values()}) == 2
+    finally:
+        await lst.close()
+        await node.close()
+    with pytest.raises(UsageError):
+        await ble.listen(parse_url("ble://?address=nope"), node, link=air.link)
+
+
+async def test_connect_to_absent_address_fails(device: Device, connect: Connect) -> None:
+    with pytest.raises(TransportError, match="connecting to C0:99:99:99:99:99"):
+        await connect("/C0:99:99:99:99:99", timeout_s=0.5)
+    # the failed attempt left the link usable
+    assert (await (await connect()).call("Test.Echo", 1))["params"] == 1

@@ -30,7 +30,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rpc.channel import Channel
 from rpc.errors import ChannelClosed, TransportError, UsageError
@@ -77,6 +78,8 @@ OPTIONS: frozenset[str] = frozenset({"hci", "address", "name", "timeout_s", "pol
 EXTRA = "ble"
 
 log = logging.getLogger("mgrpc.transport.ble")
+
+T = TypeVar("T")
 
 DEFAULT_HCI = "usb:0"
 DEFAULT_ADVERTISING_INTERVAL_MS = 100.0
@@ -214,6 +217,8 @@ class BleListener:
         self.device: Device | None = None
         self._transport: Any = None
         self._controller: Any = None  # our controller on ``link`` (tests)
+        self._adv_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._rx_ctl: Characteristic[bytes] | None = None
         self.url = f"ble://?hci={hci}" if hci else "ble://"
 
@@ -288,15 +293,34 @@ class BleListener:
         self.device = device
         try:
             await device.power_on()
-            await device.start_advertising(
-                auto_restart=True,
-                advertising_interval_min=self.advertising_interval_ms,
-                advertising_interval_max=self.advertising_interval_ms,
-            )
+            await self._advertise()
         except Exception as e:
             await self._close_transport()
             raise TransportError(f"cannot start the BLE peripheral: {e}") from e
         log.info("BLE: advertising as %r (%s)", self.name, self.address)
+
+    async def _advertise(self) -> None:
+        # Advertising stops when a central connects; we start it again right away (and after each
+        # disconnection) so more clients can connect, each getting its own channel.
+        async with self._adv_lock:
+            device = self.device
+            if device is None or device.is_advertising:
+                return
+            await device.start_advertising(
+                advertising_interval_min=self.advertising_interval_ms,
+                advertising_interval_max=self.advertising_interval_ms,
+            )
+
+    def _readvertise(self) -> None:
+        async def run() -> None:
+            try:
+                await self._advertise()
+            except Exception as e:  # e.g. the controller's connection limit: advertise after a disconnect
+                log.info("BLE: cannot advertise now: %s", e)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- connections ------------------------------------------------------------------------------
     def _on_connection(self, connection: Connection) -> None:
@@ -310,46 +334,35 @@ class BleListener:
             if self.channels.get(connection.handle) is ch:
                 del self.channels[connection.handle]
             ch.connection_lost()
+            self._readvertise()
 
         connection.on("disconnection", on_disconnection)
+        self._readvertise()
 
-    def _channel(self, connection: Connection) -> GattsChannel:
+    def _gatt_op(self, connection: Connection, op: Callable[[GattsChannel], T]) -> T:
+        """Run one GATT access on the connection's channel; protocol errors become ATT errors."""
         from bumble.att import ATT_Error, ErrorCode
 
         ch = self.channels.get(connection.handle)
         if ch is None or ch.closed:
             raise ATT_Error(ErrorCode.UNLIKELY_ERROR)
-        return ch
-
-    def _gatt_call(self, connection: Connection, op: str, value: bytes | None = None) -> bytes:
-        from bumble.att import ATT_Error
-
-        ch = self._channel(connection)
         try:
-            if op == "tx_ctl":
-                ch.on_tx_ctl_write(bytes(value or b""))
-            elif op == "data_w":
-                ch.on_data_write(bytes(value or b""))
-            elif op == "rx_ctl":
-                return ch.on_rx_ctl_read()
-            else:
-                return ch.on_data_read()
+            return op(ch)
         except GattProtocolError as e:
             log.info("BLE: %s: %s", ch.info(), e)
             raise ATT_Error(int(e.att_error)) from e
-        return b""
 
     def _write_tx_ctl(self, connection: Connection, value: bytes) -> None:
-        self._gatt_call(connection, "tx_ctl", value)
+        self._gatt_op(connection, lambda ch: ch.on_tx_ctl_write(bytes(value)))
 
     def _write_data(self, connection: Connection, value: bytes) -> None:
-        self._gatt_call(connection, "data_w", value)
+        self._gatt_op(connection, lambda ch: ch.on_data_write(bytes(value)))
 
     def _read_rx_ctl(self, connection: Connection) -> bytes:
-        return self._gatt_call(connection, "rx_ctl")
+        return self._gatt_op(connection, lambda ch: ch.on_rx_ctl_read())
 
     def _read_data(self, connection: Connection) -> bytes:
-        return self._gatt_call(connection, "data_r")
+        return self._gatt_op(connection, lambda ch: ch.on_data_read())
 
     async def announce(self, connection: Connection, length: int) -> None:
         """Tell the client on ``connection`` a frame of ``length`` bytes is pending (notify/indicate).
@@ -375,6 +388,8 @@ class BleListener:
     async def close(self) -> None:
         """Stop advertising, drop every connection and release the controller."""
         device, self.device = self.device, None
+        for t in list(self._tasks):
+            t.cancel()
         for ch in list(self.channels.values()):
             self.node.remove_channel(ch)
             await ch.close()
@@ -514,10 +529,16 @@ class GattChannel(Channel):
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), self.poll_s)
                     continue
-                asm = FrameReassembler(length, max_frame_size=MAX_INCOMING_FRAME)
-                frame = None
-                while frame is None:
-                    frame = asm.feed(await self.client.read_gatt_char(self._chars[DATA_UUID]))
+                try:
+                    asm = FrameReassembler(length, max_frame_size=MAX_INCOMING_FRAME)
+                    frame = None
+                    while frame is None:
+                        frame = asm.feed(await self.client.read_gatt_char(self._chars[DATA_UUID]))
+                except GattProtocolError as e:
+                    # The device dropped or restarted the frame; reading rx_ctl again rewinds it.
+                    log.warning("BLE: bad frame transfer from %s: %s", self.target, e)
+                    await asyncio.sleep(self.poll_s)
+                    continue
                 self.deliver_bytes(frame)
         except asyncio.CancelledError:
             raise

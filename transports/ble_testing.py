@@ -152,7 +152,11 @@ class _BumbleBleakClient(BaseBleakClient):
         try:
             await device.power_on()
             try:
-                connection = await device.connect(Address(self.address), timeout=self._timeout)
+                # bumble's own connect timeout waits for the controller to confirm the cancel, which
+                # the in-process link never does for an absent peer; bound it here.
+                connection = await asyncio.wait_for(device.connect(Address(self.address)), self._timeout)
+            except TimeoutError as e:
+                raise BleakDeviceNotFoundError(self.address, f"no connection within {self._timeout:g} s") from e
             except Exception as e:
                 raise BleakDeviceNotFoundError(self.address, f"cannot connect: {e}") from e
             self._connection = connection
