@@ -492,3 +492,39 @@ async def test_e2e_resume_after_cut(vdev):
     assert res.reconnects == 1
     info = await vdev.wait_booted(boots=2)
     assert info.version == "3.0" and not vdev.storage.is_committed
+
+
+async def test_e2e_ws_through_latency_proxy_with_dropped_link(tmp_path):
+    """A real TCP drop (the proxy aborts the sockets) mid-update; the client reconnects and resumes."""
+    from services.device import VirtualDevice
+    from transports.latency import LatencyProxy
+    from updater.bundle import make_virtual_bundle
+
+    dev = VirtualDevice(id="esp32_PX", state_dir=tmp_path / "dev", listen=["ws://127.0.0.1:0/rpc"],
+                        listen_fn=transports.listen)  # fmt: skip
+    await dev.start()
+    host, port = dev.urls[0].split("//")[1].split("/")[0].rsplit(":", 1)
+    proxy = LatencyProxy(host, int(port), delay_s=0.002)
+    await proxy.start()
+    url = proxy.url_for(dev.urls[0])
+    try:
+        fw = make_virtual_bundle("esp32", "5.0", app_size=32768)
+        state = {"cut": False}
+
+        def cb(d: int, t: int) -> None:
+            if d >= t // 2 and not state["cut"]:
+                state["cut"] = True
+                asyncio.get_running_loop().create_task(proxy.cut())
+
+        async def reconnect() -> AsyncClient:
+            return await transports.connect(url, timeout_s=5.0)
+
+        client = await reconnect()
+        res = await ota_update(client, fw, timeout_s=5.0, on_progress=cb, reconnect=reconnect)
+        await res.client.close()
+        assert res.reconnects == 1 and res.retries > 0
+        info = await dev.wait_booted(boots=2)
+        assert info.version == "5.0"
+    finally:
+        await proxy.close()
+        await dev.stop()

@@ -102,6 +102,17 @@ class LatencyProxy:
             with contextlib.suppress(OSError, RuntimeError):
                 writer.close()
 
+    async def cut(self) -> None:
+        """Drop every relayed connection now (a link failure); new connections are still accepted."""
+        for w in list(self._writers):
+            with contextlib.suppress(OSError, RuntimeError):
+                w.transport.abort()
+        self._writers.clear()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def close(self) -> None:
         """Stop listening and cut every relayed connection."""
         if self._server is not None:
