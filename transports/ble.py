@@ -10,24 +10,27 @@ BLE connection is one channel (type ``GATTS``, non-persistent, broadcast, info
 * ``ble://?hci=hci-socket:0`` - a Linux HCI socket (needs ``CAP_NET_ADMIN``; bring the adapter down
   in BlueZ first).
 
-``?address=C0:11:22:33:44:55`` sets the static random address, ``?name=`` the advertised name
-(default: the node id). Tests pass ``link=`` (a bumble ``LocalLink``) instead of a controller;
-see :mod:`transports.ble_testing`.
+``?address=C0:11:22:33:44:55`` sets the static random address (default: derived from the name, see
+:func:`static_address_for`), ``?name=`` the advertised name (default: the node id). Like rpc-gatts with
+``rpc.gatts.sec_level`` 0, the characteristics need no pairing or encryption. Tests pass ``link=``
+(a bumble ``LocalLink``) instead of a controller; see :mod:`transports.ble_testing`.
 
-Client side (``open_client("ble://AA:BB:CC:DD:EE:FF")`` or ``ble://<name>``; a name is found by
-scanning): bleak's :class:`~bleak.BleakClient`. A frame goes out as the 4-byte big-endian length
-written to ``tx_ctl`` then the frame written to ``data`` in chunks of MTU - 3, all with response;
-frames are sent one at a time (the device has one frame in flight). Frames come in through
-``rx_ctl``: a notification (or, without notifications, a poll of ``rx_ctl`` every ``poll_s``)
-says a frame is pending; ``data`` is read until the announced length is collected. The channel type
-is ``GATT`` and frames are written in mos style. ``bleak_backend=`` / ``bleak_scanner_backend=``
-select a bleak backend class (default: bleak's backend for this platform).
+Client side (``open_client("ble://AA:BB:CC:DD:EE:FF")`` or ``ble://<name>``, a name being found
+by scanning; ``ble:///AA:BB:CC:DD:EE:FF`` is the same address written as a path, for URL parsers
+that read ``host:port`` from the authority): bleak's :class:`~bleak.BleakClient`. A frame goes out
+as the 4-byte big-endian length written to ``tx_ctl``, then the frame written to ``data`` in chunks
+of MTU - 3, all with response; frames are sent one at a time (the device has one frame in flight).
+Frames come in through ``rx_ctl``: a notification (or, without notifications, a poll of ``rx_ctl``
+every ``poll_s``) says a frame is pending, and ``data`` is read until the announced length is
+collected. The channel type is ``GATT`` and frames are written in mos style. ``bleak_backend=`` /
+``bleak_scanner_backend=`` select a bleak backend class (default: bleak's backend for this platform).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 from collections.abc import Callable
@@ -71,6 +74,7 @@ __all__ = [
     "GattsChannel",
     "listen",
     "open_client",
+    "static_address_for",
 ]
 
 SCHEMES = ("ble",)
@@ -89,6 +93,13 @@ DISCONNECT_TIMEOUT_S = 5.0
 MAX_INCOMING_FRAME = 1 << 20  # a sanity bound on announced lengths; the codec enforces the real limit
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 _CB_UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
+
+
+def static_address_for(name: str) -> str:
+    """A static random BLE address derived from ``name``: stable across restarts, so clients can keep it."""
+    raw = bytearray(hashlib.sha256(name.encode()).digest()[:6])
+    raw[0] |= 0xC0  # the two top bits of a static random address are 1
+    return ":".join(f"{b:02X}" for b in raw)
 
 
 def _float_option(url: TransportURL, name: str, default: float) -> float:
@@ -210,7 +221,7 @@ class BleListener:
         self.name = name
         self.hci = hci
         self.link = link
-        self.address = address or "C0:00:00:00:00:01"
+        self.address = address or static_address_for(name)
         self.max_frame_size = max_frame_size
         self.advertising_interval_ms = advertising_interval_ms
         self.channels: dict[int, GattsChannel] = {}
@@ -529,8 +540,8 @@ class GattChannel(Channel):
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), self.poll_s)
                     continue
+                asm = FrameReassembler(length, max_frame_size=MAX_INCOMING_FRAME)  # too large: fatal
                 try:
-                    asm = FrameReassembler(length, max_frame_size=MAX_INCOMING_FRAME)
                     frame = None
                     while frame is None:
                         frame = asm.feed(await self.client.read_gatt_char(self._chars[DATA_UUID]))
