@@ -58,7 +58,14 @@ class JsonCodec:
         self.ascii_only = ascii_only
 
     def encode(self, frame: Frame, style: Style) -> bytes:
-        """Encode ``frame`` in ``style``; with ``ascii_only`` non-ASCII is ``\\uXXXX``-escaped (UART)."""
+        """Encode ``frame`` in ``style``; with ``ascii_only`` non-ASCII is ``\\uXXXX``-escaped (UART).
+
+        A frame parsed from JSON and not changed since (a bridge forwarding it) is sent as the exact
+        bytes it arrived as, so every member, order and escape survives the hop.
+        """
+        raw = frame.raw
+        if raw is not None and (not self.ascii_only or raw.isascii()) and not self.html_escape:
+            return raw
         text = frame.to_json(style, html_escape=self.html_escape)
         if self.ascii_only and not text.isascii():
             text = _escape_non_ascii(text)

@@ -90,7 +90,7 @@ class MsgpackCodec:
             raise FrameError(f"invalid msgpack frame: {e}") from None
         if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
             raise FrameError("a frame must be a map with string keys")
-        return Frame.from_json(obj, raw=bytes(data))
+        return Frame.from_json(obj)  # ``raw`` is reserved for JSON text
 
 
 CODECS: dict[str, type] = {"json": JsonCodec, "msgpack": MsgpackCodec}

@@ -108,7 +108,8 @@ class Frame:
 
     ``params``, ``args`` and ``result`` are :data:`ABSENT` when missing (``None`` is JSON ``null``).
     ``extra`` holds members this library does not know, kept for bridges. ``raw`` is the exact
-    text the frame was parsed from (not compared, not encoded unless asked for).
+    JSON text the frame was parsed from (not compared; a JSON channel sends it as is, so a bridge
+    forwards frames byte for byte; :meth:`replace` drops it).
     """
 
     id: int | float | str | None = None

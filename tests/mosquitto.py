@@ -236,6 +236,7 @@ class Mosquitto:
     def _write_config(self) -> None:
         lines = [
             f"listener {self.port} {self.host}",
+            "set_tcp_nodelay true",
             "persistence false",
             f"log_dest file {self.log_path}",
             "log_type error",

@@ -212,6 +212,16 @@ class BrokerConfig:
         return ctx
 
 
+def _nodelay(client: Any, userdata: Any, sock: Any) -> None:
+    """paho leaves Nagle on; small MQTT packets then wait for delayed ACKs (~40 ms per hop)."""
+    import socket
+
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (or already closed): nothing to tune
+
+
 def _codec_from(url: TransportURL, codec: FrameCodec | None, *, html_escape: bool) -> FrameCodec:
     if codec is not None:
         return codec
@@ -343,6 +353,7 @@ class MqttConnection:
         c.on_subscribe = self._t_on_subscribe
         c.on_publish = self._t_on_publish
         c.on_message = self._t_on_message
+        c.on_socket_open = _nodelay
         self._client = c
         self._first = loop.create_future()
         addr = self.config.address

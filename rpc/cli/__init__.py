@@ -26,6 +26,7 @@ COMMANDS = (
     "rpc.cli.files",
     "rpc.cli.console",
     "rpc.cli.demo",
+    "rpc.cli.bridge",
 )
 
 
