@@ -88,7 +88,7 @@ async def test_headers_and_304_does_nothing(tmp_path, server: UpdateServer) -> N
 
 
 async def test_interval_polls_and_updates_with_commit_timeout(tmp_path, server: UpdateServer) -> None:
-    dev, pollers = await _device(tmp_path, "poll-upd", {"update": {"url": server.url, "interval": 1,
+    dev, _pollers = await _device(tmp_path, "poll-upd", {"update": {"url": server.url, "interval": 1,
                                                                    "commit_timeout": 1}})
     try:
         await _wait(lambda: len(server.requests) >= 1)  # the timer polls on its own

@@ -1,0 +1,140 @@
+// mgrpc fleet dashboard: polls /api/state and renders it; no framework, no CDN.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const selected = new Set();
+let lastState = null;
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+}
+
+function fmtBytes(n) {
+  if (n == null) return "";
+  if (n < 1024) return n + " B";
+  if (n < 1048576) return (n / 1024).toFixed(1) + " KiB";
+  return (n / 1048576).toFixed(1) + " MiB";
+}
+
+function latestJobs(state) {
+  // rollouts come newest first: the first job seen for a device is its latest
+  const jobs = {};
+  for (const r of state.rollouts) {
+    for (const [id, j] of Object.entries(r.jobs)) {
+      if (!(id in jobs)) jobs[id] = Object.assign({rollout: r.id, version: r.version}, j);
+    }
+  }
+  return jobs;
+}
+
+function renderDevices(state) {
+  const jobs = latestJobs(state);
+  const rows = state.devices.map((d) => {
+    const j = jobs[d.id];
+    const pct = j ? j.percent : (d.progress && d.progress.state === "progress" ? d.progress.percent : null);
+    const bytes = j && j.total ? `${fmtBytes(j.done)} / ${fmtBytes(j.total)}` : "";
+    const bar = pct == null ? "" :
+      `<div class="bar" title="${esc(bytes)}"><div style="width:${pct}%"></div><span class="pct">${pct}%</span></div>`;
+    const jstate = j ? j.state : "";
+    const msg = j ? (j.error || j.message) : (d.ota && d.ota.message) || "";
+    return `<tr data-id="${esc(d.id)}">
+      <td><input type="checkbox" class="sel" data-id="${esc(d.id)}" ${selected.has(d.id) ? "checked" : ""}></td>
+      <td class="id">${esc(d.id)}</td><td class="arch">${esc(d.arch)}</td>
+      <td class="version">${esc(d.version)}</td>
+      <td class="committed">${d.committed ? "yes" : "<b>no</b>"}</td>
+      <td class="online ${d.online ? "online" : "offline"}">${d.online ? "online" : "offline"}</td>
+      <td class="progress">${bar}<span class="bytes">${esc(bytes)}</span></td>
+      <td class="jobstate st-${esc(jstate)}">${esc(jstate.replace("_", " "))}</td>
+      <td class="message">${esc(msg)}</td></tr>`;
+  });
+  $("#devices tbody").innerHTML = rows.join("");
+  const online = state.devices.filter((d) => d.online).length;
+  $("#counts").textContent = `${state.devices.length} devices, ${online} online`;
+}
+
+function renderRollouts(state) {
+  $("#rollouts tbody").innerHTML = state.rollouts.map((r) => {
+    const sum = Object.entries(r.summary).map(([k, v]) => `${v} ${k.replace("_", " ")}`).join(", ");
+    const stage = r.stage_size ? ` (first ${r.stage_size}, max ${r.max_failures} failures)` : "";
+    return `<tr data-rollout="${esc(r.id)}"><td>${esc(r.id)}</td><td>${esc(r.version)}</td>
+      <td>${esc(r.method)}${r.autocommit ? ", auto-commit" : ""}, commit timeout ${r.commit_timeout}s</td>
+      <td>${r.devices.length}${esc(stage)}</td><td class="rstate st-${esc(r.state)}">${esc(r.state)}</td>
+      <td class="summary">${esc(sum)}</td></tr>`;
+  }).join("");
+}
+
+async function refresh() {
+  try {
+    const resp = await fetch("/api/state", {cache: "no-store"});
+    const state = await resp.json();
+    lastState = state;
+    $("#broker").textContent = state.broker ? `broker ${state.broker}` : "no MQTT broker";
+    renderDevices(state);
+    renderRollouts(state);
+  } catch (e) {
+    $("#counts").textContent = "dashboard unreachable: " + e;
+  }
+}
+
+function say(text, isError) {
+  const el = $("#form-msg");
+  el.textContent = text;
+  el.className = isError ? "error" : "";
+}
+
+async function postJSON(url, body) {
+  const resp = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const obj = await resp.json();
+  if (!resp.ok) throw new Error(obj.error || resp.statusText);
+  return obj;
+}
+
+async function startUpdate() {
+  const file = $("#file").files[0];
+  if (!file) return say("choose a fw.zip first", true);
+  if (!selected.size) return say("select some devices first", true);
+  $("#start").disabled = true;
+  try {
+    say("uploading " + file.name + " ...");
+    const form = new FormData();
+    form.append("file", file, file.name);
+    const resp = await fetch("/api/bundles", {method: "POST", body: form});
+    const bundle = await resp.json();
+    if (!resp.ok) throw new Error(bundle.error || resp.statusText);
+    const r = await postJSON("/api/rollouts", {
+      devices: [...selected].sort(), bundle: bundle.sha, method: $("#method").value,
+      commit_timeout: parseInt($("#commit-timeout").value, 10), autocommit: $("#autocommit").checked,
+      stage_size: parseInt($("#stage-size").value, 10) || 0,
+      max_failures: parseInt($("#max-failures").value, 10),
+    });
+    say(`rollout ${r.id}: ${bundle.version} to ${r.devices.length} devices by ${r.method}`);
+  } catch (e) {
+    say(String(e.message || e), true);
+  } finally {
+    $("#start").disabled = false;
+    refresh();
+  }
+}
+
+document.addEventListener("change", (ev) => {
+  const t = ev.target;
+  if (t.classList && t.classList.contains("sel")) {
+    if (t.checked) selected.add(t.dataset.id); else selected.delete(t.dataset.id);
+  } else if (t.id === "select-all" && lastState) {
+    for (const d of lastState.devices) { if (t.checked) selected.add(d.id); else selected.delete(d.id); }
+    renderDevices(lastState);
+  }
+});
+$("#start").addEventListener("click", startUpdate);
+$("#add-device").addEventListener("click", async () => {
+  try {
+    const d = await postJSON("/api/devices", {url: $("#device-url").value.trim()});
+    say(`added ${d.id}`);
+    $("#device-url").value = "";
+  } catch (e) { say(String(e.message || e), true); }
+  refresh();
+});
+$("#refresh").addEventListener("click", async () => { await postJSON("/api/devices/refresh", {}); refresh(); });
+$("#poll-url").textContent = location.origin + "/update";
+refresh();
+setInterval(refresh, 500);
