@@ -24,6 +24,7 @@ COMMANDS = (
     "rpc.cli.fw",
     "rpc.cli.ota",
     "rpc.cli.files",
+    "rpc.cli.dashboard",
     "rpc.cli.console",
     "rpc.cli.demo",
     "rpc.cli.bridge",
