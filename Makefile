@@ -14,11 +14,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Servers and tools the tests start themselves (mosquitto as the MQTT broker).
+# Servers and tools the tests start themselves (mosquitto as the MQTT broker, chromium for the
+# dashboard's browser test).
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
 	  echo "installing mosquitto from Debian's packages"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium from Debian's packages (dashboard browser test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 demo: $(STAMP)
 	$(PY) -m rpc.cli demo
