@@ -172,3 +172,15 @@ def test_mos_progress_lines():
     p(70000, total)  # a resumed update starts past the first boundary: no line for the start itself
     p(70512, total)
     assert lines == []
+
+
+def test_ota_progress_bar_on_a_terminal(device, fw_path, bundle2, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli(device, "ota", str(fw_path)) == 0
+    err = capsys.readouterr().err
+    assert "Writing data..." in err and "Finalizing update..." in err
+    assert f"Update sent: {len(bundle2)} bytes in " in err
+    assert not re.search(r"^  \d+ of \d+ \(", err, re.M)  # the bar replaces mos's lines
+    wait_boots(device, 2)
