@@ -475,3 +475,23 @@ async def test_connect_to_absent_address_fails(device: Device, connect: Connect)
         await connect("/C0:99:99:99:99:99", timeout_s=0.5)
     # the failed attempt left the link usable
     assert (await (await connect()).call("Test.Echo", 1))["params"] == 1
+
+
+async def test_listen_through_registry_and_bad_hci(air: BumbleAir, connect: Connect) -> None:
+    from transports.registry import listen as registry_listen
+
+    node = Node(id="dev7")
+    lst = await registry_listen("ble://", node, link=air.link)
+    try:
+        assert isinstance(lst, ble.BleListener) and lst.name == "dev7"
+        assert lst.address == ble.static_address_for("dev7")
+        assert int(lst.address[:2], 16) & 0xC0 == 0xC0
+        client = await connect("dev7")
+        assert (await client.call("RPC.Ping"))["channel_info"].startswith("conn ")
+    finally:
+        await lst.close()
+    with pytest.raises(TransportError, match="cannot open HCI transport"):
+        await registry_listen("ble://?hci=serial:/nonexistent/tty", node)
+    with pytest.raises(UsageError, match="unknown option"):
+        await registry_listen("ble://?color=red", node, link=air.link)
+    await node.close()
