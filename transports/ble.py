@@ -90,6 +90,7 @@ DEFAULT_ADVERTISING_INTERVAL_MS = 100.0
 DEFAULT_CONNECT_TIMEOUT_S = 20.0
 DEFAULT_POLL_S = 0.1  # the reference client's rx_ctl polling period
 DISCONNECT_TIMEOUT_S = 5.0
+READER_STOP_TIMEOUT_S = 2.0
 MAX_INCOMING_FRAME = 1 << 20  # a sanity bound on announced lengths; the codec enforces the real limit
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 _CB_UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
@@ -543,14 +544,15 @@ class GattChannel(Channel):
                 asm = FrameReassembler(length, max_frame_size=MAX_INCOMING_FRAME)  # too large: fatal
                 try:
                     frame = None
-                    while frame is None:
+                    while frame is None and not self.closed:
                         frame = asm.feed(await self.client.read_gatt_char(self._chars[DATA_UUID]))
                 except GattProtocolError as e:
                     # The device dropped or restarted the frame; reading rx_ctl again rewinds it.
                     log.warning("BLE: bad frame transfer from %s: %s", self.target, e)
                     await asyncio.sleep(self.poll_s)
                     continue
-                self.deliver_bytes(frame)
+                if frame is not None and not self.closed:
+                    self.deliver_bytes(frame)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -582,7 +584,17 @@ class GattChannel(Channel):
             await self.client.disconnect()
 
     async def close(self) -> None:
-        """Disconnect from the device."""
+        """Disconnect from the device.
+
+        The reader is let finish a GATT read in flight (bounded) before it is cancelled: cancelling
+        a read whose response is already on its way upsets some stacks (bumble logs an error).
+        """
+        reader = self._reader
+        self.mark_closed()
+        self._wake.set()
+        if reader is not None and reader is not asyncio.current_task():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(reader), READER_STOP_TIMEOUT_S)
         self._stop_reader()
         await self._disconnect()
 
