@@ -495,3 +495,14 @@ async def test_listen_through_registry_and_bad_hci(air: BumbleAir, connect: Conn
     with pytest.raises(UsageError, match="unknown option"):
         await registry_listen("ble://?color=red", node, link=air.link)
     await node.close()
+
+
+async def test_missing_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bleak", None)
+    with pytest.raises(TransportError, match=r"mgrpc\[ble\]"):
+        await ble.open_client(parse_url("ble://dev1"))
+    monkeypatch.setitem(sys.modules, "bumble", None)
+    with pytest.raises(TransportError, match=r"mgrpc\[ble\]"):
+        await ble.listen(parse_url("ble://"), Node(id="x"))
