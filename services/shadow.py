@@ -295,6 +295,7 @@ class _SavedState:
     phase: str = ""  # "", "downloading", "applied", "done", "failed", "rolled_back"
     autocommit: bool | None = None
     from_slot: int = -1  # the slot that applied the update: booting it again means a rollback
+    desired: dict[str, Any] = field(default_factory=dict)  # the desired.ota acted on (reported back on success)
 
 
 class _Session:
@@ -323,15 +324,16 @@ class _Session:
     def _load(self) -> _SavedState:
         try:
             obj = json.loads(self.fw.fs.read(STATE_FILE))
+            desired = obj.get("desired")
             return _SavedState(str(obj.get("url", "")), str(obj.get("phase", "")), obj.get("autocommit"),
-                               int(obj.get("from_slot", -1)))
+                               int(obj.get("from_slot", -1)), desired if isinstance(desired, dict) else {})
         except (OSError, ValueError, AttributeError):
             return _SavedState()
 
     def _save(self, st: _SavedState) -> None:
         try:
             self.fw.fs.write(STATE_FILE, _dumps({"url": st.url, "phase": st.phase, "autocommit": st.autocommit,
-                                                  "from_slot": st.from_slot}))
+                                                  "from_slot": st.from_slot, "desired": st.desired}))
         except OSError as e:
             log.warning("%s: cannot save %s: %s", self.id, STATE_FILE, e)
 
@@ -461,8 +463,9 @@ class _Session:
         except ValueError:
             return
         ota = (obj.get("state") or {}).get("ota") if isinstance(obj, dict) else None
-        if isinstance(ota, dict) and "url" in ota:
-            self._consider(ota)
+        if isinstance(ota, dict):
+            # A delta carries only the keys that changed; act on the whole desired.ota instead.
+            self._publish(self.topics.get, {"clientToken": f"{self.id}-delta-{obj.get('version', '')}"})
 
     def _autocommit(self, saved: _SavedState) -> bool:
         if saved.autocommit is not None:
@@ -482,14 +485,15 @@ class _Session:
             if saved.phase == "applied" and st is not None and st.is_committed:
                 saved.phase = "done"
                 self._save(saved)
-                self.report({"ota": {"url": saved.url, "code": 1, "message": "OTA update finished."}})
+                self.report({"ota": {**saved.desired, "url": saved.url, "code": 1, "message": "OTA update finished."}})
             return
         if st.commit():
             self.fw.extra_info.pop("_uncommitted", None)
             log.info("%s: Committing FW update. OTA update finished.", self.id)
             saved.phase = "done"
             self._save(saved)
-            self.report({"ota": {"url": saved.url, "code": 1, "message": "Committing FW update. OTA update finished."},
+            self.report({"ota": {**saved.desired, "url": saved.url, "code": 1,
+                                 "message": "Committing FW update. OTA update finished."},
                          "fw": {"version": self.fw.version, "arch": self.fw.arch, "build_id": self.fw.build_id}})
             self.publish_status()
             self._progress_msg("committed", 0, None, "committed")
@@ -507,7 +511,7 @@ class _Session:
         ac = ota.get("autocommit")
         self._task = asyncio.ensure_future(self._update(
             url, int(ct) if isinstance(ct, int) and not isinstance(ct, bool) else None,
-            ac if isinstance(ac, bool) else None,
+            ac if isinstance(ac, bool) else None, dict(ota),
         ))  # fmt: skip
 
     def _ota_enabled(self) -> bool:
@@ -516,7 +520,9 @@ class _Session:
         except Exception:
             return True
 
-    async def _update(self, url: str, commit_timeout_s: int | None, autocommit: bool | None) -> None:
+    async def _update(
+        self, url: str, commit_timeout_s: int | None, autocommit: bool | None, desired: dict[str, Any]
+    ) -> None:
         svc = self.ota
         if svc is None:
             return
@@ -525,7 +531,7 @@ class _Session:
                 commit_timeout_s = int(self.fw.config.get("update.commit_timeout")) or DEFAULT_COMMIT_TIMEOUT_S
             except Exception:
                 commit_timeout_s = DEFAULT_COMMIT_TIMEOUT_S
-        saved = _SavedState(url, "downloading", autocommit)
+        saved = _SavedState(url, "downloading", autocommit, desired=desired)
         self._save(saved)
         log.info("%s: shadow OTA from %s", self.id, url)
         self._report_ota(0, "starting update")
@@ -560,6 +566,6 @@ class _Session:
         saved.phase = "done" if code > 0 else "failed"
         self._save(saved)
         if code > 0:
-            self.report({"ota": {"url": url, "code": 1, "message": message}})
+            self.report({"ota": {**desired, "url": url, "code": 1, "message": message}})
         else:
             self._report_ota(code, f"{code} {message}")
