@@ -108,7 +108,16 @@ class Session:
         received in that window are returned (the caller decides which count as answers).
         """
         p = await self.probe()
-        mark = await p.send(frame)
+        mark = len(p.frames)
+        try:
+            await p.send(frame)
+        except (MgrpcError, OSError) as e:
+            # The transport reports the device refused the frame (HTTP answers a dropped frame with
+            # 400 "Invalid request"): no frame came back, which is what the caller checks.
+            log.info("sending the frame that must not be answered failed: %s", e)
+            await self.reopen()
+            p = await self.probe()
+            mark = len(p.frames)
         barrier_id = Probe.new_id()
         barrier = Frame(id=barrier_id, src="mos", method="RPC.Ping")
         if p.closed:  # a non-persistent channel may be closed by the device for this frame

@@ -1,5 +1,5 @@
 """The check groups; importing this package registers every check (run order: model.GROUP_ORDER)."""
 
-from conformance.checks import auth, frame, ota, rpcsvc, stream
+from conformance.checks import auth, ble, frame, mqtt, ota, rpcsvc, stream, web
 
-__all__ = ["auth", "frame", "ota", "rpcsvc", "stream"]
+__all__ = ["auth", "ble", "frame", "mqtt", "ota", "rpcsvc", "stream", "web"]
