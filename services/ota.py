@@ -224,12 +224,17 @@ def decode_data(value: Any, *, code: int) -> bytes:
         raise HandlerError(code, "Invalid data (base64 expected)") from None
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _int(p: dict[str, Any], key: str, default: int) -> int:
     v = p.get(key, default)
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v)  # the 2017 README shows "commit_timeout": "300"
     if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            return int(v)
         raise HandlerError(400, f"{key} must be an integer")
+    if not -INT32_MAX <= v <= INT32_MAX:
+        raise HandlerError(400, f"{key} out of range")
     return v
 
 

@@ -16,6 +16,7 @@ import littlefs
 import pytest
 
 from updater.bundle import (
+    DEFAULT_FS_SIZE,
     BundlePart,
     build_bundle,
     make_fs_image,
@@ -371,10 +372,10 @@ def test_virtual_bundle_defaults_and_determinism() -> None:
     assert a == b
     files = stream_files(a)
     m = Manifest.parse(files["manifest.json"])
-    assert m.build_id == "custom" and m.parts["fs"].get("fs_size") == 256 << 10
-    ctx = littlefs.UserContext(256 << 10)
+    assert m.build_id == "custom" and m.parts["fs"].get("fs_size") == DEFAULT_FS_SIZE
+    ctx = littlefs.UserContext(DEFAULT_FS_SIZE)
     ctx.buffer[:] = files["fs.img"]
-    lfs = littlefs.LittleFS(ctx, block_size=4096, block_count=64)
+    lfs = littlefs.LittleFS(ctx, block_size=4096, block_count=DEFAULT_FS_SIZE // 4096)
     assert lfs.listdir("/") == ["conf0.json"]
 
 

@@ -307,3 +307,24 @@ async def test_conf9_survives_update_and_reboot_via_rpc(tmp_path) -> None:
     finally:
         await dev.stop()
     await asyncio.sleep(0)
+
+
+async def test_small_fs_image_mounts_and_grows_to_the_partition(tmp_path) -> None:
+    from updater.bundle import make_virtual_bundle
+
+    dev, url = await _dev(tmp_path, "loop", "e2e-smallfs")
+    small = make_virtual_bundle("esp32", "1.9", fs_size=16384, app_size=8192,
+                                fs_files={"conf0.json": b"{}", "index.html": b"hi"})  # fmt: skip
+    try:
+        async with await transports.connect(url) as c:
+            await c.call("FS.Put", {"filename": "conf9.json", "data": base64.b64encode(b'{"debug":{"level":3}}').decode()})
+            await push(c, small, commit_timeout=0)
+        info = await dev.wait_booted(boots=2)
+        assert info.version == "1.9" and not info.reverted
+        async with await transports.connect(url) as c:
+            assert sorted(await c.call("FS.List")) == ["conf0.json", "conf9.json", "index.html"]
+            info_ = await c.call("Sys.GetInfo")
+            assert info_["fs_size"] == dev.storage.layout.fs[1].size  # type: ignore[union-attr]
+            assert await c.call("Config.Get", {"key": "debug.level"}) == 3
+    finally:
+        await dev.stop()

@@ -104,6 +104,12 @@ def parse_url(url: str) -> TransportURL:
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise UsageError(f"unknown scheme {scheme!r} in {url!r}; valid schemes: {', '.join(sorted(SCHEMES))}")
+    if scheme == "ble":
+        # ble://AA:BB:CC:DD:EE:FF names an address (or a device name), not host:port.
+        return TransportURL(
+            scheme, host=parts.netloc or parts.path.strip("/"), path=parts.path,
+            query=dict(parse_qsl(parts.query, keep_blank_values=True)), raw=url,
+        )  # fmt: skip
     try:
         port = parts.port
     except ValueError:

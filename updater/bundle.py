@@ -77,7 +77,7 @@ _READ_CHUNK = 1 << 20
 _SPOOL_MEMORY = 8 << 20  # one-shot iterables larger than this spill to disk
 
 FS_BLOCK_SIZE = 4096
-DEFAULT_FS_SIZE = 256 << 10  # the virtual device's fs partition (updater.partitions.default_layout)
+DEFAULT_FS_SIZE = 64 << 10  # an fs image smaller than the partition is grown to it on first boot
 DEFAULT_APP_SIZE = 32 << 10
 
 PartData = bytes | bytearray | memoryview | str | os.PathLike[str] | Iterable[bytes] | Callable[[], Iterable[bytes]]

@@ -98,28 +98,42 @@ class _FlashContext(littlefs.UserContext):
 class FlashFS:
     """A LittleFS over a flash partition. Raises :class:`FSError` when it cannot be mounted."""
 
-    def __init__(self, flash: Flash, part: Partition, *, format_if_blank: bool = False) -> None:
+    def __init__(self, flash: Flash, part: Partition, *, format_if_blank: bool = False, grow: bool = False) -> None:
         self.flash = flash
         self.part = part
         self._ctx = _FlashContext(flash, part)
-        self._fs = littlefs.LittleFS(
-            self._ctx,
-            mount=False,
-            block_size=flash.sector_size,
-            block_count=part.size // flash.sector_size,
-            read_size=READ_SIZE,
-            prog_size=PROG_SIZE,
-            cache_size=min(CACHE_SIZE, flash.sector_size),
-            lookahead_size=LOOKAHEAD_SIZE,
-            name_max=NAME_MAX,
-        )
+        blocks = part.size // flash.sector_size
+        # Mount with the block count the image's superblock records: a bundle's fs image may be
+        # smaller than the partition (its manifest fs_size); ``grow`` then extends it to the whole
+        # partition (one atomic metadata commit), which is done only for the running slot.
+        self._fs = self._lfs(0)
         try:
             self._call(self._fs.mount)
         except FSError:
             if not format_if_blank:
                 raise
+            self._fs = self._lfs(blocks)
             self._call(self._fs.format)
             self._call(self._fs.mount)
+        have = int(self._fs.block_count)
+        if have > blocks:
+            self._call(self._fs.unmount)
+            raise FSError(f"{part.name}: fs image of {have} blocks does not fit the {blocks}-block partition")
+        if grow and have < blocks:
+            self._call(self._fs.fs_grow, blocks)
+
+    def _lfs(self, block_count: int) -> littlefs.LittleFS:
+        return littlefs.LittleFS(
+            self._ctx,
+            mount=False,
+            block_size=self.flash.sector_size,
+            block_count=block_count,
+            read_size=READ_SIZE,
+            prog_size=PROG_SIZE,
+            cache_size=min(CACHE_SIZE, self.flash.sector_size),
+            lookahead_size=LOOKAHEAD_SIZE,
+            name_max=NAME_MAX,
+        )
 
     def _call(self, fn: Callable[..., T], *args: Any, name: str = "") -> T:
         """Run one LittleFS call; re-raise a power cut or flash error seen inside a callback."""

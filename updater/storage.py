@@ -284,7 +284,7 @@ class DeviceStorage:
         if slot is not None and slot != running:
             return FlashFS(self.flash, self.layout.fs[slot])
         if self._running_fs is None or self._running_fs.part != self.layout.fs[running]:
-            self._running_fs = FlashFS(self.flash, self.layout.fs[running])
+            self._running_fs = FlashFS(self.flash, self.layout.fs[running], grow=True)
         return self._running_fs
 
     def read_app(self, slot: int | None = None) -> bytes:
