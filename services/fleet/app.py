@@ -222,8 +222,9 @@ class FleetApp:
             info = await client.call("Sys.GetInfo", timeout_s=10)
             try:
                 bs = await client.call("OTA.GetBootState", timeout_s=10)
+                ota = await client.call("OTA.Status", timeout_s=10)
             except RemoteError:
-                bs = {}
+                bs, ota = {}, {}
         except (OSError, MgrpcError) as e:
             raise FleetError(f"{url}: {e}") from None
         finally:
@@ -239,6 +240,9 @@ class FleetApp:
         d.version = str(info.get("fw_version", d.version))
         d.build_id = str(info.get("fw_id", d.build_id))
         d.committed = bool(bs.get("is_committed", True)) if isinstance(bs, dict) else True
+        # Applied but not yet rebooted: the old firmware still answers; that is no rollback.
+        d.reboot_pending = (isinstance(bs, dict) and isinstance(ota, dict) and "partition" in ota
+                            and bs.get("active_slot") != ota.get("partition"))  # fmt: skip
         d.online = True
         d.last_seen = time.time()
         self.devices[dev_id] = d
@@ -356,6 +360,8 @@ class FleetApp:
             elif r.method == "shadow":
                 await self._shadow(r, job, d)
             # poll: served by /update when the device asks
+            if d.source == "url" and r.method in ("push", "url"):
+                await self._watch_url_device(r, job, d)
         except asyncio.CancelledError:
             raise
         except (OSError, MgrpcError, FleetError) as e:
@@ -363,6 +369,15 @@ class FleetApp:
         except Exception as e:
             log.exception("rollout %s: job %s failed", r.id, job.device)
             self._event(r, job, "error", error=f"internal error: {e}")
+
+    async def _watch_url_device(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
+        """A device without MQTT reports nothing: ask it until the job has a result."""
+        while job.state in ("rebooting", "committing"):
+            await asyncio.sleep(0.3)
+            if job.state == "committing" and d.version == r.version:
+                continue  # the commit call is on its way
+            with contextlib.suppress(FleetError):
+                await self.add_device_url(d.url)
 
     async def _client(self, d: DeviceRecord) -> Any:
         if self.rpc_connect is None:
@@ -420,7 +435,7 @@ class FleetApp:
                 self._event(r, job, "committed", message="committed")
             else:
                 self._event(r, job, "online_new", message="running the new version (uncommitted)")
-        elif job.state in ("rebooting", "committing", "done") and (
+        elif job.state in ("rebooting", "committing", "done") and not d.reboot_pending and (
             job.applied_boots < 0 or d.boots > job.applied_boots  # a new boot, not an old message
         ):
             self._event(r, job, "online_old", error=f"rolled back to {d.version}")

@@ -41,6 +41,7 @@ class DeviceRecord:
     last_seen: float = 0.0
     reverted: bool = False
     boots: int = 0  # the device's boot counter (MQTT status), tells a new boot from an old message
+    reboot_pending: bool = False  # URL devices: the boot config already names another slot
     progress: dict[str, Any] = field(default_factory=dict)
     ota: dict[str, Any] = field(default_factory=dict)  # the shadow's reported.ota
 
