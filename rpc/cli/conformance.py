@@ -18,7 +18,7 @@ from rpc.errors import MgrpcError, UsageError
 
 __all__ = ["cmd_conformance", "register"]
 
-CLIENT_TRANSPORTS = ("tcp", "ws", "http", "mqtt", "serial", "ble")
+CLIENT_TRANSPORTS = ("tcp", "serial", "ws", "http", "mqtt")
 
 
 def register(sub: Any) -> None:
