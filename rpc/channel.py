@@ -122,6 +122,11 @@ class Channel(abc.ABC):
         """Text for ``RPC.Ping``'s ``channel_info``."""
         return ""
 
+    @property
+    def binary(self) -> bool:
+        """True when the codec is not JSON text (a link between two mgrpc ends)."""
+        return self.codec.name != "json"
+
     # -- used by transports -----------------------------------------------------------------------
     def deliver(self, frame: Frame) -> None:
         """Hand a decoded frame to the router."""

@@ -34,6 +34,7 @@ from rpc.errors import FrameError
 from rpc.frame import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = [
+    "BINARY_MARKER",
     "EOF_CHAR",
     "HANDSHAKE",
     "HANDSHAKE_ACK",
@@ -41,6 +42,8 @@ __all__ = [
     "XOFF",
     "XON",
     "BadCrc",
+    "BinaryStreamDecoder",
+    "BinaryStreamEncoder",
     "DeviceLinkModes",
     "DeviceStreamDecoder",
     "DeviceStreamEncoder",
@@ -556,3 +559,94 @@ class DeviceStreamEncoder:
     def pending(self) -> int:
         """Bytes queued but not yet handed out."""
         return len(self._tx)
+
+
+# ---------------------------------------------------------------------------------------------
+# binary frames (msgpack between two mgrpc ends)
+
+BINARY_MARKER = 0xC1  # never a valid msgpack byte, and >= 0x80 so no text parser takes it for a frame
+_BIN_HEADER = 5  # marker + uint32 big-endian payload length
+_BIN_TRAILER = 4  # uint32 big-endian CRC-32 of the payload
+
+
+class BinaryStreamEncoder:
+    """Frames for binary codecs on a byte stream: ``C1 <len:u32 BE> <payload> <crc32:u32 BE>``.
+
+    Only used with ``?codec=msgpack`` between two mgrpc ends: the text framing of mos and rpc-uart
+    cannot carry arbitrary bytes. It offers both the client API (:meth:`encode`) and the device
+    API (:meth:`queue_frame` / :meth:`data_to_send` / :meth:`handle`) of the text encoders.
+    """
+
+    def __init__(self) -> None:
+        self._out = bytearray()
+
+    @staticmethod
+    def encode(payload: bytes) -> bytes:
+        """The bytes on the wire for one frame."""
+        n = len(payload)
+        crc = zlib.crc32(payload)
+        return bytes((BINARY_MARKER,)) + n.to_bytes(4, "big") + payload + crc.to_bytes(4, "big")
+
+    def queue_frame(self, payload: bytes) -> None:
+        """Queue one frame for :meth:`data_to_send`."""
+        self._out += self.encode(payload)
+
+    def handle(self, ev: StreamEvent) -> None:
+        """Binary links have no empty frames or handshakes to answer."""
+
+    def data_to_send(self) -> bytes:
+        """Everything queued, and forget it."""
+        out, self._out = bytes(self._out), bytearray()
+        return out
+
+
+class BinaryStreamDecoder(_Decoder):
+    """Decoder for :class:`BinaryStreamEncoder` frames; bytes between frames are :class:`Junk`.
+
+    A bad CRC or an oversize length drops only the marker byte and hunts for the next marker, so one
+    corrupted frame never takes the next ones with it.
+    """
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MOS_MAX_FRAME_SIZE) -> None:
+        super().__init__()
+        self.max_frame_size = max_frame_size
+        self.modes = DeviceLinkModes()
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes and produce the events they complete."""
+        self._buf += data
+        buf = self._buf
+        while True:
+            start = buf.find(BINARY_MARKER)
+            if start < 0:
+                if buf:
+                    self._emit(Junk(bytes(buf)))
+                    buf.clear()
+                return
+            if start:
+                self._emit(Junk(bytes(buf[:start])))
+                del buf[:start]
+            if len(buf) < _BIN_HEADER:
+                return
+            n = int.from_bytes(buf[1:_BIN_HEADER], "big")
+            if self.max_frame_size and n > self.max_frame_size:
+                self._emit(Oversize(n))
+                del buf[:1]
+                continue
+            end = _BIN_HEADER + n + _BIN_TRAILER
+            if len(buf) < end:
+                return
+            payload = bytes(buf[_BIN_HEADER : _BIN_HEADER + n])
+            if zlib.crc32(payload) != int.from_bytes(buf[end - _BIN_TRAILER : end], "big"):
+                self._emit(BadCrc(payload, "binary frame CRC mismatch"))
+                del buf[:1]
+                continue
+            self._emit(FrameBytes(payload, True))
+            del buf[:end]
+
+    def feed_eof(self) -> None:
+        """The stream ended: an incomplete frame is junk."""
+        if self._buf:
+            self._emit(Junk(bytes(self._buf)))
+            self._buf.clear()

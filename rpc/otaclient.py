@@ -126,6 +126,13 @@ class CommitResult:
 # ---------------------------------------------------------------------------------------------
 
 
+def chunk_data(client: AsyncClient, chunk: bytes) -> str | bytes:
+    """Chunk data as the link carries it: base64 text on JSON links (as mos), raw bytes on binary ones."""
+    if client.channel.binary:
+        return chunk
+    return base64.b64encode(chunk).decode("ascii")
+
+
 def load_firmware(source: bytes | str | os.PathLike[str]) -> bytes:
     """The firmware bytes: ``bytes`` as is, else the contents of a local file path."""
     if isinstance(source, bytes | bytearray | memoryview):
@@ -251,7 +258,7 @@ class _Updater:
     async def write(self, offset: int, length: int) -> None:
         chunk = self.data[offset : offset + length]
         self.writes += 1
-        params = {"offset": offset, "data": base64.b64encode(chunk).decode("ascii")}
+        params = {"offset": offset, "data": chunk_data(self.client, chunk)}
         await self.client.call("OTA.Write", params, timeout_s=self.timeout_s)
 
     async def reopen(self) -> None:
@@ -671,7 +678,7 @@ async def fs_put(
         chunk = data[offset : offset + chunk_size]
         params = {
             "filename": filename, "offset": offset, "append": offset > 0,
-            "data": base64.b64encode(chunk).decode("ascii"),
+            "data": chunk_data(client, chunk),
         }  # fmt: skip
 
         async def put(params: dict[str, Any] = params) -> Any:

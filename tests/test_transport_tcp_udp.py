@@ -157,7 +157,7 @@ async def test_tcp_errors() -> None:
     with pytest.raises(UsageError, match="valid options"):
         await transports.open_client("tcp://127.0.0.1:1?bogus=1")
     with pytest.raises(UsageError):
-        await transports.open_client("tcp://127.0.0.1:1?codec=msgpack")
+        await transports.open_client("tcp://127.0.0.1:1?codec=cbor")
     with pytest.raises(UsageError, match="connect_timeout"):
         await transports.open_client("tcp://127.0.0.1:1?connect_timeout=soon")
     with pytest.raises(UsageError, match="max_peers"):
@@ -266,7 +266,8 @@ async def test_udp_bad_datagram_is_dropped_and_peers_bounded() -> None:
     node = device_node()
     lst = await transports.listen("udp://127.0.0.1:0?max_peers=1", node)
     assert isinstance(lst, UdpListener)
-    dport = int(lst.url.rsplit(":", 1)[1])
+    dport = transports.parse_url(lst.url).port
+    assert dport is not None
     loop = asyncio.get_running_loop()
     trs = []
     try:

@@ -171,6 +171,15 @@ async def listen(url: str | TransportURL, node: Node, **opts: Any) -> Listener:
     mod = load(u.scheme)
     _check_options(mod, u)
     listener: Listener = await mod.listen(u, node, **opts)
+    # The bound URL keeps the options it was opened with, so it can be reopened as it was (a
+    # rebooting device) and clients can use it as their --port (``?codec=msgpack`` must match).
+    query = u.raw.split("?", 1)[1] if "?" in u.raw else ""
+    url = getattr(listener, "url", "")
+    if query and url and "?" not in url:
+        try:
+            listener.url = f"{url}?{query}"
+        except AttributeError:
+            pass  # a listener with a read-only url
     return listener
 
 

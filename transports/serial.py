@@ -449,7 +449,7 @@ class SerialClientChannel(StreamClientChannel):
     async def _ensure_handshake(self) -> bool:
         """Handshake unless done; True if one took place now."""
         mode = self.options.handshake
-        if mode == "off":
+        if mode == "off" or self.binary:  # binary frames (msgpack) need no rpc-uart handshake
             return False
         if mode == "every":
             self._handshaken.clear()
@@ -504,10 +504,11 @@ class SerialDeviceChannel(StreamDeviceChannel):
     broadcast = True
 
     def __init__(
-        self, ser: Any, path: str, options: SerialOptions, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    ) -> None:
+        self, ser: Any, path: str, options: SerialOptions, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        codec: FrameCodec | None = None,
+    ) -> None:  # fmt: skip
         # A device writes UTF-8 as is (frozen's %Q escapes no non-ASCII); only its input must be ASCII.
-        super().__init__(max_frame_size=max_frame_size, codec=JsonCodec())
+        super().__init__(max_frame_size=max_frame_size, codec=codec or JsonCodec())
         self.path = path
         self.options = options
         self._io = _make_io(ser, options, self.data_received, self._lost)
@@ -574,10 +575,12 @@ async def open_client(url: TransportURL, **opts: Any) -> Channel:
 async def listen(url: TransportURL, node: Node, **opts: Any) -> SerialListener:
     """Serve ``node`` on a serial port (device side)."""
     path = _port_path(url)
-    stream_codec(url, opts, ascii_only=True)  # validates the codec option
+    codec = stream_codec(url, opts, ascii_only=True)
     options = _options(url, opts)
     ser = open_port(path, options, control_lines=False)
-    ch = SerialDeviceChannel(ser, path, options, max_frame_size=node.max_frame_size)
+    ch = SerialDeviceChannel(
+        ser, path, options, max_frame_size=node.max_frame_size, codec=None if codec.name == "json" else codec
+    )
     node.add_channel(ch)
     await ch.start()
     return SerialListener(ch, f"serial://{path}")

@@ -21,10 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 from rpc.channel import Channel, FrameCodec, JsonCodec
+from rpc.codec import codec_by_name
 from rpc.errors import ChannelClosed, TransportError, UsageError
 from rpc.frame import DEFAULT_MAX_FRAME_SIZE, Frame, Style
 from rpc.framing import (
     BadCrc,
+    BinaryStreamDecoder,
+    BinaryStreamEncoder,
     DeviceStreamDecoder,
     DeviceStreamEncoder,
     Empty,
@@ -68,16 +71,16 @@ READ_SIZE = 65536
 
 
 def stream_codec(url: TransportURL, opts: dict[str, Any], *, ascii_only: bool = False) -> FrameCodec:
-    """The frame codec for a stream transport: JSON only, since other codecs are not line-safe."""
+    """The frame codec for a stream transport (``?codec=``): JSON text frames, or a binary codec
+    (msgpack, between two mgrpc ends) in binary frames."""
     codec = opts.pop("codec", None)
     if codec is not None and not isinstance(codec, str):
-        if getattr(codec, "name", "json") != "json":
-            raise UsageError(f"{url.scheme}:// carries JSON text only, not the {codec.name} codec")
         return codec
-    name = codec or url.option("codec", "json")
-    if name != "json":
-        raise UsageError(f"{url.scheme}:// carries JSON text only; codec {name!r} is not possible here")
-    return JsonCodec(ascii_only=ascii_only)
+    name = codec or url.option("codec", "json") or "json"
+    if name == "json":
+        return JsonCodec(ascii_only=ascii_only)
+    # Binary codecs travel in length-prefixed binary frames (rpc.framing.BinaryStreamEncoder).
+    return codec_by_name(name)
 
 
 def _log_junk(data: bytes) -> None:
@@ -110,8 +113,10 @@ class StreamClientChannel(Channel):
     ) -> None:
         super().__init__(codec=codec, style=style)
         self.on_junk: JunkHandler = on_junk or _log_junk
-        self._enc = MosStreamEncoder(crc=crc)
-        self._dec = MosStreamDecoder(flow_control=flow_control)
+        self._enc: MosStreamEncoder | BinaryStreamEncoder = MosStreamEncoder(crc=crc)
+        self._dec: MosStreamDecoder | BinaryStreamDecoder = MosStreamDecoder(flow_control=flow_control)
+        if self.binary:
+            self._enc, self._dec = BinaryStreamEncoder(), BinaryStreamDecoder()
         self._handlers: dict[type, Callable[[Any], None]] = {
             FrameBytes: self._on_frame_bytes,
             Junk: self._on_junk,
@@ -192,8 +197,13 @@ class StreamDeviceChannel(Channel):
         ascii_only: bool = True,
     ) -> None:
         super().__init__(codec=codec, style="device")
-        self._dec = DeviceStreamDecoder(max_frame_size=max_frame_size, ascii_only=ascii_only)
-        self._enc = DeviceStreamEncoder(modes=self._dec.modes)
+        self._dec: DeviceStreamDecoder | BinaryStreamDecoder
+        self._enc: DeviceStreamEncoder | BinaryStreamEncoder
+        if self.binary:
+            self._dec, self._enc = BinaryStreamDecoder(max_frame_size=max_frame_size), BinaryStreamEncoder()
+        else:
+            self._dec = DeviceStreamDecoder(max_frame_size=max_frame_size, ascii_only=ascii_only)
+            self._enc = DeviceStreamEncoder(modes=self._dec.modes)
 
     @property
     def modes(self) -> Any:
@@ -354,9 +364,10 @@ class TcpDeviceChannel(StreamDeviceChannel):
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         on_closed: Callable[[TcpDeviceChannel], None] | None = None,
+        codec: FrameCodec | None = None,
     ) -> None:
         # mos sends UTF-8 unescaped on TCP, so the UART's non-ASCII rule does not apply here.
-        super().__init__(max_frame_size=max_frame_size, codec=JsonCodec(), ascii_only=False)
+        super().__init__(max_frame_size=max_frame_size, codec=codec or JsonCodec(), ascii_only=False)
         self._on_closed = on_closed
         self._reader = reader
         self._writer = writer
@@ -462,14 +473,15 @@ async def open_client(url: TransportURL, **opts: Any) -> Channel:
 async def listen(url: TransportURL, node: Node, **opts: Any) -> TcpListener:
     """Serve ``node`` on ``host:port`` (port 0 picks a free one; see ``.url``)."""
     host, port = _host_port(url, default_host="127.0.0.1")
-    stream_codec(url, dict(opts))  # validates the codec option
+    codec = stream_codec(url, dict(opts))
     listener: TcpListener | None = None
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert listener is not None
         ch = TcpDeviceChannel(
-            reader, writer, max_frame_size=node.max_frame_size, on_closed=listener.channels.discard
-        )
+            reader, writer, max_frame_size=node.max_frame_size, on_closed=listener.channels.discard,
+            codec=None if codec.name == "json" else codec_by_name(codec.name),
+        )  # fmt: skip
         listener.channels.add(ch)
         node.add_channel(ch)
         await ch.start()

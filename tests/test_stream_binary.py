@@ -1,0 +1,73 @@
+"""msgpack over stream transports (TCP, serial): binary frames, OTA data without base64."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import transports
+from rpc.framing import BadCrc, BinaryStreamDecoder, BinaryStreamEncoder, FrameBytes, Junk, Oversize
+from rpc.otaclient import ota_update
+from tests.device_helpers import start_device
+from transports.linkemu import LinkEmulator
+from updater.bundle import make_virtual_bundle
+
+
+def _events(chunks: list[bytes]) -> list[object]:
+    dec = BinaryStreamDecoder(max_frame_size=100)
+    out: list[object] = []
+    for c in chunks:
+        dec.feed(c)
+        out.extend(dec.events())
+    return out
+
+
+def test_frames_junk_bad_crc_and_oversize() -> None:
+    enc = BinaryStreamEncoder()
+    good = enc.encode(b"\x81\xa1a\x01")
+    bad = bytearray(enc.encode(b"\x81\xa1b\x02"))
+    bad[-1] ^= 1
+    big = enc.encode(b"x" * 200)
+    evs = _events([b"log line\n" + good + bytes(bad) + big + good])
+    kinds = [type(e) for e in evs]
+    assert FrameBytes in kinds and BadCrc in kinds and Oversize in kinds and Junk in kinds
+    frames = [e.data for e in evs if isinstance(e, FrameBytes)]
+    assert frames == [b"\x81\xa1a\x01", b"\x81\xa1a\x01"]  # the frame after the bad ones is recovered
+
+
+@settings(max_examples=300)
+@given(payloads=st.lists(st.binary(max_size=60), max_size=5), cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_any_split_gives_the_same_frames(payloads: list[bytes], cuts: list[int]) -> None:
+    wire = b"".join(BinaryStreamEncoder.encode(p) for p in payloads)
+    pieces, last = [], 0
+    for c in sorted(set(x for x in cuts if x < len(wire))):
+        pieces.append(wire[last:c])
+        last = c
+    pieces.append(wire[last:])
+    assert [e.data for e in _events(pieces) if isinstance(e, FrameBytes)] == payloads
+
+
+@pytest.mark.parametrize("kind", ["tcp", "serial"])
+async def test_msgpack_ota_over_stream(tmp_path, kind: str) -> None:
+    if kind == "tcp":
+        link = None
+        dev = await start_device(tmp_path, "bin-tcp", ["tcp://127.0.0.1:0?codec=msgpack"])
+        url = dev.urls[0]
+    else:
+        link = LinkEmulator(baud=None)
+        link.start()
+        dev = await start_device(tmp_path, "bin-serial", [f"serial://{link.a_path}?codec=msgpack"])
+        url = f"serial://{link.b_path}?codec=msgpack"
+    try:
+        fw = make_virtual_bundle("esp32", "6.1", app_size=16384, fs_size=16384)
+        async with await transports.connect(url) as c:
+            assert c.channel.binary
+            assert (await c.call("Sys.GetInfo"))["id"] == dev.id
+            res = await ota_update(c, fw, chunk_size=2048)
+            await res.client.close()
+        assert (await dev.wait_booted(boots=2)).version == "6.1"
+    finally:
+        await dev.stop()
+        if link is not None:
+            link.stop()
