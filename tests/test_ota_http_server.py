@@ -1,0 +1,102 @@
+"""ota-http-server on the virtual device: ``curl -F file=@fw.zip http://IP/update`` and friends."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import aiohttp
+import pytest
+
+import transports
+from tests.device_helpers import bundle, start_device
+
+
+async def _post_file(url: str, data: bytes, **fields: str) -> tuple[int, str]:
+    form = aiohttp.FormData()
+    for k, v in fields.items():
+        form.add_field(k, v)
+    form.add_field("file", data, filename="fw.zip", content_type="application/zip")
+    async with aiohttp.ClientSession() as s, s.post(url, data=form) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_multipart_push_then_commit_endpoint(tmp_path) -> None:
+    dev = await start_device(tmp_path, "http-push", ["http://127.0.0.1:0/rpc"])
+    base = dev.urls[0].rsplit("/rpc", 1)[0]
+    try:
+        status, text = await _post_file(f"{base}/update", bundle("4.1"), commit_timeout="120")
+        assert (status, text) == (200, "Update applied, finalizing\r\n")
+        info = await dev.wait_booted(boots=2)
+        assert info.version == "4.1" and info.first_boot and info.commit_timeout_s == 120
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{base}/update/commit") as r:
+                assert (r.status, await r.text()) == (200, "Ok\r\n")
+            async with s.get(f"{base}/update/commit") as r:  # already committed
+                assert (r.status, await r.text()) == (400, "Error\r\n")
+        async with await transports.connect(dev.urls[0]) as c:
+            assert (await c.call("OTA.GetBootState"))["is_committed"] is True
+    finally:
+        await dev.stop()
+
+
+async def test_bad_bundle_push_is_refused_and_revert_endpoint(tmp_path) -> None:
+    dev = await start_device(tmp_path, "http-bad", ["http://127.0.0.1:0/rpc"])
+    base = dev.urls[0].rsplit("/rpc", 1)[0]
+    try:
+        status, text = await _post_file(f"{base}/update", bundle("4.2", arch="esp8266"))
+        assert status == 500 and text.endswith("Wrong platform\r\n")
+        assert dev.boots == 1
+        status, _ = await _post_file(f"{base}/update", bundle("4.3"), commit_timeout="60")
+        assert status == 200
+        await dev.wait_booted(boots=2)
+        async with aiohttp.ClientSession() as s, s.get(f"{base}/update/revert") as r:
+            assert (r.status, await r.text()) == (200, "Ok\r\n")
+        info = await dev.wait_booted(boots=3)
+        assert info.version == "1.0"
+    finally:
+        await dev.stop()
+
+
+async def test_pull_by_url(tmp_path) -> None:
+    from aiohttp import web
+
+    app = web.Application()
+    async def fw(request: web.Request) -> web.Response:
+        return web.Response(body=bundle("4.4"))
+
+    app.router.add_get("/fw.zip", fw)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    dev = await start_device(tmp_path, "http-pull", ["http://127.0.0.1:0/rpc"])
+    base = dev.urls[0].rsplit("/rpc", 1)[0]
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{base}/update") as r:
+                assert (r.status, await r.text()) == (400, "Update URL not specified and none is configured.\r\n")
+            async with s.get(f"{base}/update", params={"url": f"http://127.0.0.1:{port}/fw.zip"}) as r:
+                assert r.status == 200 and "Update applied, finalizing" in await r.text()
+        assert (await dev.wait_booted(boots=2)).version == "4.4"
+    finally:
+        await dev.stop()
+        await runner.cleanup()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_form_upload(tmp_path) -> None:
+    dev = await start_device(tmp_path, "http-curl", ["http://127.0.0.1:0/rpc"])
+    base = dev.urls[0].rsplit("/rpc", 1)[0]
+    fw = tmp_path / "fw.zip"
+    fw.write_bytes(bundle("4.5"))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-F", f"file=@{fw}", f"{base}/update", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0 and out == b"Update applied, finalizing\r\n"
+        assert (await dev.wait_booted(boots=2)).version == "4.5"
+    finally:
+        await dev.stop()
