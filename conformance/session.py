@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from conformance.model import CheckFailed, CheckSkipped
 from conformance.probe import Probe, id_key
-from rpc.auth import Credentials
+from rpc.auth import Credentials, make_auth
 from rpc.errors import MgrpcError
 from rpc.frame import ABSENT, Frame
 
@@ -78,15 +79,32 @@ class Session:
             self._probe = None
 
     # -- calls --------------------------------------------------------------------------------------
-    async def request(self, method: str, params: Any = ABSENT, **kw: Any) -> Frame:
-        """Send a request and return its response; a missing response fails the check."""
+    async def request(self, method: str, params: Any = ABSENT, *, auto_auth: bool = True, **kw: Any) -> Frame:
+        """Send a request and return its response; a missing response fails the check.
+
+        With credentials, a 401 digest challenge is answered once with the same id, as mos does
+        (``auto_auth=False`` returns the 401 itself).
+        """
         kw.setdefault("timeout_s", self.options.timeout_s)
         p = await self.probe()
-        resp = await p.request(method, params, **kw)
+        fid = kw.pop("id", None)
+        fid = Probe.new_id() if fid is None else fid
+        resp = await p.request(method, params, id=fid, **kw)
         if resp is None:
             raise CheckFailed(
                 f"no response to {method} within {kw['timeout_s']:g} s", seen="no response", expected="a response"
             )
+        creds = self.options.creds
+        err = resp.error
+        if auto_auth and creds is not None and err is not None and err.code == 401 and "auth" not in kw:
+            try:
+                challenge = json.loads(err.message or "")
+            except ValueError:
+                return resp
+            if isinstance(challenge, dict):
+                retry = await p.request(method, params, id=fid, auth=make_auth(challenge, creds), **kw)
+                if retry is not None:
+                    return retry
         return resp
 
     async def call(self, method: str, params: Any = ABSENT, **kw: Any) -> Any:

@@ -15,7 +15,7 @@ CHALLENGE_KEYS = ("auth_type", "nonce", "nc", "realm", "algorithm")
 
 
 async def _challenge(s: Session, fid: int) -> tuple[Frame, dict[str, object]]:
-    resp = await s.request(s.options.auth_method, id=fid)
+    resp = await s.request(s.options.auth_method, id=fid, auto_auth=False)
     err = resp.error
     expect(
         err is not None and err.code == 401,
