@@ -79,7 +79,7 @@ def configure_logging(verbosity: int) -> None:
         processors=[structlog.processors.KeyValueRenderer(key_order=["event"])],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # the CLI and embedders may reconfigure
     )
 
 
