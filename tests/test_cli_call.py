@@ -138,7 +138,7 @@ def test_rpc_creds(capsys, tmp_path) -> None:
     node.add_handler("Who", lambda ctx, p: ctx.user)
     d = DeviceThread(node)
     try:
-        rc, out, err = run(capsys, "--port", d.url, "call", "Who")
+        rc, _out, err = run(capsys, "--port", d.url, "call", "Who")
         assert rc == 1 and "remote error 401" in err
         assert run(capsys, "--port", d.url, "--rpc-creds", "admin:pw", "call", "Who")[:2] == (0, '"admin"\n')
         f = tmp_path / "creds"
