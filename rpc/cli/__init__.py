@@ -53,6 +53,8 @@ def _add_global(p: argparse.ArgumentParser, *, top: bool) -> None:
     )
     p.add_argument("--rpc-creds", default=d(_env("rpc-creds")), help="user:pass or @file for digest auth")
     p.add_argument("--mgrpc-compat-args", action="store_true", default=d(False), help="send `args` instead of `params`")
+    p.add_argument("--baud-rate", type=int, default=d(None), help="serial speed (default 115200)")
+    p.add_argument("--hw-flow-control", action="store_true", default=d(False), help="serial RTS/CTS flow control")
     p.add_argument("-v", "--verbose", action="count", default=d(0), help="more logging (-vv: every frame)")
 
 

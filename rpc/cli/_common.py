@@ -64,6 +64,19 @@ def port_from_args(args: Any) -> str:
     return str(port)
 
 
+def serial_options(port: str, args: Any) -> str:
+    """Fold mos's serial flags (``--baud-rate``, ``--hw-flow-control``) into a serial port URL."""
+    opts = []
+    if getattr(args, "baud_rate", None):
+        opts.append(f"baud={int(args.baud_rate)}")
+    if getattr(args, "hw_flow_control", False):
+        opts.append("hw_flow_control=1")
+    if not opts or ("://" in port and not port.startswith("serial://")):
+        return port
+    url = port if port.startswith("serial://") else f"serial://{port}"
+    return url + ("&" if "?" in url else "?") + "&".join(opts)
+
+
 def err(*parts: object) -> None:
     """Informational and progress text goes to stderr, as mos does."""
     print(*parts, file=sys.stderr, flush=True)
@@ -90,7 +103,7 @@ async def connect_from_args(args: Any, **opts: Any) -> Any:
 
     creds = getattr(args, "rpc_creds", None) or os.environ.get("MOS_RPC_CREDS") or None
     return await connect(
-        port_from_args(args),
+        serial_options(port_from_args(args), args),
         timeout_s=args.timeout,
         creds=parse_creds(creds) if creds else None,
         compat_args=bool(getattr(args, "mgrpc_compat_args", False)),

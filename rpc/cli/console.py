@@ -96,8 +96,6 @@ def register(sub: Any) -> None:
         description="Open the serial port raw and print everything the device writes, each line "
         "prefixed with a timestamp; forward stdin to the device unless --no-input.",
     )
-    p.add_argument("--baud-rate", type=int, default=115200, help="serial speed (default 115200)")
-    p.add_argument("--hw-flow-control", action="store_true", help="RTS/CTS flow control")
     p.add_argument(
         "--set-control-lines", default="true", choices=["true", "false"],
         help="drive DTR/RTS false on open (default true; keeps ESP boards out of reset)",
@@ -142,7 +140,7 @@ def _open(port: str, args: argparse.Namespace) -> Any:
     if url.scheme != "serial":
         raise UsageError(f"console needs a serial port, not {url.scheme}://")
     options = SerialOptions(
-        baud=args.baud_rate,
+        baud=args.baud_rate or 115200,  # --baud-rate is a global flag
         hw_flow_control=args.hw_flow_control,
         set_control_lines=args.set_control_lines == "true",
         inverted_control_lines=args.inverted_control_lines,
