@@ -7,16 +7,18 @@ import json
 import struct
 from typing import Any
 
+from conformance.golden import load
 from conformance.model import CheckFailed, CheckSkipped, check, expect
 from conformance.probe import Probe
 from conformance.rawjson import show
 from conformance.session import Session
 
 BLE = ("ble",)
-SERVICE_UUID = "5f6d4f53-5f52-5043-5f53-56435f49445f"
-DATA_UUID = "5f6d4f53-5f52-5043-5f64-6174615f5f5f"
-RX_CTL_UUID = "5f6d4f53-5f52-5043-5f72-785f63746c5f"
-TX_CTL_UUID = "5f6d4f53-5f52-5043-5f74-785f63746c5f"
+_UUIDS = load("ble")["uuids"]
+SERVICE_UUID: str = _UUIDS["service"]
+DATA_UUID: str = _UUIDS["data"]
+RX_CTL_UUID: str = _UUIDS["rx_ctl"]
+TX_CTL_UUID: str = _UUIDS["tx_ctl"]
 
 
 class _Gatt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import string
 
+from conformance.golden import load
 from conformance.model import CheckFailed, check, expect
 from conformance.probe import Probe
 from conformance.rawjson import member_order, member_text, show
@@ -164,7 +165,7 @@ async def params_wins(s: Session) -> str | None:
 async def not_found_404(s: Session) -> str | None:
     method = "Conformance." + _token("NoSuch")
     resp = await s.request(method)
-    want = f"No handler for {method}"
+    want = load("frames")["not_found_message"].format(method=method)
     err = resp.error
     expect(
         err is not None and err.code == 404 and err.message == want,

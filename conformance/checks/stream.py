@@ -12,16 +12,21 @@ from __future__ import annotations
 import json
 import re
 
+from conformance.golden import load
 from conformance.model import CheckFailed, CheckSkipped, check, expect
 from conformance.probe import Probe
 from conformance.rawio import RawStream, open_raw_serial, open_raw_tcp
 from conformance.rawjson import show
 from conformance.session import Session
-from rpc.framing import HANDSHAKE, HANDSHAKE_ACK, HANDSHAKE_REPLY, crc32_hex
+from rpc.framing import crc32_hex
 
 SERIAL = ("serial",)
 TCP = ("tcp",)
 _HEX8 = re.compile(rb"[0-9a-fA-F]{8}")
+_SERIAL = load("serial")
+HANDSHAKE = bytes.fromhex(_SERIAL["handshake_hex"])
+HANDSHAKE_REPLY = bytes.fromhex(_SERIAL["handshake_reply_hex"])
+HANDSHAKE_ACK = bytes.fromhex(_SERIAL["handshake_ack_hex"])
 
 
 async def _open(s: Session) -> RawStream:

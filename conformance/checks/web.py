@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from conformance.golden import load
 from conformance.model import CheckSkipped, check, expect
 from conformance.probe import Probe
 from conformance.rawjson import show
@@ -12,7 +13,7 @@ from conformance.session import Session
 
 HTTP = ("http", "https")
 WS = ("ws", "wss")
-CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Headers": "*"}
+CORS: dict[str, str] = load("http")["cors_headers"]
 
 
 def _base(s: Session) -> str:

@@ -1,0 +1,1 @@
+"""Golden vectors (JSON files beside this module); see README.md and :mod:`conformance.golden`."""
