@@ -140,8 +140,8 @@ def _open(port: str, args: argparse.Namespace) -> Any:
     if url.scheme != "serial":
         raise UsageError(f"console needs a serial port, not {url.scheme}://")
     options = SerialOptions(
-        baud=args.baud_rate or 115200,  # --baud-rate is a global flag
-        hw_flow_control=args.hw_flow_control,
+        baud=getattr(args, "baud_rate", None) or 115200,  # --baud-rate is a global flag
+        hw_flow_control=bool(getattr(args, "hw_flow_control", False)),
         set_control_lines=args.set_control_lines == "true",
         inverted_control_lines=args.inverted_control_lines,
     )
