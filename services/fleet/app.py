@@ -174,6 +174,8 @@ class FleetApp:
             return
         r, job = found
         state = p.get("state")
+        if state == "progress" and not p.get("done"):
+            return  # an update began; each poll begins one, most end at once with 304 Not Modified
         if state == "progress":
             job.done_bytes = int(p.get("done") or 0)
             job.total_bytes = p.get("total") if isinstance(p.get("total"), int) else job.total_bytes
@@ -594,7 +596,7 @@ class FleetApp:
     async def _h_poll(self, request: web.Request) -> web.Response:
         dev_id = (request.headers.get("X-MGOS-Device-ID") or "").split(" ", 1)[0]
         found = self._active_job(dev_id) if dev_id else None
-        if found is None or found[0].method != "poll" or found[1].state != "sending":
+        if found is None or found[0].method != "poll" or found[1].state not in ("sending", "updating"):
             return web.Response(status=304)
         r, job = found
         job.message = "device polled; downloading"
