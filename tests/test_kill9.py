@@ -13,8 +13,6 @@ import signal
 import sys
 from pathlib import Path
 
-import pytest
-
 import transports
 from tests.device_helpers import bundle, push
 
@@ -45,7 +43,7 @@ async def test_kill9_during_updates_never_bricks(tmp_path: Path) -> None:
     versions = {"1.0"}
     data = bundle("9.1")
     seen: list[str] = []
-    for run in range(RUNS):
+    for _ in range(RUNS):
         proc, url = await _spawn(state)
         try:
             async with await transports.connect(url, timeout_s=10) as c:
