@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +24,14 @@ __all__ = ["Probe", "id_key"]
 log = logging.getLogger("mgrpc.conformance")
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
 def id_key(fid: Any) -> Any:
-    """Normalise an id for matching: digit strings and integral floats compare as ints."""
-    if isinstance(fid, str) and fid.isdigit():
-        return int(fid)
+    """Normalise an id for matching: a number written as a string (devices quote ``-5``, ``1.5``)
+    matches the number, and integral floats compare as ints; the checks look at the raw text."""
+    if isinstance(fid, str) and _NUMBER.fullmatch(fid):
+        fid = float(fid) if "." in fid else int(fid)
     if isinstance(fid, float) and fid.is_integer():
         return int(fid)
     return fid

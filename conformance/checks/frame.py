@@ -52,6 +52,20 @@ async def id_string(s: Session) -> str | None:
     return None
 
 
+@check("frame.id_non_digits_quoted", section="frame.md §1.2", title="a negative number id is echoed as a string")
+async def id_non_digits_quoted(s: Session) -> str | None:
+    fid = -(Probe.new_id() % 100000) - 1
+    resp = await s.request("RPC.Ping", id=fid)
+    text = member_text(_raw(resp), "id")
+    expect(
+        text == f'"{fid}"',
+        "an id whose text is not all digits is written as a JSON string",
+        seen=f'"id":{text}',
+        expected=f'"id":"{fid}"',
+    )
+    return None
+
+
 @check("frame.envelope_order", section="frame.md §1.2", title="reply envelope: id, src, dst, tag, payload")
 async def envelope_order(s: Session) -> str | None:
     resp = await s.request("RPC.Ping", tag=_token("t"))

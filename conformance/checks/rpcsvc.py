@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from conformance.model import check, expect
 from conformance.rawjson import member_text, show
 from conformance.session import Session
+from rpc.errors import MgrpcError
 from rpc.frame import Frame
 
 GETINFO_KEYS = (
@@ -138,3 +140,54 @@ async def sys_getinfo(s: Session) -> str | None:
         )
     s.facts["getinfo"] = res
     return f"{res['app']} {res['fw_version']} ({res['arch']})"
+
+
+@check("sys.reboot_bad_delay", section="frame.md §4", title="Sys.Reboot with delay_ms < 0: 400 invalid delay value")
+async def sys_reboot_bad_delay(s: Session) -> str | None:
+    resp = await s.request("Sys.Reboot", {"delay_ms": -1})
+    err = resp.error
+    expect(
+        err is not None and err.code == 400 and err.message == "invalid delay value",
+        "a negative delay must be refused (and the device must not reboot)",
+        seen=show(_raw(resp)),
+        expected='"error":{"code":400,"message":"invalid delay value"}',
+    )
+    return None
+
+
+@check("sys.reboot", section="frame.md §4", title="Sys.Reboot answers null, then the device restarts", destructive=True)
+async def sys_reboot(s: Session) -> str | None:
+    before = await s.get_info(fresh=True)
+    resp = await s.request("Sys.Reboot", {"delay_ms": 100})
+    expect(
+        resp.ok and resp.result is None,
+        "Sys.Reboot must answer null before rebooting",
+        seen=show(_raw(resp)),
+        expected="result null",
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + s.options.reboot_timeout_s
+    p = await s.probe()
+    evidence = ""
+    while loop.time() < deadline and not evidence:
+        await asyncio.sleep(0.1)
+        if p.closed:
+            evidence = "connection dropped"
+            break
+        try:
+            got = await p.request("Sys.GetInfo", timeout_s=1.0)
+        except (MgrpcError, OSError):  # HTTP: the server is down while the device restarts
+            got = None
+        if got is None:
+            evidence = "stopped answering"
+        elif isinstance(got.result, dict) and got.result.get("uptime", 0) < before.get("uptime", 0):
+            evidence = "uptime restarted"
+    expect(
+        bool(evidence),
+        "no sign of a reboot (connection, silence or uptime)",
+        seen="device kept running",
+        expected="a restart",
+    )
+    await s.wait_up()
+    s.facts.pop("getinfo", None)
+    return evidence
