@@ -276,3 +276,15 @@ def test_blocking_client(dev: Node) -> None:
             c.call("Nope")
         with pytest.raises(TimeoutError):
             c.call("Sys.Echo", 1, timeout_s=0.0)
+
+
+async def test_broadcast_goes_to_broadcast_enabled_channels_only(dev: Node) -> None:
+    uart = dev.add_channel(RecordingChannel("UART"))
+    uart.broadcast = True
+    mqtt = dev.add_channel(RecordingChannel("MQTT"))
+    mqtt.broadcast = False
+    assert dev.broadcast("Sys.Event", {"x": 1}) == 1
+    sent = parse_frame(await uart.next_sent())
+    assert sent.method == "Sys.Event" and sent.params == {"x": 1} and not sent.wants_reply
+    await mqtt.settle()
+    assert mqtt.sent == []
