@@ -83,7 +83,15 @@ class Probe:
         if self.closed:
             raise TransportError("the probe's channel is closed")
         mark = len(self.frames)
-        await self.channel.send(frame)
+        try:
+            await self.channel.send(frame)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # A transport whose link vanished mid-write (a rebooting BLE peer) may surface the
+            # cancellation of its own operation; for us that is a failed send, not a cancelled check.
+            raise TransportError("send interrupted: the link went away") from None
         return mark
 
     async def wait_for(self, pred: Callable[[Frame], bool], *, start: int = 0, timeout_s: float) -> Frame | None:

@@ -6,6 +6,7 @@ the table and writes the files.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -67,8 +68,6 @@ def _result(spec: CheckSpec, outcome: Outcome, t0: float, **kw: Any) -> CheckRes
 
 async def run_check(spec: CheckSpec, session: Session, *, timeout_s: float = CHECK_TIMEOUT_S) -> CheckResult:
     """Run one check and turn its ending into a :class:`CheckResult`."""
-    import asyncio
-
     t0 = time.monotonic()
     if spec.destructive and not session.options.destructive:
         return _result(spec, Outcome.SKIP, t0, message="destructive; run with --ota/--ota-generate to include it")
@@ -82,6 +81,12 @@ async def run_check(spec: CheckSpec, session: Session, *, timeout_s: float = CHE
         return _result(spec, Outcome.SKIP, t0, message=str(e))
     except TimeoutError:
         return _result(spec, Outcome.ERROR, t0, message=f"check did not finish within {timeout_s:g} s")
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # Something inside a transport was cancelled (not this run): an error of this check only.
+        return _result(spec, Outcome.ERROR, t0, message="an operation was cancelled inside the transport")
     except Exception as e:
         log.debug("check %s raised", spec.name, exc_info=True)
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
