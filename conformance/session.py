@@ -62,8 +62,16 @@ class Session:
         if self._probe is None or self._probe.closed:
             if self._probe is not None:
                 await self._probe.close()
-            self._probe = await Probe.open(self.url, **self.options.transport_opts)
+            opts = dict(self.options.transport_opts)
+            if self.options.creds is not None and self._transport_wants_creds():
+                opts.setdefault("creds", self.options.creds)  # HTTP digest is answered by the transport
+            self._probe = await Probe.open(self.url, **opts)
         return self._probe
+
+    def _transport_wants_creds(self) -> bool:
+        from transports.registry import load
+
+        return bool(getattr(load(self.scheme), "WANTS_CREDS", False))
 
     async def reopen(self) -> Probe:
         """Close and reopen the probe (after a reboot, or to start from a fresh channel)."""

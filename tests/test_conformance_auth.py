@@ -61,3 +61,25 @@ async def test_malformed_challenge_is_caught() -> None:
     challenge = report.by_name()["auth.challenge"]
     assert challenge.outcome is Outcome.FAIL
     assert "JSON" in challenge.message
+
+
+async def test_http_digest_auth_checks() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/rpc"
+    lst = await transports.listen(url, _protected_node())
+    try:
+        opts = Options(timeout_s=2.0, quiet_s=0.1, creds=Credentials("admin", "s3cret"))
+        report = await runner.run(url, options=opts, only=["http", "sys", "auth"])
+        bad = await runner.run(url, options=Options(timeout_s=2.0, creds=Credentials("admin", "x")), only=["http"])
+    finally:
+        await lst.close()
+    assert report.ok, [(r.name, r.message, r.seen) for r in report.failed()]
+    results = report.by_name()
+    assert results["http.auth_challenge"].outcome is Outcome.PASS
+    assert results["sys.getinfo"].outcome is Outcome.PASS  # the probe's transport answered the 401
+    assert results["auth.challenge"].outcome is Outcome.SKIP  # frame-level auth does not apply to HTTP
+    assert bad.by_name()["http.auth_challenge"].outcome is Outcome.FAIL

@@ -12,6 +12,7 @@ from rpc.auth import Credentials, make_auth
 from rpc.frame import Frame
 
 CHALLENGE_KEYS = ("auth_type", "nonce", "nc", "realm", "algorithm")
+HTTP = ("http", "https")  # HTTP channels authenticate with headers instead (http.auth_challenge)
 
 
 async def _challenge(s: Session, fid: int) -> tuple[Frame, dict[str, object]]:
@@ -38,7 +39,7 @@ async def _challenge(s: Session, fid: int) -> tuple[Frame, dict[str, object]]:
     return resp, doc
 
 
-@check("auth.challenge", section="frame.md §6", title="401 digest challenge format")
+@check("auth.challenge", section="frame.md §6", title="401 digest challenge format", not_on=HTTP)
 async def auth_challenge(s: Session) -> str | None:
     if s.options.creds is None:
         raise CheckSkipped("no credentials given (--rpc-creds)")
@@ -65,7 +66,12 @@ async def auth_challenge(s: Session) -> str | None:
     return f"realm={doc['realm']} algorithm={doc['algorithm']}"
 
 
-@check("auth.digest_retry", section="frame.md §6", title="same id re-sent with auth is accepted; bad password is not")
+@check(
+    "auth.digest_retry",
+    section="frame.md §6",
+    title="same id re-sent with auth is accepted; bad password is not",
+    not_on=HTTP,
+)
 async def auth_digest_retry(s: Session) -> str | None:
     creds = s.options.creds
     if creds is None:

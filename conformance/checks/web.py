@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from conformance.golden import load
 from conformance.model import CheckSkipped, check, expect
 from conformance.probe import Probe
 from conformance.rawjson import show
 from conformance.session import Session
+from rpc.auth import http_digest_authorization, parse_digest_header
 
 HTTP = ("http", "https")
 WS = ("ws", "wss")
@@ -29,10 +32,29 @@ def _aiohttp() -> Any:
     return aiohttp
 
 
-async def _http(s: Session, method: str, url: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+async def _http(
+    s: Session, method: str, url: str, body: bytes | None = None, *, auth: bool = True, authorization: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP request; with credentials a digest 401 is answered once (``auth=False``: not)."""
+    status, headers, data = await _http_once(s, method, url, body, authorization)
+    creds = s.options.creds
+    if status == 401 and auth and creds is not None and not authorization:
+        challenge = parse_digest_header(headers.get("WWW-Authenticate", ""))
+        if challenge is not None:
+            path = urlsplit(url).path or "/"
+            authz = http_digest_authorization(challenge, creds, method=method, uri=path)
+            return await _http_once(s, method, url, body, authz)
+    return status, headers, data
+
+
+async def _http_once(
+    s: Session, method: str, url: str, body: bytes | None, authorization: str
+) -> tuple[int, dict[str, str], bytes]:
     aiohttp = _aiohttp()
     timeout = aiohttp.ClientTimeout(total=s.options.timeout_s)
     headers = {"Content-Type": "application/json"} if body is not None else {}
+    if authorization:
+        headers["Authorization"] = authorization
     async with (
         aiohttp.ClientSession(timeout=timeout) as http,
         http.request(method, url, data=body, headers=headers, ssl=False) as resp,
@@ -172,6 +194,48 @@ async def http_wrong_dst(s: Session) -> str | None:
         expected="400 Invalid request",
     )
     return None
+
+
+@check(
+    "http.auth_challenge",
+    section="transports.md §3.3; frame.md §6",
+    title="HTTP 401 with a Digest challenge; digest accepted",
+    only=HTTP,
+)
+async def http_auth_challenge(s: Session) -> str | None:
+    if s.options.creds is None:
+        raise CheckSkipped("no credentials given (--rpc-creds)")
+    fid = Probe.new_id()
+    body = _frame(fid, s.options.auth_method)
+    status, headers, _ = await _http(s, "POST", _base(s), body, auth=False)
+    www = headers.get("WWW-Authenticate", "")
+    expect(
+        status == 401 and www.startswith("Digest "),
+        f"{s.options.auth_method} without credentials must be HTTP 401",
+        seen=f"{status} WWW-Authenticate: {www}",
+        expected='401 WWW-Authenticate: Digest qop="auth", ...',
+    )
+    ch = parse_digest_header(www) or {}
+    ok = (
+        ch.get("qop") == "auth"
+        and bool(ch.get("realm"))
+        and bool(re.fullmatch(r"[0-9a-f]+", ch.get("nonce", "")))
+        and ch.get("algorithm") in ("MD5", "SHA-256")
+    )
+    expect(
+        ok,
+        "challenge parameters",
+        seen=www,
+        expected='qop="auth", realm="...", nonce="<lowercase hex>", algorithm=MD5|SHA-256',
+    )
+    status, _, data = await _http(s, "POST", _base(s), body)
+    expect(
+        status == 200 and b'"result"' in data,
+        "the digest retry must succeed",
+        seen=f"{status} {show(data)}",
+        expected="200 with the reply frame",
+    )
+    return f"realm={ch.get('realm')} algorithm={ch.get('algorithm')}"
 
 
 # -- WebSocket ------------------------------------------------------------------------------------
