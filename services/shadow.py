@@ -274,18 +274,15 @@ class DeviceAgent:
             if self.base_listen is None:
                 raise ValueError(f"no listener for {url!r}")
             return await self.base_listen(url, node)
-        conn = await self.connect(url)
-        rpc = None
-        try:
-            if self.serve_rpc is not None:
-                rpc = await self.serve_rpc(conn, node)
-            session = _Session(self, conn, node, rpc)
-            await session.start()
-        except BaseException:
-            await conn.close()
-            raise
+        session = _Session(self, node)
         self.sessions += 1
         self.session = session
+        try:
+            await session.connect()
+        except (OSError, TimeoutError) as e:
+            # A device boots without its broker and keeps trying, as a real one does.
+            log.warning("%s: MQTT not reachable (%s); retrying in the background", self.dev.id, e)
+            session.retry()
         return session
 
 
@@ -301,12 +298,13 @@ class _SavedState:
 class _Session:
     """One boot's MQTT session of a :class:`DeviceAgent` (also the listener the device closes)."""
 
-    def __init__(self, agent: DeviceAgent, conn: Any, node: Node, rpc: Any) -> None:
+    def __init__(self, agent: DeviceAgent, node: Node) -> None:
         self.agent = agent
         self.dev = agent.dev
-        self.conn = conn
+        self.conn: Any = None
         self.node = node
-        self.rpc = rpc
+        self.rpc: Any = None
+        self._retry_task: asyncio.Task[None] | None = None
         self.fw = self.dev.fw
         self.ota: OtaService | None = self.dev.ota
         self.id = self.dev.id
@@ -319,6 +317,36 @@ class _Session:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._rolled_back = False
+
+    # -- connecting --------------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Connect, serve RPC on the connection, start the session (raises if the broker is away)."""
+        conn = await self.agent.connect(self.url)
+        try:
+            if self.agent.serve_rpc is not None:
+                self.rpc = await self.agent.serve_rpc(conn, self.node)
+            self.conn = conn
+            await self.start()
+        except BaseException:
+            self.conn = None
+            await conn.close()
+            raise
+
+    def retry(self, *, max_delay_s: float = 8.0) -> None:
+        """Keep trying :meth:`connect` (backing off up to ``max_delay_s``) until it works or the stack stops."""
+
+        async def loop() -> None:
+            delay = 0.5
+            while not self._closed:
+                await asyncio.sleep(delay)
+                try:
+                    await self.connect()
+                    return
+                except (OSError, TimeoutError) as e:
+                    log.debug("%s: MQTT connect failed: %s", self.id, e)
+                    delay = min(max_delay_s, delay * 2)
+
+        self._retry_task = asyncio.ensure_future(loop())
 
     # -- state file --------------------------------------------------------------------------
     def _load(self) -> _SavedState:
@@ -339,7 +367,7 @@ class _Session:
 
     # -- publishing --------------------------------------------------------------------------
     def _publish(self, topic: str, obj: Any, *, qos: int = 1, retain: bool = False) -> asyncio.Future[None] | None:
-        if self._closed:
+        if self._closed or self.conn is None:
             return None
         try:
             return self.conn.publish_nowait(topic, _dumps(obj), qos=qos, retain=retain)
@@ -403,6 +431,8 @@ class _Session:
         """The stack stops: say offline, stop the download, disconnect."""
         if self._closed:
             return
+        if self._retry_task is not None:
+            self._retry_task.cancel()
         if self.ota is not None and self._on_progress in self.ota.on_progress:
             self.ota.on_progress.remove(self._on_progress)
         if self._task is not None and self._task is not asyncio.current_task():
@@ -419,7 +449,8 @@ class _Session:
                 await self.rpc.close()
             except Exception:
                 log.debug("closing the RPC channel failed", exc_info=True)
-        await self.conn.close()
+        if self.conn is not None:
+            await self.conn.close()
 
     # -- progress ----------------------------------------------------------------------------
     def _progress_msg(self, state: str, done: int, total: int | None, message: str, **extra: Any) -> None:
