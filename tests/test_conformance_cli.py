@@ -148,3 +148,13 @@ async def test_pytest_plugin_runs_the_checks(tmp_path: Path) -> None:
     assert proc.returncode == 1, out
     assert "test_check[frame.method_case_insensitive]" in out
     assert "1 failed" in out and "passed" in out
+
+
+async def test_client_mode_prints_names_verbatim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cmd = f"{sys.executable} -m rpc.cli --port {{url}} call RPC.List"
+    js = tmp_path / "c.json"
+    rc, out = await _cli(["conformance", "--client", cmd, "--client-transport", "tcp", "--json", str(js)], capsys)
+    assert rc == 0, out
+    assert "client.exit_status[tcp]" in out  # brackets are text, not rich markup
+    doc = json.loads(js.read_text())
+    assert doc["kind"] == "client" and doc["ok"] is True

@@ -144,8 +144,9 @@ _STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "error": "bold 
 
 def _print(console: Any, report: Any) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"mgRPC conformance: {report.target}", show_lines=False, expand=False)
+    table = Table(title=Text(f"mgRPC conformance: {report.target}"), show_lines=False, expand=False)
     table.add_column("check", no_wrap=True)
     table.add_column("spec", no_wrap=True)
     table.add_column("result", no_wrap=True)
@@ -158,7 +159,8 @@ def _print(console: Any, report: Any) -> None:
         else:
             detail = r.message
         style = _STYLE.get(r.outcome.value, "")
-        table.add_row(r.name, r.section, f"[{style}]{r.outcome.value.upper()}[/]", detail)
+        # Text, not markup: names like client.src[tcp] and JSON like ["a"] must print as they are.
+        table.add_row(Text(r.name), Text(r.section), Text(r.outcome.value.upper(), style=style), Text(detail))
     console.print(table)
     counts = (
         ", ".join(f"{report.count(o)} {o.value}" for o in type(report.results[0].outcome)) if report.results else ""
@@ -169,6 +171,7 @@ def _print(console: Any, report: Any) -> None:
 
 def _list(console: Any) -> int:
     from rich.table import Table
+    from rich.text import Text
 
     import conformance.checks  # noqa: F401
     from conformance.model import checks_for
@@ -177,6 +180,6 @@ def _list(console: Any) -> int:
     for col in ("check", "spec", "what", "destructive"):
         table.add_column(col)
     for spec in checks_for(None):
-        table.add_row(spec.name, spec.section, spec.title, "yes" if spec.destructive else "")
+        table.add_row(Text(spec.name), Text(spec.section), Text(spec.title), "yes" if spec.destructive else "")
     console.print(table)
     return 0
