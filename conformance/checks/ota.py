@@ -256,7 +256,7 @@ async def ota_boot_state(s: Session) -> str | None:
 @check(
     "ota.write_duplicate",
     section="ota.md §1.3",
-    title="exact repeat of a chunk accepted (mos retries)",
+    title="state progress during an update; exact repeat of a chunk accepted (mos retries)",
     destructive=True,
 )
 async def ota_write_duplicate(s: Session) -> str | None:
@@ -266,6 +266,13 @@ async def ota_write_duplicate(s: Session) -> str | None:
     resp = await s.request("OTA.Begin", _begin_args(len(bundle)))
     expect(resp.ok, "OTA.Begin must succeed", seen=_err(resp), expected="result null")
     try:
+        st = await _status(s)
+        expect(
+            st["state"] == 1,
+            "while an update runs OTA.Status must say progress (mos refuses to start then)",
+            seen=show(st),
+            expected="state 1",
+        )
         first = await _write(s, 0, bundle[:chunk])
         expect(first.ok, "first OTA.Write must succeed", seen=_err(first), expected="result null")
         again = await _write(s, 0, bundle[:chunk])
