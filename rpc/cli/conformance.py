@@ -45,6 +45,11 @@ def register(sub: Any) -> None:
         action="store_true",
         help="generate an app-only bundle for the device's arch (mgrpc virtual-device firmware)",
     )
+    p.add_argument(
+        "--destructive",
+        action="store_true",
+        help="also run checks that reboot the device (implied by --ota/--ota-generate)",
+    )
     p.add_argument("--ota-chunk-size", type=int, default=512, help="bytes per OTA.Write (default 512, as mos)")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     p.add_argument("--json", metavar="FILE", help="write a JSON report")
@@ -116,7 +121,7 @@ async def _run(args: argparse.Namespace) -> Any:
         max_frame_size=args.max_frame_size,
         creds=parse_creds(creds_spec) if creds_spec else None,
         auth_method=args.auth_method,
-        destructive=bool(args.ota or args.ota_generate),
+        destructive=bool(args.destructive or args.ota or args.ota_generate),
         ota_bundle=bundle,
         ota_generate=bool(args.ota_generate),
         ota_chunk_size=args.ota_chunk_size,
