@@ -70,7 +70,12 @@ async def run_check(spec: CheckSpec, session: Session, *, timeout_s: float = CHE
     """Run one check and turn its ending into a :class:`CheckResult`."""
     t0 = time.monotonic()
     if spec.destructive and not session.options.destructive:
-        return _result(spec, Outcome.SKIP, t0, message="destructive; run with --destructive (or --ota/--ota-generate) to include it")
+        return _result(
+            spec,
+            Outcome.SKIP,
+            t0,
+            message="destructive; run with --destructive (or --ota/--ota-generate) to include it",
+        )
     if not spec.applies_to(session.scheme):
         return _result(spec, Outcome.SKIP, t0, message=f"not applicable over {session.scheme}://")
     try:
