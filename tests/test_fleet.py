@@ -254,3 +254,42 @@ async def test_device_added_by_url_push_and_rollback(fleet, tmp_path) -> None:
         assert r.jobs["wsdev"].state == "rolled_back" and dev.fw.version == "1.1"
     finally:
         await dev.stop()
+
+
+async def test_restart_keeps_rollouts_and_fails_interrupted_transfers(tmp_path) -> None:
+    from services.fleet import DeviceRecord, FleetApp
+
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    db.save_device(DeviceRecord(id="a", arch="esp32", version="1.0", source="url", url="ws://127.0.0.1:1/rpc"))
+    db.save_device(DeviceRecord(id="b", arch="esp32", version="1.0", source="url", url="ws://127.0.0.1:1/rpc"))
+    info = db.add_bundle(bundle("1.1"))
+    r = Rollout(id="r1", bundle=info.sha, version="1.1", method="push", devices=["a", "b"])
+    r.jobs["a"].fire("start")
+    r.jobs["b"].fire("start")
+    r.jobs["b"].fire("applied")
+    db.save_rollout(r)
+    db.close()
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    app = FleetApp(db)
+    await app.start()
+    try:
+        jobs = app.rollouts["r1"].jobs
+        assert jobs["a"].state == "failed" and "restarted" in jobs["a"].error
+        assert jobs["b"].state == "rebooting"  # applied before the restart: still waiting for the device
+        assert {d["id"] for d in app.state()["devices"]} == {"a", "b"}
+    finally:
+        await app.close()
+        db.close()
+
+
+def test_cli_dashboard_arguments() -> None:
+    from rpc.cli import build_parser
+
+    args = build_parser().parse_args(["dashboard", "--broker", "mqtt://127.0.0.1:1883", "--db", "f.sqlite"])
+    assert (args.broker, args.db, args.listen, args.no_shadow) == ("mqtt://127.0.0.1:1883", "f.sqlite",
+                                                                   "http://127.0.0.1:8080", False)  # fmt: skip
+
+
+async def test_start_fleet_refuses_a_bad_listen_url(tmp_path) -> None:
+    with pytest.raises(ValueError, match="--listen"):
+        await start_fleet(broker="", db_path=tmp_path / "x.sqlite", listen="ftp://127.0.0.1:0")

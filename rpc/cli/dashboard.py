@@ -90,21 +90,30 @@ async def start_fleet(
     conn = None
     shadow_srv = None
     broker_base = ""
-    if broker:
-        b = urlsplit(broker)
-        broker_base = f"{b.scheme}://{b.netloc}"
-        conn = await open_connection(broker_base, client_id=f"mgrpc-dashboard-{id(db) & 0xFFFFFF:06x}")
-        if shadow:
-            shadow_srv = await ShadowServer(conn, ShadowStore(db_path)).start()
-    fleet_app = FleetApp(db, mqtt=conn, rpc_connect=transports.connect, broker_url=broker_base, **app_kw)
-    runner = web.AppRunner(fleet_app.web_app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, u.hostname, u.port if u.port is not None else 80)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    url = f"http://{u.hostname}:{port}"
-    fleet_app.public_url = (public_url or url).rstrip("/")
-    await fleet_app.start()
+    runner: Any = None
+    try:
+        if broker:
+            b = urlsplit(broker)
+            broker_base = f"{b.scheme}://{b.netloc}"
+            conn = await open_connection(broker_base, client_id=f"mgrpc-dashboard-{id(db) & 0xFFFFFF:06x}")
+            if shadow:
+                shadow_srv = await ShadowServer(conn, ShadowStore(db_path)).start()
+        fleet_app = FleetApp(db, mqtt=conn, rpc_connect=transports.connect, broker_url=broker_base, **app_kw)
+        runner = web.AppRunner(fleet_app.web_app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, u.hostname, u.port if u.port is not None else 80)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url = f"http://{u.hostname}:{port}"
+        fleet_app.public_url = (public_url or url).rstrip("/")
+        await fleet_app.start()
+    except BaseException:
+        if runner is not None:
+            await runner.cleanup()
+        if conn is not None:
+            await conn.close()
+        db.close()
+        raise
     return Fleet(fleet_app, url, runner, conn, shadow_srv, db)
 
 

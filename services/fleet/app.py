@@ -101,8 +101,14 @@ class FleetApp:
             await self.mqtt.subscribe("$aws/things/+/shadow/update/accepted", self._on_shadow, qos=1)
         self._ticker = asyncio.ensure_future(self._tick_loop())
         for r in self.rollouts.values():
-            if r.state == "running":
-                self._pump(r)
+            if r.state != "running":
+                continue
+            if r.method in ("push", "url"):
+                # The transfer ran in the previous dashboard process; it cannot be resumed from here.
+                for job in r.jobs.values():
+                    if job.state in ("sending", "updating"):
+                        self._event(r, job, "error", error="interrupted: the dashboard restarted")
+            self._pump(r)
         return self
 
     async def close(self) -> None:
