@@ -36,7 +36,7 @@ from conformance.runner import Report
 from rpc.frame import Frame
 from rpc.framing import BadCrc, DeviceStreamDecoder, FrameBytes, Handshake
 
-__all__ = ["CLIENT_CHECKS", "ClientRun", "run_client"]
+__all__ = ["CLIENT_CHECKS", "ClientRun", "record", "run_client"]
 
 log = logging.getLogger("mgrpc.conformance.client")
 
@@ -220,7 +220,7 @@ def _raw(f: Frame) -> bytes:
 
 
 @_client_check("exit_status", section="tool.md §1, §3", title="the command succeeds against a correct device")
-async def c_exit(run: ClientRun) -> str | None:
+async def _c_exit(run: ClientRun) -> str | None:
     expect(
         run.returncode == 0,
         "the client command failed",
@@ -231,13 +231,13 @@ async def c_exit(run: ClientRun) -> str | None:
 
 
 @_client_check("requests_seen", section="frame.md §1", title="the device received requests")
-async def c_seen(run: ClientRun) -> str | None:
+async def _c_seen(run: ClientRun) -> str | None:
     expect(bool(run.requests), "no request reached the device", seen="nothing", expected="at least one request")
     return f"{len(run.requests)} requests: {', '.join(dict.fromkeys(f.method for f in run.requests))}"
 
 
 @_client_check("member_order", section="frame.md §1.3", title="members in mos's Go struct order")
-async def c_order(run: ClientRun) -> str | None:
+async def _c_order(run: ClientRun) -> str | None:
     for f in run.requests:
         order = [m for m in member_order(_raw(f)) if m in GO_ORDER]
         want = sorted(order, key=GO_ORDER.index)
@@ -263,7 +263,7 @@ def _has_insignificant_ws(text: bytes) -> bool:
 
 
 @_client_check("compact", section="frame.md §1.3", title="compact JSON (params compacted)")
-async def c_compact(run: ClientRun) -> str | None:
+async def _c_compact(run: ClientRun) -> str | None:
     for f in run.requests:
         expect(
             not _has_insignificant_ws(_raw(f)),
@@ -275,7 +275,7 @@ async def c_compact(run: ClientRun) -> str | None:
 
 
 @_client_check("id_range", section="frame.md §2", title="ids are integers in [2^40, 2^41)")
-async def c_id_range(run: ClientRun) -> str | None:
+async def _c_id_range(run: ClientRun) -> str | None:
     for f in run.requests:
         ok = isinstance(f.id, int) and MOS_ID_MIN <= f.id <= MOS_ID_MAX
         expect(
@@ -285,7 +285,7 @@ async def c_id_range(run: ClientRun) -> str | None:
 
 
 @_client_check("unique_ids", section="frame.md §2", title="a new id per call (same id only for the 401 retry)")
-async def c_unique(run: ClientRun) -> str | None:
+async def _c_unique(run: ClientRun) -> str | None:
     seen: dict[Any, Frame] = {}
     for f in run.requests:
         key = id_key(f.id)
@@ -302,7 +302,7 @@ async def c_unique(run: ClientRun) -> str | None:
 
 
 @_client_check("src", section="frame.md §1; transports.md §4", title='src is "mos" (MQTT: <dst>/rpc-resp/<client id>)')
-async def c_src(run: ClientRun) -> str | None:
+async def _c_src(run: ClientRun) -> str | None:
     for f in run.requests:
         if run.scheme == "mqtt":
             dst = f.dst or DEVICE_ID
@@ -323,7 +323,7 @@ async def c_src(run: ClientRun) -> str | None:
     title='\\n"""{json}[crc]"""\\n frames; serial: handshake and CRC',
     only=("serial", "tcp"),
 )
-async def c_stream(run: ClientRun) -> str | None:
+async def _c_stream(run: ClientRun) -> str | None:
     data = run.stream or b""
     dec = DeviceStreamDecoder(max_frame_size=1 << 20)
     dec.feed(data)
@@ -358,7 +358,7 @@ async def c_stream(run: ClientRun) -> str | None:
 
 
 @_client_check("mqtt_topics", section="transports.md §4", title="requests published to <dst>/rpc", only=("mqtt",))
-async def c_mqtt(run: ClientRun) -> str | None:
+async def _c_mqtt(run: ClientRun) -> str | None:
     reqs = [(t, p) for t, p in run.topics if b'"method"' in p and "/rpc-resp/" not in t]
     expect(bool(reqs), "no request seen on the broker", seen="nothing", expected=f"{DEVICE_ID}/rpc")
     for topic, payload in reqs:
@@ -382,7 +382,7 @@ async def c_mqtt(run: ClientRun) -> str | None:
     section="ota.md §1.2-§1.4, §2; tool.md §4",
     title="Status, Begin{timeout,commit_timeout,size}, contiguous Writes, End",
 )
-async def c_ota(run: ClientRun) -> str | None:
+async def _c_ota(run: ClientRun) -> str | None:
     ota = [f for f in run.requests if f.method.startswith("OTA.")]
     if not any(f.method == "OTA.Write" for f in ota):
         raise CheckSkipped("the command did no OTA update")

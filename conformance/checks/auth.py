@@ -40,7 +40,7 @@ async def _challenge(s: Session, fid: int) -> tuple[Frame, dict[str, object]]:
 
 
 @check("auth.challenge", section="frame.md §6", title="401 digest challenge format", not_on=HTTP)
-async def auth_challenge(s: Session) -> str | None:
+async def _auth_challenge(s: Session) -> str | None:
     if s.options.creds is None:
         raise CheckSkipped("no credentials given (--rpc-creds)")
     _, doc = await _challenge(s, Probe.new_id())
@@ -72,7 +72,7 @@ async def auth_challenge(s: Session) -> str | None:
     title="same id re-sent with auth is accepted; bad password is not",
     not_on=HTTP,
 )
-async def auth_digest_retry(s: Session) -> str | None:
+async def _auth_digest_retry(s: Session) -> str | None:
     creds = s.options.creds
     if creds is None:
         raise CheckSkipped("no credentials given (--rpc-creds)")

@@ -78,7 +78,7 @@ async def _read_frame(s: Session, client: Any) -> bytes:
     title="BE length to tx_ctl, chunks to data, reply via rx_ctl/data",
     only=BLE,
 )
-async def ble_length_protocol(s: Session) -> str | None:
+async def _ble_length_protocol(s: Session) -> str | None:
     async with _Gatt(s) as client:
         fid, req = _request()
         await client.write_gatt_char(TX_CTL_UUID, struct.pack(">I", len(req)), response=True)
@@ -98,7 +98,7 @@ async def ble_length_protocol(s: Session) -> str | None:
 @check(
     "ble.notify_length", section="transports.md §5", title="rx_ctl notification carries the 4-byte BE length", only=BLE
 )
-async def ble_notify_length(s: Session) -> str | None:
+async def _ble_notify_length(s: Session) -> str | None:
     async with _Gatt(s) as client:
         got: asyncio.Queue[bytes] = asyncio.Queue()
         await client.start_notify(RX_CTL_UUID, lambda _c, value: got.put_nowait(bytes(value)))
@@ -128,7 +128,7 @@ async def _gatt_error(coro: Any) -> str | None:
 
 
 @check("ble.bad_lengths", section="transports.md §5", title="short tx_ctl write and overlong data rejected", only=BLE)
-async def ble_bad_lengths(s: Session) -> str | None:
+async def _ble_bad_lengths(s: Session) -> str | None:
     async with _Gatt(s) as client:
         err = await _gatt_error(client.write_gatt_char(TX_CTL_UUID, b"\x00\x00\x10", response=True))
         expect(

@@ -28,7 +28,7 @@ def _raw(frame: Frame) -> bytes:
 
 
 @check("frame.id_numeric_bare", section="frame.md §1.2", title="numeric id echoed bare")
-async def id_numeric_bare(s: Session) -> str | None:
+async def _id_numeric_bare(s: Session) -> str | None:
     fid = Probe.new_id()
     resp = await s.request("RPC.Ping", id=fid)
     text = member_text(_raw(resp), "id")
@@ -39,7 +39,7 @@ async def id_numeric_bare(s: Session) -> str | None:
 
 
 @check("frame.id_string", section="frame.md §1.2, §9", title="string id echoed as a string")
-async def id_string(s: Session) -> str | None:
+async def _id_string(s: Session) -> str | None:
     fid = _token("conf-")
     resp = await s.request("RPC.Ping", id=fid)
     text = member_text(_raw(resp), "id")
@@ -53,7 +53,7 @@ async def id_string(s: Session) -> str | None:
 
 
 @check("frame.id_non_digits_quoted", section="frame.md §1.2", title="a negative number id is echoed as a string")
-async def id_non_digits_quoted(s: Session) -> str | None:
+async def _id_non_digits_quoted(s: Session) -> str | None:
     fid = -(Probe.new_id() % 100000) - 1
     resp = await s.request("RPC.Ping", id=fid)
     text = member_text(_raw(resp), "id")
@@ -67,7 +67,7 @@ async def id_non_digits_quoted(s: Session) -> str | None:
 
 
 @check("frame.envelope_order", section="frame.md §1.2", title="reply envelope: id, src, dst, tag, payload")
-async def envelope_order(s: Session) -> str | None:
+async def _envelope_order(s: Session) -> str | None:
     resp = await s.request("RPC.Ping", tag=_token("t"))
     raw = _raw(resp)
     order = [m for m in member_order(raw) if m in ("id", "src", "dst", "tag", "key", "result", "error")]
@@ -92,7 +92,7 @@ async def envelope_order(s: Session) -> str | None:
 
 
 @check("frame.src_dst_swap", section="frame.md §1.2, §8", title="reply dst = request src, src = device id", not_on=MQTT)
-async def src_dst_swap(s: Session) -> str | None:
+async def _src_dst_swap(s: Session) -> str | None:
     src = _token("conf-")
     resp = await s.request("RPC.Ping", src=src)
     expect(resp.dst == src, "reply dst must be the request's src", seen=f"dst={resp.dst!r}", expected=f"dst={src!r}")
@@ -103,7 +103,7 @@ async def src_dst_swap(s: Session) -> str | None:
 
 
 @check("frame.src_is_dst", section="frame.md §1.2", title="reply src = the request's non-empty dst", not_on=MQTT)
-async def src_is_dst(s: Session) -> str | None:
+async def _src_is_dst(s: Session) -> str | None:
     dev = await s.device_id()
     resp = await s.request("RPC.Ping", dst=dev, src=_token("conf-"))
     expect(
@@ -113,7 +113,7 @@ async def src_is_dst(s: Session) -> str | None:
 
 
 @check("frame.tag_copied", section="frame.md §1", title="tag copied into the reply")
-async def tag_copied(s: Session) -> str | None:
+async def _tag_copied(s: Session) -> str | None:
     tag = _token("tag-")
     resp = await s.request("RPC.Ping", tag=tag)
     expect(resp.tag == tag, "tag must be copied verbatim", seen=f"tag={resp.tag!r}", expected=f"tag={tag!r}")
@@ -121,7 +121,7 @@ async def tag_copied(s: Session) -> str | None:
 
 
 @check("frame.wrong_dst_dropped", section="frame.md §3", title="wrong dst dropped without reply", not_on=MQTT)
-async def wrong_dst_dropped(s: Session) -> str | None:
+async def _wrong_dst_dropped(s: Session) -> str | None:
     fid = Probe.new_id()
     frame = Frame(id=fid, src="mos", dst=_token("not-this-device-"), method="RPC.Ping")
     got = await s.exchange_silent(frame)
@@ -136,7 +136,7 @@ async def wrong_dst_dropped(s: Session) -> str | None:
 
 
 @check("frame.notification_silent", section="frame.md §1", title="request without id gets no reply")
-async def notification_silent(s: Session) -> str | None:
+async def _notification_silent(s: Session) -> str | None:
     frame = Frame(src="mos", method="RPC.Ping", tag=_token("n-"))
     got = await s.exchange_silent(frame)
     answers = [f for f in got if f.is_response]
@@ -150,7 +150,7 @@ async def notification_silent(s: Session) -> str | None:
 
 
 @check("frame.args_accepted", section="frame.md §1", title="legacy args accepted like params")
-async def args_accepted(s: Session) -> str | None:
+async def _args_accepted(s: Session) -> str | None:
     resp = await s.request("RPC.Describe", args={"name": "RPC.Ping"})
     got = resp.result.get("name") if isinstance(resp.result, dict) else None
     expect(
@@ -163,7 +163,7 @@ async def args_accepted(s: Session) -> str | None:
 
 
 @check("frame.params_wins", section="frame.md §1", title="params wins over args")
-async def params_wins(s: Session) -> str | None:
+async def _params_wins(s: Session) -> str | None:
     resp = await s.request("RPC.Describe", {"name": "RPC.List"}, args={"name": "RPC.Ping"})
     got = resp.result.get("name") if isinstance(resp.result, dict) else None
     expect(
@@ -176,7 +176,7 @@ async def params_wins(s: Session) -> str | None:
 
 
 @check("frame.not_found_404", section="frame.md §3, §5", title="unknown method: 404 No handler for <M>")
-async def not_found_404(s: Session) -> str | None:
+async def _not_found_404(s: Session) -> str | None:
     method = "Conformance." + _token("NoSuch")
     resp = await s.request(method)
     want = load("frames")["not_found_message"].format(method=method)
@@ -192,7 +192,7 @@ async def not_found_404(s: Session) -> str | None:
 
 
 @check("frame.method_case_insensitive", section="frame.md §3", title="method names match case-insensitively")
-async def method_case_insensitive(s: Session) -> str | None:
+async def _method_case_insensitive(s: Session) -> str | None:
     for name in ("rpc.ping", "RPC.PING", "Rpc.Ping"):
         resp = await s.request(name)
         if resp.error is not None and resp.error.code != 0:
@@ -201,7 +201,7 @@ async def method_case_insensitive(s: Session) -> str | None:
 
 
 @check("frame.unknown_members_ignored", section="frame.md §1, §1.1", title="v and unknown members ignored")
-async def unknown_members_ignored(s: Session) -> str | None:
+async def _unknown_members_ignored(s: Session) -> str | None:
     fid = Probe.new_id()
     frame = Frame(id=fid, src="mos", method="RPC.Ping", v=2, extra={"conformance_extra": {"x": [1, 2]}})
     p = await s.probe()
@@ -220,7 +220,7 @@ async def unknown_members_ignored(s: Session) -> str | None:
     section="frame.md §2; transports.md §1.2 (rpc.max_frame_size)",
     title="frames up to the limit answered, oversize dropped, device survives",
 )
-async def max_frame_size(s: Session) -> str | None:
+async def _max_frame_size(s: Session) -> str | None:
     limit = s.options.max_frame_size
     p = await s.probe()
     small = Frame(id=Probe.new_id(), src="mos", method="RPC.Ping", params={"pad": ""})

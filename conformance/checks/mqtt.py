@@ -91,7 +91,7 @@ def _id_of(payload: bytes) -> Any:
     title="request on <id>/rpc, reply on <src>/rpc with src/dst swapped",
     only=MQTT,
 )
-async def mqtt_topics(s: Session) -> str | None:
+async def _mqtt_topics(s: Session) -> str | None:
     async with _Mqtt(s) as m:
         fid = Probe.new_id()
         await m.publish(f"{m.dev}/rpc", {"src": m.src, "dst": m.dev, "id": fid, "method": "RPC.Ping"})
@@ -119,7 +119,7 @@ async def mqtt_topics(s: Session) -> str | None:
 
 
 @check("mqtt.method_topic", section="transports.md §4", title="<id>/rpc/<Method> topic sets the method", only=MQTT)
-async def mqtt_method_topic(s: Session) -> str | None:
+async def _mqtt_method_topic(s: Session) -> str | None:
     async with _Mqtt(s) as m:
         fid = Probe.new_id()
         await m.publish(f"{m.dev}/rpc/RPC.Describe", {"id": fid, "src": m.src, "params": {"name": "RPC.Ping"}})
@@ -138,7 +138,7 @@ async def mqtt_method_topic(s: Session) -> str | None:
 
 
 @check("mqtt.no_src_dropped", section="transports.md §4", title="request with id but no src dropped", only=MQTT)
-async def mqtt_no_src_dropped(s: Session) -> str | None:
+async def _mqtt_no_src_dropped(s: Session) -> str | None:
     async with _Mqtt(s) as m:
         fid = Probe.new_id()
         got = await m.silent(f"{m.dev}/rpc", {"id": fid, "method": "RPC.Ping"}, fid)
@@ -151,7 +151,7 @@ async def mqtt_no_src_dropped(s: Session) -> str | None:
 @check(
     "mqtt.wrong_dst_dropped", section="frame.md §3; transports.md §4", title="wrong dst on <id>/rpc dropped", only=MQTT
 )
-async def mqtt_wrong_dst_dropped(s: Session) -> str | None:
+async def _mqtt_wrong_dst_dropped(s: Session) -> str | None:
     async with _Mqtt(s) as m:
         fid = Probe.new_id()
         doc = {"src": m.src, "dst": "conformance-not-this-device", "id": fid, "method": "RPC.Ping"}

@@ -222,7 +222,7 @@ async def _install(s: Session, bundle: bytes) -> tuple[dict[str, Any], dict[str,
 
 
 @check("ota.status", section="ota.md §1.1", title="OTA.Status: {state: 0..3, ...}, idle when no update runs")
-async def ota_status(s: Session) -> str | None:
+async def _ota_status(s: Session) -> str | None:
     st = await _status(s)
     expect(
         st["state"] in STATE_NAMES,
@@ -238,7 +238,7 @@ async def ota_status(s: Session) -> str | None:
     section="ota.md §1.9",
     title="OTA.GetBootState: active_slot, is_committed, revert_slot, commit_timeout",
 )
-async def ota_boot_state(s: Session) -> str | None:
+async def _ota_boot_state(s: Session) -> str | None:
     bs = await _boot_state(s)
     types_ok = (
         isinstance(bs["active_slot"], int)
@@ -259,7 +259,7 @@ async def ota_boot_state(s: Session) -> str | None:
     title="state progress during an update; exact repeat of a chunk accepted (mos retries)",
     destructive=True,
 )
-async def ota_write_duplicate(s: Session) -> str | None:
+async def _ota_write_duplicate(s: Session) -> str | None:
     bundle = await _bundle(s)
     await _ready(s)
     chunk = s.options.ota_chunk_size
@@ -290,7 +290,7 @@ async def ota_write_duplicate(s: Session) -> str | None:
 
 
 @check("ota.write_gap", section="ota.md §1.3", title="OTA.Write with a gap rejected", destructive=True)
-async def ota_write_gap(s: Session) -> str | None:
+async def _ota_write_gap(s: Session) -> str | None:
     bundle = await _bundle(s)
     before = await _ready(s)
     chunk = s.options.ota_chunk_size
@@ -319,7 +319,7 @@ async def ota_write_gap(s: Session) -> str | None:
     title="OTA.End before all bytes: aborted, back to idle, slot untouched",
     destructive=True,
 )
-async def ota_abort(s: Session) -> str | None:
+async def _ota_abort(s: Session) -> str | None:
     bundle = await _bundle(s)
     before = await _ready(s)
     info = await s.get_info(fresh=True)
@@ -363,7 +363,7 @@ async def ota_abort(s: Session) -> str | None:
     title="corrupt bundle rejected, running slot untouched",
     destructive=True,
 )
-async def ota_bad_bundle(s: Session) -> str | None:
+async def _ota_bad_bundle(s: Session) -> str | None:
     bundle = corrupt_bundle(await _bundle(s))
     before = await _ready(s)
     info = await s.get_info(fresh=True)
@@ -398,7 +398,7 @@ async def ota_bad_bundle(s: Session) -> str | None:
     title="Status/Begin/Write/End, reboot into the new slot uncommitted",
     destructive=True,
 )
-async def ota_update(s: Session) -> str | None:
+async def _ota_update(s: Session) -> str | None:
     bundle = await _bundle(s)
     before, after, _ = await _install(s, bundle)
     s.facts["ota_installed"] = (before, after)
@@ -435,7 +435,7 @@ async def ota_update(s: Session) -> str | None:
 
 
 @check("ota.begin_uncommitted", section="ota.md §1.2", title="OTA.Begin refused while uncommitted", destructive=True)
-async def ota_begin_uncommitted(s: Session) -> str | None:
+async def _ota_begin_uncommitted(s: Session) -> str | None:
     bs = await _boot_state(s)
     if bs["is_committed"]:
         raise CheckSkipped("device is committed (ota.update did not run or failed)")
@@ -452,7 +452,7 @@ async def ota_begin_uncommitted(s: Session) -> str | None:
 
 
 @check("ota.commit", section="ota.md §1.6", title="OTA.Commit commits once; again is -1", destructive=True)
-async def ota_commit(s: Session) -> str | None:
+async def _ota_commit(s: Session) -> str | None:
     bs = await _boot_state(s)
     if bs["is_committed"]:
         await _install(s, await _bundle(s))
@@ -481,7 +481,7 @@ async def ota_commit(s: Session) -> str | None:
 
 
 @check("ota.revert", section="ota.md §1.7", title="OTA.Revert boots the previous slot, committed", destructive=True)
-async def ota_revert(s: Session) -> str | None:
+async def _ota_revert(s: Session) -> str | None:
     bundle = await _bundle(s, "b")
     before, _, info_before = await _install(s, bundle)
     resp = await s.request("OTA.Revert")

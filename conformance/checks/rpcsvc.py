@@ -37,7 +37,7 @@ def _raw(frame: Frame) -> bytes:
 
 
 @check("rpc.list", section="frame.md §4", title="RPC.List: compact array of method names")
-async def rpc_list(s: Session) -> str | None:
+async def _rpc_list(s: Session) -> str | None:
     resp = await s.request("RPC.List")
     raw = _raw(resp)
     res = resp.result
@@ -60,7 +60,7 @@ async def rpc_list(s: Session) -> str | None:
 
 
 @check("rpc.describe", section="frame.md §4", title="RPC.Describe: name/args_fmt, 400 and 404")
-async def rpc_describe(s: Session) -> str | None:
+async def _rpc_describe(s: Session) -> str | None:
     resp = await s.request("RPC.Describe", {"name": "RPC.Describe"})
     res = resp.result
     expect(
@@ -95,7 +95,7 @@ async def rpc_describe(s: Session) -> str | None:
 
 
 @check("rpc.ping", section="frame.md §4", title="RPC.Ping: {channel_info: <text>}")
-async def rpc_ping(s: Session) -> str | None:
+async def _rpc_ping(s: Session) -> str | None:
     resp = await s.request("RPC.Ping")
     res = resp.result
     expect(
@@ -108,7 +108,7 @@ async def rpc_ping(s: Session) -> str | None:
 
 
 @check("sys.getinfo", section="frame.md §4", title="Sys.GetInfo: fields, order, types")
-async def sys_getinfo(s: Session) -> str | None:
+async def _sys_getinfo(s: Session) -> str | None:
     resp = await s.request("Sys.GetInfo")
     res = resp.result
     expect(isinstance(res, dict), "Sys.GetInfo must return an object", seen=show(_raw(resp)), expected="an object")
@@ -143,7 +143,7 @@ async def sys_getinfo(s: Session) -> str | None:
 
 
 @check("sys.reboot_bad_delay", section="frame.md §4", title="Sys.Reboot with delay_ms < 0: 400 invalid delay value")
-async def sys_reboot_bad_delay(s: Session) -> str | None:
+async def _sys_reboot_bad_delay(s: Session) -> str | None:
     resp = await s.request("Sys.Reboot", {"delay_ms": -1})
     err = resp.error
     expect(
@@ -156,7 +156,7 @@ async def sys_reboot_bad_delay(s: Session) -> str | None:
 
 
 @check("sys.reboot", section="frame.md §4", title="Sys.Reboot answers null, then the device restarts", destructive=True)
-async def sys_reboot(s: Session) -> str | None:
+async def _sys_reboot(s: Session) -> str | None:
     before = await s.get_info(fresh=True)
     resp = await s.request("Sys.Reboot", {"delay_ms": 100})
     expect(

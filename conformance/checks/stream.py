@@ -117,7 +117,7 @@ def _check_crc(rep: _Reply) -> None:
 @check(
     "serial.line_style", section="transports.md §1.1, §1.8", title="newline style: {json}crc\\n answered", only=SERIAL
 )
-async def serial_line_style(s: Session) -> str | None:
+async def _serial_line_style(s: Session) -> str | None:
     raw = await _open(s)
     try:
         fid, req = _request()
@@ -138,7 +138,7 @@ async def serial_line_style(s: Session) -> str | None:
 
 
 @check("serial.crc_optional", section="transports.md §1.1-§1.2", title="frame without CRC accepted", only=SERIAL)
-async def serial_crc_optional(s: Session) -> str | None:
+async def _serial_crc_optional(s: Session) -> str | None:
     raw = await _open(s)
     try:
         fid, req = _request()
@@ -150,7 +150,7 @@ async def serial_crc_optional(s: Session) -> str | None:
 
 
 @check("serial.bad_crc_dropped", section="transports.md §1.2 (5)", title="frame with a wrong CRC dropped", only=SERIAL)
-async def serial_bad_crc_dropped(s: Session) -> str | None:
+async def _serial_bad_crc_dropped(s: Session) -> str | None:
     raw = await _open(s)
     try:
         fid, req = _request()
@@ -174,7 +174,7 @@ async def serial_bad_crc_dropped(s: Session) -> str | None:
     title='0x04 handshake answered with """\\x04"""',
     only=SERIAL,
 )
-async def serial_handshake(s: Session) -> str | None:
+async def _serial_handshake(s: Session) -> str | None:
     raw = await _open(s)
     try:
         await raw.write(HANDSHAKE)
@@ -197,7 +197,7 @@ async def serial_handshake(s: Session) -> str | None:
     title='mos framing \\n"""{json}crc"""\\n answered alike',
     only=SERIAL,
 )
-async def serial_mos_style(s: Session) -> str | None:
+async def _serial_mos_style(s: Session) -> str | None:
     raw = await _open(s)
     try:
         await raw.write(HANDSHAKE)
@@ -224,7 +224,7 @@ async def serial_mos_style(s: Session) -> str | None:
     title="reply carries a correct CRC after a CRC'd request",
     only=SERIAL,
 )
-async def serial_crc_reply(s: Session) -> str | None:
+async def _serial_crc_reply(s: Session) -> str | None:
     raw = await _open(s)
     try:
         fid, req = _request("Sys.GetInfo")
@@ -241,7 +241,7 @@ async def serial_crc_reply(s: Session) -> str | None:
     title="junk, empty lines and \\n runs tolerated",
     only=SERIAL,
 )
-async def serial_junk_tolerance(s: Session) -> str | None:
+async def _serial_junk_tolerance(s: Session) -> str | None:
     raw = await _open(s)
     try:
         fid, req = _request()
@@ -258,7 +258,7 @@ async def serial_junk_tolerance(s: Session) -> str | None:
     title="a byte >= 0x80 discards the buffered input",
     only=SERIAL,
 )
-async def serial_non_ascii_dropped(s: Session) -> str | None:
+async def _serial_non_ascii_dropped(s: Session) -> str | None:
     raw = await _open(s)
     try:
         fid = Probe.new_id()
@@ -274,7 +274,7 @@ async def serial_non_ascii_dropped(s: Session) -> str | None:
 
 
 @check("tcp.mos_style", section="transports.md §7", title='\\n"""{json}"""\\n (no CRC) answered alike', only=TCP)
-async def tcp_mos_style(s: Session) -> str | None:
+async def _tcp_mos_style(s: Session) -> str | None:
     raw = await _open(s)
     try:
         fid, req = _request()
@@ -292,7 +292,7 @@ async def tcp_mos_style(s: Session) -> str | None:
 
 
 @check("tcp.line_style", section="transports.md §7, §1.2", title="newline-delimited frame answered", only=TCP)
-async def tcp_line_style(s: Session) -> str | None:
+async def _tcp_line_style(s: Session) -> str | None:
     raw = await _open(s)
     try:
         fid, req = _request()

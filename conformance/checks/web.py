@@ -76,7 +76,7 @@ def _cors_ok(headers: dict[str, str]) -> bool:
     title="POST /rpc: 200, JSON frame + \\r\\n, CORS headers",
     only=HTTP,
 )
-async def http_full_frame(s: Session) -> str | None:
+async def _http_full_frame(s: Session) -> str | None:
     fid = Probe.new_id()
     status, headers, body = await _http(s, "POST", _base(s), _frame(fid, "RPC.Ping"))
     expect(status == 200, "full-frame mode always answers 200", seen=status, expected=200)
@@ -104,7 +104,7 @@ async def http_full_frame(s: Session) -> str | None:
     title="POST /rpc error: still 200, error in frame",
     only=HTTP,
 )
-async def http_full_frame_error(s: Session) -> str | None:
+async def _http_full_frame_error(s: Session) -> str | None:
     fid = Probe.new_id()
     status, _, body = await _http(s, "POST", _base(s), _frame(fid, "Conformance.NoSuch"))
     expect(status == 200, "full-frame mode answers 200 even for errors", seen=status, expected=200)
@@ -119,7 +119,7 @@ async def http_full_frame_error(s: Session) -> str | None:
 
 
 @check("http.rest_result", section="transports.md §3.2", title="POST /rpc/<Method>: body is the result", only=HTTP)
-async def http_rest_result(s: Session) -> str | None:
+async def _http_rest_result(s: Session) -> str | None:
     status, headers, body = await _http(s, "POST", _base(s) + "/RPC.Describe", b'{"name":"RPC.Ping"}')
     expect(status == 200, "REST success is 200", seen=status, expected=200)
     expect(_cors_ok(headers), "CORS headers missing", seen=show(headers), expected=show(CORS))
@@ -146,7 +146,7 @@ async def http_rest_result(s: Session) -> str | None:
     title="REST errors: 404 -> 404, others -> 500, error object body",
     only=HTTP,
 )
-async def http_rest_status(s: Session) -> str | None:
+async def _http_rest_status(s: Session) -> str | None:
     status, _, body = await _http(s, "POST", _base(s) + "/Conformance.NoSuch", b"{}")
     doc = json.loads(body) if body.strip() else None
     expect(
@@ -167,7 +167,7 @@ async def http_rest_status(s: Session) -> str | None:
 
 
 @check("http.options_cors", section="transports.md §3.2", title="OPTIONS /rpc/<Method>: 200 CORS preflight", only=HTTP)
-async def http_options_cors(s: Session) -> str | None:
+async def _http_options_cors(s: Session) -> str | None:
     status, headers, _ = await _http(s, "OPTIONS", _base(s) + "/RPC.Ping")
     expect(
         status == 200 and _cors_ok(headers),
@@ -184,7 +184,7 @@ async def http_options_cors(s: Session) -> str | None:
     title="wrong dst: 400 Invalid request, no frame",
     only=HTTP,
 )
-async def http_wrong_dst(s: Session) -> str | None:
+async def _http_wrong_dst(s: Session) -> str | None:
     fid = Probe.new_id()
     status, _, body = await _http(s, "POST", _base(s), _frame(fid, "RPC.Ping", dst="conformance-not-this-device"))
     expect(
@@ -202,7 +202,7 @@ async def http_wrong_dst(s: Session) -> str | None:
     title="HTTP 401 with a Digest challenge; digest accepted",
     only=HTTP,
 )
-async def http_auth_challenge(s: Session) -> str | None:
+async def _http_auth_challenge(s: Session) -> str | None:
     if s.options.creds is None:
         raise CheckSkipped("no credentials given (--rpc-creds)")
     fid = Probe.new_id()
@@ -266,7 +266,7 @@ async def _ws_reply(s: Session, ws: Any, fid: int) -> Any:
 
 
 @check("ws.text_frames", section="transports.md §2", title="one frame per TEXT message, no trailing newline", only=WS)
-async def ws_text_frames(s: Session) -> str | None:
+async def _ws_text_frames(s: Session) -> str | None:
     aiohttp = _aiohttp()
     http, ws = await _ws(s)
     try:
@@ -290,7 +290,7 @@ async def ws_text_frames(s: Session) -> str | None:
 
 
 @check("ws.subprotocol", section="transports.md §2", title="Sec-WebSocket-Protocol echoed (or absent)", only=WS)
-async def ws_subprotocol(s: Session) -> str | None:
+async def _ws_subprotocol(s: Session) -> str | None:
     http, ws = await _ws(s)
     try:
         proto = ws.protocol
@@ -307,7 +307,7 @@ async def ws_subprotocol(s: Session) -> str | None:
 
 
 @check("ws.binary_accepted", section="transports.md §2", title="BINARY request messages accepted", only=WS)
-async def ws_binary_accepted(s: Session) -> str | None:
+async def _ws_binary_accepted(s: Session) -> str | None:
     http, ws = await _ws(s, ("json-rpc",))
     try:
         fid = Probe.new_id()
