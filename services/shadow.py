@@ -305,6 +305,7 @@ class _Session:
         self.node = node
         self.rpc: Any = None
         self._retry_task: asyncio.Task[None] | None = None
+        self._get_task: asyncio.Task[None] | None = None
         self.fw = self.dev.fw
         self.ota: OtaService | None = self.dev.ota
         self.id = self.dev.id
@@ -425,14 +426,25 @@ class _Session:
         self.publish_status()
         self.report(reported)
         if self.agent.shadow_ota:
-            self._publish(t.get, {"clientToken": f"{self.id}-{self.dev.boots}"})
+            self._get_task = asyncio.ensure_future(self._get_until_answered())
+
+    async def _get_until_answered(self, *, every_s: float = 3.0) -> None:
+        # The shadow service may not be subscribed yet (it reconnects to a restarted broker too),
+        # so the request is repeated until one is answered; that answer is the "first successful
+        # shadow connection".
+        n = 0
+        while not self.shadow_ok and not self._closed:
+            n += 1
+            self._publish(self.topics.get, {"clientToken": f"{self.id}-{self.dev.boots}-{n}"})
+            await asyncio.sleep(every_s)
 
     async def close(self) -> None:
         """The stack stops: say offline, stop the download, disconnect."""
         if self._closed:
             return
-        if self._retry_task is not None:
-            self._retry_task.cancel()
+        for task in (self._retry_task, self._get_task):
+            if task is not None:
+                task.cancel()
         if self.ota is not None and self._on_progress in self.ota.on_progress:
             self.ota.on_progress.remove(self._on_progress)
         if self._task is not None and self._task is not asyncio.current_task():

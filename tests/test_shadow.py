@@ -196,3 +196,21 @@ async def test_failed_download_reports_error_and_keeps_delta(mosquitto_broker, t
     finally:
         await dev.stop()
         await fleet.close()
+
+
+async def test_device_boots_without_broker_and_connects_later(mosquitto_broker, tmp_path) -> None:  # noqa: F811
+    mq = mosquitto_broker()
+    broker = mq.url()
+    fleet = await start_fleet(broker=broker, db_path=":memory:")
+    mq.stop()
+    dev = await start_fleet_device(broker, "late", storage=DeviceStorage.in_memory())
+    try:
+        assert dev.boots == 1 and dev.node is not None  # booted and serving, MQTT still away
+        assert "late" not in fleet.app.devices
+        mq.start()
+        await wait_for(lambda: "late" in fleet.app.devices and fleet.app.devices["late"].online, timeout_s=30,
+                       what="the device online after the broker came back")  # fmt: skip
+        await wait_for(lambda: dev.agent.session.shadow_ok, what="a shadow round trip")
+    finally:
+        await dev.stop()
+        await fleet.close()
