@@ -26,6 +26,7 @@ from conformance.model import (
     checks_for,
 )
 from conformance.session import Options, Session
+from rpc.errors import MgrpcError
 
 __all__ = ["Report", "run", "run_check", "to_json", "to_junit_xml"]
 
@@ -112,6 +113,13 @@ async def run(
     session = Session(url, options)
     results: list[CheckResult] = []
     try:
+        try:
+            await session.probe()
+        except (MgrpcError, OSError) as e:
+            # Nothing can be checked; one clear error instead of one per check.
+            msg = f"cannot open {url}: {e}"
+            results.append(CheckResult("connect", "connect", "transports.md §0", "open the port", Outcome.ERROR, msg))
+            return Report(url, tuple(results), time.monotonic() - t0)
         for spec in specs:
             results.append(await run_check(spec, session, timeout_s=check_timeout_s))
     finally:

@@ -158,3 +158,10 @@ async def test_client_mode_prints_names_verbatim(tmp_path: Path, capsys: pytest.
     assert "client.exit_status[tcp]" in out  # brackets are text, not rich markup
     doc = json.loads(js.read_text())
     assert doc["kind"] == "client" and doc["ok"] is True
+
+
+async def test_unreachable_device_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = await _cli(["--port", "loop://nobody-listens-here", "conformance"], capsys)
+    assert rc == 1
+    assert "connect" in out and "cannot open loop://nobody-listens-here" in out
+    assert "frame.tag_copied" not in out
