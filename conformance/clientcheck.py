@@ -33,6 +33,7 @@ from conformance.probe import id_key
 from conformance.rawjson import member_order, show
 from conformance.refdevice import DEVICE_ID, Recorder, make_node
 from conformance.runner import Report
+from rpc.auth import Acl, AclEntry, Authenticator, Credentials
 from rpc.frame import Frame
 from rpc.framing import BadCrc, DeviceStreamDecoder, FrameBytes, Handshake
 
@@ -75,6 +76,7 @@ class ClientRun:
     frames: list[Frame] = field(default_factory=list)
     stream: bytes | None = None  # raw bytes received (serial, tcp)
     topics: list[tuple[str, bytes]] = field(default_factory=list)  # MQTT (topic, payload) seen on the broker
+    auth: Credentials | None = None  # the device required digest auth with these credentials
 
     @property
     def requests(self) -> list[Frame]:
@@ -128,11 +130,18 @@ class _Broker:
         self.dir.cleanup()
 
 
-async def _serve(scheme: str, stack: AsyncExitStack) -> tuple[str, Callable[[], ClientRun]]:
-    """Start the recording reference device on ``scheme``; returns its URL and a snapshot function."""
+async def _serve(
+    scheme: str, stack: AsyncExitStack, creds: Credentials | None = None
+) -> tuple[str, Callable[[], ClientRun]]:
+    """Start the recording reference device on ``scheme``; returns its URL and a snapshot function.
+
+    With ``creds`` every method needs that user (digest auth, frame.md §6 / transports.md §3.3).
+    """
     import transports
 
     node = make_node()
+    if creds is not None:
+        node.auth = Authenticator(users={creds.user: creds.password}, acl=Acl([AclEntry("*", f"+{creds.user}")]))
     rec = Recorder(node)
     stack.push_async_callback(node.close)
     topics: list[tuple[str, bytes]] = []
@@ -172,7 +181,9 @@ async def _serve(scheme: str, stack: AsyncExitStack) -> tuple[str, Callable[[], 
         raise CheckSkipped(f"no client checks over {scheme}://")
 
     def snapshot() -> ClientRun:
-        return ClientRun(scheme, url, "", frames=[f for _, f in rec.frames], stream=stream(), topics=list(topics))
+        return ClientRun(
+            scheme, url, "", frames=[f for _, f in rec.frames], stream=stream(), topics=list(topics), auth=creds
+        )
 
     return url, snapshot
 
@@ -290,6 +301,8 @@ async def _c_unique(run: ClientRun) -> str | None:
     for f in run.requests:
         key = id_key(f.id)
         prev = seen.get(key)
+        if prev is not None and run.scheme in ("http", "https") and _raw(prev) == _raw(f):
+            continue  # the HTTP codec re-POSTs the same frame with an Authorization header after a 401
         if prev is not None:
             expect(
                 prev.auth is None and f.auth is not None and prev.method == f.method,
@@ -315,6 +328,53 @@ async def _c_src(run: ClientRun) -> str | None:
         else:
             expect(f.src == "mos", 'requests must carry src "mos"', seen=f.src, expected="mos")
     return None
+
+
+AUTH_ORDER = ("realm", "username", "nonce", "cnonce", "algorithm", "response", "opaque")
+
+
+@_client_check("auth_retry", section="frame.md §6", title="after a 401: same id re-sent once with a digest auth object")
+async def _c_auth(run: ClientRun) -> str | None:
+    if run.auth is None:
+        raise CheckSkipped("the reference device did not require auth (--client-creds)")
+    if run.scheme in ("http", "https"):
+        raise CheckSkipped("HTTP authenticates with headers (transports.md §3.3)")
+    with_auth = [f for f in run.requests if f.auth is not None]
+    expect(
+        bool(with_auth),
+        "no request carried an auth object after the 401",
+        seen="no auth",
+        expected='"auth":{"realm":..,"username":..,"nonce":..,"cnonce":..,"algorithm":..,"response":..}',
+    )
+    plain = {id_key(f.id) for f in run.requests if f.auth is None}
+    for f in with_auth:
+        expect(
+            id_key(f.id) in plain,
+            "the authenticated retry must reuse the id of the refused request",
+            seen=show(f.id),
+            expected="the id of the request answered 401",
+        )
+        assert f.auth is not None
+        keys = list(f.auth)
+        required = {"realm", "username", "nonce", "cnonce", "response"}
+        expect(
+            keys == [k for k in AUTH_ORDER if k in keys] and required <= set(keys),
+            "auth members (mos order: realm, username, nonce, cnonce, algorithm, response)",
+            seen=show(keys),
+            expected=", ".join(AUTH_ORDER[:6]),
+        )
+        ok = (
+            f.auth.get("username") == run.auth.user
+            and isinstance(f.auth.get("nonce"), int)
+            and isinstance(f.auth.get("cnonce"), int)
+        )
+        expect(
+            ok,
+            "auth username and integer nonce/cnonce",
+            seen=show(dict(f.auth)),
+            expected=f'username "{run.auth.user}", integer nonce and cnonce',
+        )
+    return f"{len(with_auth)} authenticated retries"
 
 
 @_client_check(
@@ -450,10 +510,12 @@ async def _c_ota(run: ClientRun) -> str | None:
 # -- running ---------------------------------------------------------------------------------------
 
 
-async def record(cmd: str, scheme: str, *, timeout_s: float = 60.0, bundle_path: str = "") -> ClientRun:
+async def record(
+    cmd: str, scheme: str, *, timeout_s: float = 60.0, bundle_path: str = "", creds: Credentials | None = None
+) -> ClientRun:
     """Serve the reference device on ``scheme``, run ``cmd`` against it, return what it recorded."""
     async with AsyncExitStack() as stack:
-        url, snapshot = await _serve(scheme, stack)
+        url, snapshot = await _serve(scheme, stack, creds)
         command = cmd.replace("{url}", shlex.quote(url)).replace("{bundle}", shlex.quote(bundle_path))
         rc, out, err = await _run_command(command, timeout_s)
         await asyncio.sleep(0.2)  # let the last frames arrive
@@ -462,8 +524,14 @@ async def record(cmd: str, scheme: str, *, timeout_s: float = 60.0, bundle_path:
     return run
 
 
-async def run_client(cmd: str, *, schemes: list[str], timeout_s: float = 60.0) -> Report:
-    """Run the client checks for ``cmd`` over each of ``schemes``; returns a :class:`Report` (kind client)."""
+async def run_client(
+    cmd: str, *, schemes: list[str], timeout_s: float = 60.0, creds: Credentials | None = None
+) -> Report:
+    """Run the client checks for ``cmd`` over each of ``schemes``; returns a :class:`Report` (kind client).
+
+    With ``creds`` the reference device demands digest auth for every method (give the tool the same
+    credentials, e.g. ``--rpc-creds``; ``{creds}`` in ``cmd`` is replaced by ``user:pass``).
+    """
     from conformance.checks.ota import generate_bundle
     from conformance.refdevice import ARCH
 
@@ -476,7 +544,10 @@ async def run_client(cmd: str, *, schemes: list[str], timeout_s: float = 60.0) -
             Path(bundle_path).write_bytes(generate_bundle(ARCH, "2.0-conformance"))
         for scheme in schemes:
             try:
-                run: ClientRun | None = await record(cmd, scheme, timeout_s=timeout_s, bundle_path=bundle_path)
+                command = cmd.replace("{creds}", shlex.quote(f"{creds.user}:{creds.password}")) if creds else cmd
+                run: ClientRun | None = await record(
+                    command, scheme, timeout_s=timeout_s, bundle_path=bundle_path, creds=creds
+                )
                 skip_reason = ""
             except CheckSkipped as e:
                 run, skip_reason = None, str(e)

@@ -68,3 +68,26 @@ async def test_a_failing_command_is_reported() -> None:
     assert results["client.exit_status[tcp]"].outcome is Outcome.FAIL
     assert "exit 3" in results["client.exit_status[tcp]"].seen
     assert results["client.requests_seen[tcp]"].outcome is Outcome.FAIL
+
+
+async def test_our_cli_digest_auth_retry_passes() -> None:
+    from rpc.auth import Credentials
+
+    schemes = ["tcp", "http"] + (["mqtt"] if "mqtt" in SCHEMES else [])
+    cmd = f"{MGRPC} --port {{url}} --rpc-creds {{creds}} call RPC.List"
+    report = await run_client(cmd, schemes=schemes, timeout_s=60, creds=Credentials("admin", "pw"))
+    assert report.ok, _failed(report)
+    results = report.by_name()
+    assert results["client.auth_retry[tcp]"].outcome is Outcome.PASS
+    assert results["client.unique_ids[http]"].outcome is Outcome.PASS  # the header retry repeats the frame
+
+
+async def test_client_without_credentials_fails_against_an_auth_device() -> None:
+    from rpc.auth import Credentials
+
+    report = await run_client(
+        f"{MGRPC} --port {{url}} call RPC.List", schemes=["tcp"], timeout_s=60, creds=Credentials("admin", "pw")
+    )
+    results = report.by_name()
+    assert results["client.exit_status[tcp]"].outcome is Outcome.FAIL
+    assert results["client.auth_retry[tcp]"].outcome is Outcome.FAIL

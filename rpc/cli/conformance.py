@@ -71,6 +71,11 @@ def register(sub: Any) -> None:
         metavar="SCHEME",
         help=f"transport(s) for --client: {', '.join(CLIENT_TRANSPORTS)} (default tcp)",
     )
+    p.add_argument(
+        "--client-creds",
+        metavar="USER:PASS",
+        help="with --client: the reference device demands digest auth ({creds} in CMD = USER:PASS)",
+    )
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     p.set_defaults(func=cmd_conformance)
 
@@ -136,7 +141,8 @@ async def _run(args: argparse.Namespace) -> Any:
             bad = [x for x in schemes if x not in CLIENT_TRANSPORTS]
             if bad:
                 raise UsageError(f"unknown client transport(s) {bad}; valid: {', '.join(CLIENT_TRANSPORTS)}")
-            return await run_client(args.client, schemes=schemes, timeout_s=max(args.timeout, 10.0))
+            ccreds = parse_creds(args.client_creds) if args.client_creds else None
+            return await run_client(args.client, schemes=schemes, timeout_s=max(args.timeout, 10.0), creds=ccreds)
         from conformance.runner import run
 
         return await run(port_from_args(args), options=options, only=only)
