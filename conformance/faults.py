@@ -51,6 +51,7 @@ FAULTS: dict[str, Fault] = {
         Fault("rpc_list_spaced", "RPC.List printed with spaces", "rpc.list"),
         Fault("describe_not_found", "RPC.Describe answers 404 for known names", "rpc.describe"),
         Fault("ping_no_channel_info", "RPC.Ping without channel_info", "rpc.ping"),
+        Fault("config_set_ignored", "Config.Set answers null but changes nothing", "config.set"),
         Fault("ota_gap_accepted", "OTA.Write accepts a gap", "ota.write_gap"),
         Fault("ota_duplicate_rejected", "OTA.Write rejects an exact repeat", "ota.write_duplicate"),
         Fault("ota_bad_bundle_accepted", "corrupt bundle installed", "ota.bad_bundle"),
@@ -177,6 +178,8 @@ def make_faulty_node(faults: Iterable[str], *, ota: FakeOta | None = None, devic
             raise HandlerError(404, "name not found")
 
         node.add_handler("RPC.Describe", describe, args_fmt="{name: %T}")
+    if "config_set_ignored" in fset:
+        node.add_handler("Config.Set", lambda ctx, p: None)
     if "ping_no_channel_info" in fset:
         node.add_handler("RPC.Ping", lambda ctx, p: {"info": ctx.channel.info()})
     if "ota_bad_bundle_accepted" in fset:

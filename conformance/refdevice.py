@@ -1,6 +1,7 @@
 """A small reference device for the conformance suite's own tests and for client checks.
 
-:func:`make_node` builds a device :class:`rpc.node.Node` with ``Sys.GetInfo``, ``Sys.Reboot`` and a
+:func:`make_node` builds a device :class:`rpc.node.Node` with ``Sys.GetInfo``, ``Sys.Reboot``, an
+in-memory ``Config.Get``/``Config.Set`` (``device.id``, ``debug.level``) and a
 minimal in-memory OTA service (:class:`FakeOta`) that follows spec/ota.md: streaming
 ``OTA.Begin/Write/End/Status``, ``OTA.Commit/Revert``, ``OTA.GetBootState``, a simulated reboot into
 the new slot uncommitted, and a bundle check (stored zip, ``manifest.json`` first, platform match).
@@ -211,6 +212,21 @@ def _check_bundle(data: bytes, arch: str) -> dict[str, Any]:
     return manifest
 
 
+def _merge_config(base: dict[str, Any], over: dict[str, Any], path: str) -> None:
+    for k, v in over.items():
+        key = f"{path}.{k}" if path else k
+        if k not in base:
+            raise HandlerError(400, f"invalid config key {key}")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise HandlerError(400, f"invalid value for {key}")
+            _merge_config(base[k], v, key)
+        elif type(v) is not type(base[k]):
+            raise HandlerError(400, f"invalid value for {key}")
+        else:
+            base[k] = v
+
+
 def make_node(*, device_id: str = DEVICE_ID, ota: FakeOta | None = None, node_cls: type[Node] = Node) -> Node:
     """A reference device: built-in RPC.*, ``Sys.GetInfo``, ``Sys.Reboot`` and the fake OTA service."""
     node = node_cls(id=device_id)
@@ -270,6 +286,26 @@ def make_node(*, device_id: str = DEVICE_ID, ota: FakeOta | None = None, node_cl
             reboot_soon()
         return None
 
+    config: dict[str, Any] = {"device": {"id": device_id}, "debug": {"level": 2}}
+
+    def config_get(ctx: Context, params: Any) -> Any:
+        key = params.get("key") if isinstance(params, dict) else None
+        value: Any = config
+        for part in key.split(".") if isinstance(key, str) and key else ():
+            if not isinstance(value, dict) or part not in value:
+                raise HandlerError(404, "invalid config key")
+            value = value[part]
+        return value
+
+    def config_set(ctx: Context, params: Any) -> Any:
+        changes = params.get("config") if isinstance(params, dict) else None
+        if not isinstance(changes, dict):
+            raise HandlerError(400, "config is required")
+        _merge_config(config, changes, "")
+        return None
+
+    node.add_handler("Config.Get", config_get, args_fmt="{key: %Q, level: %d}")
+    node.add_handler("Config.Set", config_set, args_fmt="{config: %M, level: %d, save: %B, reboot: %B, try_once: %B}")
     node.add_handler("Sys.GetInfo", getinfo)
     node.add_handler("Sys.Reboot", sys_reboot, args_fmt="{abort: %B, delay_ms: %d}")
     node.add_handler("OTA.Status", lambda ctx, p: ota.status())
