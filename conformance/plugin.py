@@ -43,6 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--rpc-creds", default=None, help="user:pass for the auth checks")
     g.addoption("--rpc-ota", default=None, metavar="BUNDLE", help="fw.zip for the (destructive) OTA checks")
     g.addoption("--rpc-ota-generate", action="store_true", help="generate the OTA bundle for the device")
+    g.addoption("--rpc-destructive", action="store_true", help="also run checks that reboot or reconfigure")
     g.addoption("--rpc-reply-timeout", type=float, default=5.0, help="seconds to wait for each reply")
 
 
@@ -88,6 +89,8 @@ def _options(config: pytest.Config | None = None, **kw: Any) -> Any:
         kw.setdefault("ota_bundle", Path(ota).read_bytes() if ota else None)
         kw.setdefault("ota_generate", bool(config.getoption("--rpc-ota-generate")))
         kw.setdefault("timeout_s", float(config.getoption("--rpc-reply-timeout")))
+        if config.getoption("--rpc-destructive"):
+            kw.setdefault("destructive", True)
     kw.setdefault("destructive", bool(kw.get("ota_bundle") or kw.get("ota_generate")))
     return Options(**kw)
 
