@@ -131,43 +131,47 @@ class Session:
 
         Sends ``frame``, then a barrier request (``RPC.Ping`` with a fresh id) and waits for the
         barrier's reply, then listens ``quiet_s`` longer. Frames other than the barrier's reply
-        received in that window are returned (the caller decides which count as answers).
+        received in that window are returned (the caller decides which count as answers). A device
+        may close a non-persistent channel instead of answering (frame.md §3); then the barrier goes
+        on a new channel, and frames that came on the old one still count.
         """
-        p = await self.probe()
-        mark = len(p.frames)
+        first = await self.probe()
+        first_mark = len(first.frames)
         try:
-            await p.send(frame)
+            await first.send(frame)
         except (MgrpcError, OSError) as e:
             # The transport reports the device refused the frame (HTTP answers a dropped frame with
             # 400 "Invalid request"): no frame came back, which is what the caller checks.
             log.info("sending the frame that must not be answered failed: %s", e)
             await self.reopen()
-            p = await self.probe()
-            mark = len(p.frames)
         barrier_id = Probe.new_id()
-        barrier = Frame(id=barrier_id, src="mos", method="RPC.Ping")
-        if p.closed:  # a non-persistent channel may be closed by the device for this frame
-            p = await self.probe()
-            mark = len(p.frames)
+
+        def collected(p: Probe, mark: int) -> list[Frame]:
+            got = list(first.frames[first_mark:])
+            if p is not first:
+                got += p.frames[mark:]
+            return [f for f in got if not (f.is_response and id_key(f.id) == barrier_id)]
+
+        p = await self.probe()  # a new one if the device closed the channel
+        mark = first_mark if p is first else len(p.frames)
+        reply: Frame | None = None
         try:
-            await p.send(barrier)
-            got = await p.wait_for(
+            await p.send(Frame(id=barrier_id, src="mos", method="RPC.Ping"))
+            reply = await p.wait_for(
                 lambda f: f.is_response and id_key(f.id) == barrier_id, start=mark, timeout_s=self.options.timeout_s
             )
         except MgrpcError:
-            got = None
-        if got is None and p.closed:
-            # The device closed the channel (allowed for a wrong dst on non-persistent channels):
-            # make sure it still answers on a new one.
-            p2 = await self.reopen()
-            again = await p2.request("RPC.Ping", timeout_s=self.options.timeout_s)
+            reply = None
+        if reply is None and p.closed:
+            # Closed while we waited: make sure the device still answers on a new channel.
+            again = await (await self.reopen()).request("RPC.Ping", timeout_s=self.options.timeout_s)
             if again is None:
                 raise CheckFailed("device stopped answering", seen="no response to RPC.Ping", expected="a response")
-            return [f for f in p.frames[mark:] if not (f.is_response and id_key(f.id) == barrier_id)]
-        if got is None:
+            return collected(p, mark)
+        if reply is None:
             raise CheckFailed("no response to the barrier RPC.Ping", seen="no response", expected="a response")
         await asyncio.sleep(self.options.quiet_s)
-        return [f for f in p.frames[mark:] if not (f.is_response and id_key(f.id) == barrier_id)]
+        return collected(p, mark)
 
     # -- learned facts ------------------------------------------------------------------------------
     async def device_id(self) -> str:
