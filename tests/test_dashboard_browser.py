@@ -45,7 +45,6 @@ def chromium() -> str:
     path = find_chromium()
     if path is None:
         pytest.skip("chromium is not installed (looked for /usr/bin/chromium); `make system-deps` installs it")
-    pytest.importorskip("playwright.async_api", reason="the playwright package is not installed")
     return path
 
 
