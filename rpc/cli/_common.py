@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -12,7 +13,10 @@ from typing import Any, TypeVar
 
 from rpc.errors import MgrpcError, RemoteError, RpcTimeout, TransportError, UsageError
 
-__all__ = ["configure_logging", "connect_from_args", "err", "parse_duration", "port_from_args", "run_async"]
+__all__ = [
+    "configure_logging", "connect_from_args", "err", "parse_duration", "port_from_args", "run_async",
+    "run_with_client",
+]
 
 T = TypeVar("T")
 
@@ -44,8 +48,6 @@ def duration_arg(text: str) -> float:
     try:
         return parse_duration(text)
     except UsageError as e:
-        import argparse
-
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -129,3 +131,35 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, TransportError | MgrpcError):
         return str(e)
     return f"{type(e).__name__}: {e}"
+
+
+class _Reported(Exception):
+    """The error was already printed."""
+
+
+def run_with_client(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]]) -> int:
+    """Connect with ``--port``, run ``fn(client)``, close; print errors the way mos does.
+
+    A connection that cannot be opened is printed on stdout (mos uses a plain Println there);
+    every other error goes to stderr as ``Error: <message>``. Returns the exit status.
+    """
+
+    async def main() -> int | None:
+        try:
+            client = await connect_from_args(args)
+        except (TransportError, OSError) as e:
+            print(describe_error(e))
+            raise _Reported() from e
+        try:
+            return await fn(client)
+        finally:
+            await client.close()
+
+    try:
+        rc = asyncio.run(main())
+    except _Reported:
+        return 1
+    except (MgrpcError, OSError) as e:
+        err(f"Error: {describe_error(e)}")
+        return 1
+    return int(rc or 0)

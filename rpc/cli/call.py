@@ -8,8 +8,8 @@ import json
 import sys
 from typing import Any
 
-from rpc.cli._common import connect_from_args, describe_error, err
-from rpc.errors import MgrpcError, RemoteError, TransportError
+from rpc.cli._common import describe_error, err, run_with_client
+from rpc.errors import RemoteError
 from rpc.frame import ABSENT, Frame
 from rpc.jsonfmt import go_indent, member_text
 
@@ -51,34 +51,14 @@ def cmd_call(args: argparse.Namespace) -> int:
             err(f"Error: Args [{args.params}] is not a valid JSON string")
             return 1
 
-    async def run() -> Frame:
-        try:
-            client = await connect_from_args(args)
-        except (TransportError, OSError) as e:
-            # mos prints a connection failure on stdout (plain Println); so do we.
-            print(describe_error(e))
-            raise _Reported() from e
-        try:
-            resp = await client.call_frame(args.method, params, timeout_s=args.timeout)
-            if args.method.lower() == "sys.reboot":
-                await asyncio.sleep(0.2)  # as mos does, let the reply leave before the link drops
-            return resp
-        finally:
-            await client.close()
+    async def call(client: Any) -> int:
+        frame: Frame = await client.call_frame(args.method, params, timeout_s=args.timeout)
+        if args.method.lower() == "sys.reboot":
+            await asyncio.sleep(0.2)  # as mos does, let the reply leave before the link drops
+        if frame.error is not None and frame.error.code != 0:
+            err(f"Error: {describe_error(RemoteError(frame.error.code, frame.error.message or ''))}")
+            return 1
+        sys.stdout.write(format_result(frame) + "\n")
+        return 0
 
-    try:
-        frame = asyncio.run(run())
-    except _Reported:
-        return 1
-    except (MgrpcError, OSError) as e:
-        err(f"Error: {describe_error(e)}")
-        return 1
-    if frame.error is not None and frame.error.code != 0:
-        err(f"Error: {describe_error(RemoteError(frame.error.code, frame.error.message or ''))}")
-        return 1
-    sys.stdout.write(format_result(frame) + "\n")
-    return 0
-
-
-class _Reported(Exception):
-    """The error was already printed."""
+    return run_with_client(args, call)

@@ -12,11 +12,11 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from rpc.cli._common import connect_from_args, describe_error, err
-from rpc.errors import MgrpcError, RemoteError, TransportError, UsageError
+from rpc.cli._common import describe_error, err, run_with_client
+from rpc.errors import RemoteError, UsageError
 from rpc.otaclient import (
     DEFAULT_CHUNK_SIZE,
     OtaError,
@@ -31,39 +31,7 @@ from rpc.otaclient import (
     parse_assignments,
 )
 
-__all__ = ["fetch_url", "register", "run_with_client"]
-
-
-class _Reported(Exception):
-    """The error was already printed."""
-
-
-def run_with_client(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]]) -> int:
-    """Connect with ``--port``, run ``fn(client)``, close; print errors the way mos does.
-
-    A connection that cannot be opened is printed on stdout (mos uses a plain Println there);
-    every other error goes to stderr as ``Error: <message>``. Returns the exit status.
-    """
-
-    async def main() -> int | None:
-        try:
-            client = await connect_from_args(args)
-        except (TransportError, OSError) as e:
-            print(describe_error(e))
-            raise _Reported() from e
-        try:
-            return await fn(client)
-        finally:
-            await client.close()
-
-    try:
-        rc = asyncio.run(main())
-    except _Reported:
-        return 1
-    except (MgrpcError, OSError) as e:
-        err(f"Error: {describe_error(e)}")
-        return 1
-    return int(rc or 0)
+__all__ = ["fetch_url", "register"]
 
 
 def fetch_url(url: str, *, timeout_s: float = 60.0) -> bytes:
