@@ -89,10 +89,9 @@ class UpdatePoller:
         except (TypeError, ValueError):
             commit_timeout = 0
         try:
-            # ota-http-client's ignore_same_version=true ("skip an update to the running version")
-            # is the updater context's default: its flag of that name means "do not check".
+            # ota-http-client polls with ignore_same_version=true: skip an update to the running version.
             u = self.ota.begin(size=None, commit_timeout_s=commit_timeout, timeout_s=None, source="poll",
-                               ignore_same_version=False)  # fmt: skip
+                               ignore_same_version=True)  # fmt: skip
         except HandlerError as e:
             log.info("poll skipped: %s", e.message)
             return None

@@ -160,12 +160,12 @@ def test_same_version_is_success_without_reboot() -> None:
     st = device()
     before = st.flash.snapshot()
     data = make_virtual_bundle("esp32", "1.0", app_size=9000, fs_size=FS_SIZE)
-    ctx = UpdaterContext(st, arch="esp32")
+    ctx = UpdaterContext(st, arch="esp32", ignore_same_version=True)
     assert ctx.process(data) == 1
     assert ctx.status_message == "Version is the same as current"
     assert ctx.finish() == 1 and not ctx.reboot_required
     assert st.flash.snapshot() == before
-    ctx = apply(st, data, ignore_same_version=True)
+    ctx = apply(st, data)  # without the flag the same version is installed again
     assert ctx.result == 1 and ctx.reboot_required
 
 

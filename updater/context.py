@@ -29,9 +29,11 @@ Decisions (documented here, tested in ``tests/test_updater_*.py``):
   ``on_begin(manifest)`` hook (the MGOS_EVENT_OTA_BEGIN handler) returning False (``OTA aborted by
   the MGOS_EVENT_OTA_BEGIN handler``).
 * A flash failure while writing is ``Write failed`` (code -11).
-* Same version as the running firmware (version and build_id) and not ``ignore_same_version``:
+* Same version as the running firmware (version and build_id) with ``ignore_same_version`` (as
+  ota-http-client means it: "skip an update to the version already running"):
   ``Version is the same as current``, result > 0, nothing written, no reboot
-  (:attr:`reboot_required` is false).
+  (:attr:`reboot_required` is false). Without the flag (the default, as for ``OTA.Begin``) the same
+  version is installed again.
 * Data is written in 512-byte programs (the device's backend chunk); a sector is erased when the
   write cursor first enters it; all-0xFF programs are skipped (they would not change erased flash).
 * **Only the inactive slot is ever written**; the boot config changes only in :meth:`finish`. So any
@@ -369,7 +371,7 @@ class UpdaterContext:
         if self.on_begin is not None and self.on_begin(m) is False:
             raise UpdaterError("OTA aborted by the MGOS_EVENT_OTA_BEGIN handler")
         log.info("manifest: %s %s (%s) for %s", m.name, m.version, m.build_id, m.platform)
-        if not self.ignore_same_version and m.is_same_version(
+        if self.ignore_same_version and m.is_same_version(
             self.storage.running_version, self.storage.running_build_id
         ):
             self.result = 1

@@ -28,6 +28,7 @@ COMMANDS = (
     "rpc.cli.console",
     "rpc.cli.demo",
     "rpc.cli.bridge",
+    "rpc.cli.conformance",
 )
 
 
