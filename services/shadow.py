@@ -23,8 +23,9 @@ Fleet topics of our design (the dashboard, :mod:`services.fleet`, subscribes to 
 
 * ``<id>/status`` (retained, QoS 1): ``{"online": true|false, "id", "arch", "app", "version",
   "build_id", "committed", "slot", "reverted", "reason"}``, published when a boot's MQTT session
-  starts, after a commit, and (``online: false``) when the stack stops. *[inferred]* no last will:
-  the injected connection does not set one, so a killed process stays "online" until it returns.
+  starts, after a commit, and (``online: false``) when the stack stops. The connection the composition
+  root injects (``mgrpc dashboard``'s simulated devices) sets ``{"online": false, "id"}`` as its
+  retained last will, so a killed device process shows offline too.
 * ``<id>/ota/progress`` (QoS 0): ``{"state": "idle|progress|error|success", "done", "total",
   "percent", "message", "source"}`` from :attr:`services.ota.OtaService.on_progress`, whatever
   started the update (OTA.Begin/Write, OTA.Update, POST /update, polling, shadow); at most every

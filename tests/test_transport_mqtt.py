@@ -569,3 +569,39 @@ async def test_log_subscribe(broker: Mosquitto, sniffer: Sniffer) -> None:
         assert lines == ["boot ok\n", "\ufffdbad utf8"]
     finally:
         await conn.close()
+
+
+async def test_last_will_published_when_a_process_is_killed(broker: Mosquitto) -> None:
+    import json as _json
+    import signal
+    import sys
+
+    from transports.mqtt import open_connection
+
+    watcher = await open_connection(f"mqtt://127.0.0.1:{broker.port}", client_id="watcher")
+    seen: asyncio.Queue[bytes] = asyncio.Queue()
+    await watcher.subscribe("victim/status", lambda msg: seen.put_nowait(bytes(msg.payload)))
+    script = (
+        "import asyncio, json\n"
+        "from transports.mqtt import open_connection\n"
+        "async def main():\n"
+        f"    c = await open_connection('mqtt://127.0.0.1:{broker.port}', client_id='victim',\n"
+        "        will=('victim/status', json.dumps({'online': False, 'id': 'victim'}).encode(), 1, True))\n"
+        "    await c.publish('victim/status', b'{\"online\": true}', qos=1, retain=True)\n"
+        "    print('up', flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == b"up"
+        assert _json.loads(await asyncio.wait_for(seen.get(), 10)) == {"online": True}
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        assert _json.loads(await asyncio.wait_for(seen.get(), 10)) == {"online": False, "id": "victim"}
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await watcher.close()

@@ -267,9 +267,11 @@ class MqttConnection:
         client_id: str | None = None,
         reconnect_min_s: int = 1,
         reconnect_max_s: int = 16,
+        will: tuple[str, bytes, int, bool] | None = None,
     ) -> None:
         self._mqtt = _paho()
         self.config = config
+        self.will = will  # (topic, payload, qos, retain) the broker publishes if we vanish
         self.client_id = client_id or config.client_id or f"mgrpc-{random.randrange(1 << 31)}"
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
@@ -354,6 +356,9 @@ class MqttConnection:
         c.on_publish = self._t_on_publish
         c.on_message = self._t_on_message
         c.on_socket_open = _nodelay
+        if self.will is not None:
+            topic, payload, qos, retain = self.will
+            c.will_set(topic, payload, qos=qos, retain=retain)
         self._client = c
         self._first = loop.create_future()
         addr = self.config.address
@@ -679,10 +684,15 @@ async def open_connection(
     client_id: str | None = None,
     timeout_s: float = 10.0,
     reconnect_max_s: int = 16,
+    will: tuple[str, bytes, int, bool] | None = None,
 ) -> MqttConnection:
-    """Connect to the broker named by ``url`` and return the :class:`MqttConnection`."""
+    """Connect to the broker named by ``url`` and return the :class:`MqttConnection`.
+
+    ``will`` = ``(topic, payload, qos, retain)``: the last will the broker publishes when this
+    connection drops without a DISCONNECT (a killed process, a lost network).
+    """
     cfg = BrokerConfig.from_url(url)
-    conn = MqttConnection(cfg, client_id=client_id, reconnect_max_s=reconnect_max_s)
+    conn = MqttConnection(cfg, client_id=client_id, reconnect_max_s=reconnect_max_s, will=will)
     return await conn.connect(timeout_s=timeout_s)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import tempfile
@@ -139,7 +140,9 @@ async def start_fleet_device(
     )  # fmt: skip
 
     async def connect(url: str) -> Any:
-        return await open_connection(f"{b.scheme}://{b.netloc}", client_id=dev_id)
+        # A killed device process must show offline: the broker publishes this retained will.
+        will = (f"{dev_id}/status", json.dumps({"online": False, "id": dev_id}).encode(), 1, True)
+        return await open_connection(f"{b.scheme}://{b.netloc}", client_id=dev_id, will=will)
 
     async def serve_rpc(conn: Any, node: Any) -> Any:
         ch = MqttDeviceChannel(conn, dev_id, owns_connection=False)
