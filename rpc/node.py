@@ -510,7 +510,15 @@ class Node:
             oldest = next(iter(self._pending))
             self._fail(oldest, RemoteError(429, "Request queue overflow"))
         self._send(ch, frame, fail_key=key)
-        return await fut
+        try:
+            return await fut
+        finally:
+            # The caller gave up (cancelled): free its slot and timer, or with timeout_s=None it
+            # would hold one of the max_queue_length slots forever.
+            if fut.cancelled() and self._pending.get(key) is p:
+                del self._pending[key]
+                if p.timer is not None:
+                    p.timer.cancel()
 
     async def call(
         self,

@@ -288,3 +288,16 @@ async def test_broadcast_goes_to_broadcast_enabled_channels_only(dev: Node) -> N
     assert sent.method == "Sys.Event" and sent.params == {"x": 1} and not sent.wants_reply
     await mqtt.settle()
     assert mqtt.sent == []
+
+
+async def test_cancelled_call_leaves_nothing_pending(dev: Node) -> None:
+    d = dev.add_channel(RecordingChannel(), default=True)
+    task = asyncio.ensure_future(dev.call("X", timeout_s=None))
+    await d.settle()
+    assert dev.pending_count == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the abandoned call must not keep a slot of the 25-call cap (with no timeout it never would)
+    assert dev.pending_count == 0
+
