@@ -65,8 +65,12 @@ class RpcTimeout(MgrpcError, TimeoutError):
     """A call got no reply within its timeout."""
 
 
-class QueueOverflow(MgrpcError):
-    """The pending-request queue is full; the oldest request was failed with 429."""
+class QueueOverflow(RemoteError):
+    """The pending-request queue was full: the oldest pending call failed locally with this
+    (code 429 ``Request queue overflow``, as rpc-common does; never sent on the wire)."""
+
+    def __init__(self, code: int = 429, message: str = "Request queue overflow") -> None:
+        super().__init__(code, message)
 
 
 class TransportError(MgrpcError, OSError):

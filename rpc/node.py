@@ -41,6 +41,7 @@ from rpc.errors import (
     ChannelClosed,
     HandlerError,
     MgrpcError,
+    QueueOverflow,
     RemoteError,
     RpcTimeout,
     TransportError,
@@ -508,7 +509,7 @@ class Node:
         self._pending[key] = p
         while len(self._pending) > self.max_queue_length:
             oldest = next(iter(self._pending))
-            self._fail(oldest, RemoteError(429, "Request queue overflow"))
+            self._fail(oldest, QueueOverflow())
         self._send(ch, frame, fail_key=key)
         try:
             return await fut

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 import transports
-from rpc.errors import ChannelClosed, HandlerError, RemoteError, RpcTimeout
+from rpc.errors import ChannelClosed, HandlerError, QueueOverflow, RemoteError, RpcTimeout
 from rpc.frame import parse_frame
 from rpc.node import Node
 from tests.helpers import RecordingChannel
@@ -301,3 +301,16 @@ async def test_cancelled_call_leaves_nothing_pending(dev: Node) -> None:
     # the abandoned call must not keep a slot of the 25-call cap (with no timeout it never would)
     assert dev.pending_count == 0
 
+
+async def test_queue_overflow_is_its_own_error(dev: Node) -> None:
+    dev.max_queue_length = 1
+    d = dev.add_channel(RecordingChannel(), default=True)
+    first = asyncio.ensure_future(dev.call("A", timeout_s=5))
+    await d.settle()
+    second = asyncio.ensure_future(dev.call("B", timeout_s=5))
+    await d.settle()
+    with pytest.raises(QueueOverflow) as ei:
+        await first
+    assert isinstance(ei.value, RemoteError) and ei.value.code == 429
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
