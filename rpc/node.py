@@ -475,7 +475,9 @@ class Node:
         """A fresh request id: mos's random 2^40-range ids, or a device's growing counter."""
         if self.style == "mos":
             return random.getrandbits(40) | (1 << 40)
-        self._next_id += random.getrandbits(16)
+        # The device adds rand() & 0xffff, which may be 0; we add at least 1 so that an id is never
+        # reused while its call may still be pending.
+        self._next_id += random.getrandbits(16) or 1
         return self._next_id
 
     async def call_frame(

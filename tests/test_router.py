@@ -314,3 +314,11 @@ async def test_queue_overflow_is_its_own_error(dev: Node) -> None:
     assert isinstance(ei.value, RemoteError) and ei.value.code == 429
     second.cancel()
     await asyncio.gather(second, return_exceptions=True)
+
+
+def test_device_ids_never_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    node = Node(id=DEV)
+    # rand() & 0xffff can be 0; a repeated id would overwrite a pending call with the same key
+    monkeypatch.setattr("rpc.node.random.getrandbits", lambda n: 0)
+    first, second = node.new_id(), node.new_id()
+    assert first != second
