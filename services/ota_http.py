@@ -71,6 +71,12 @@ async def fetch_update(svc: OtaService, u: _Update, url: str, *, headers: Mappin
     return 0, u.ctx.status_message
 
 
+def _abort_if_current(svc: OtaService, u: _Update, message: str) -> None:
+    """Abort ``u`` if it is still the service's running update (never someone else's)."""
+    if svc.update is u and svc.state == OtaState.PROGRESS:
+        svc.abort(message)
+
+
 def register_http_endpoints(node: Any, svc: OtaService, *, commit_timeout_default: int = 0) -> None:
     """Serve ``/update`` and friends through the node's HTTP transports (``node.http_handlers``)."""
 
@@ -113,23 +119,30 @@ async def _push(request: Any, svc: OtaService, commit_timeout_default: int) -> A
     commit_timeout = commit_timeout_default
     u: _Update | None = None
     result = 0
-    async for part in reader:
-        if part.filename:
-            if u is None:
-                try:
-                    u = svc.begin(size=None, commit_timeout_s=commit_timeout, timeout_s=None, source="post")
-                except HandlerError as e:
-                    return reply(400, e.message or "Update failed")
-            while chunk := await part.read_chunk(READ_CHUNK):
-                result = svc.write(chunk)
-                if result < 0:
-                    return reply(500, f"{result} {u.ctx.status_message}")
-        elif part.name == "commit_timeout":
-            text = (await part.text()).strip()
-            if text.lstrip("-").isdigit():
-                commit_timeout = int(text)
-                if u is not None:
-                    u.ctx.commit_timeout_s = max(0, commit_timeout)
+    try:
+        async for part in reader:
+            if part.filename:
+                if u is None:
+                    try:
+                        u = svc.begin(size=None, commit_timeout_s=commit_timeout, timeout_s=None, source="post")
+                    except HandlerError as e:
+                        return reply(400, e.message or "Update failed")
+                while chunk := await part.read_chunk(READ_CHUNK):
+                    result = svc.write(chunk)
+                    if result < 0:
+                        return reply(500, f"{result} {u.ctx.status_message}")
+            elif part.name == "commit_timeout":
+                text = (await part.text()).strip()
+                if text.lstrip("-").isdigit():
+                    commit_timeout = int(text)
+                    if u is not None:
+                        u.ctx.commit_timeout_s = max(0, commit_timeout)
+    except BaseException:
+        # The upload broke off (client gone, malformed multipart, cancelled): the stream ended before
+        # the archive did, so the update fails now instead of blocking others until its watchdog.
+        if u is not None:
+            _abort_if_current(svc, u, "Update aborted")
+        raise
     if u is None:
         return reply(400, "Update aborted")
     if u.ctx.result > 0 and not u.ctx.reboot_required:

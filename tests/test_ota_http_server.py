@@ -100,3 +100,39 @@ async def test_curl_form_upload(tmp_path) -> None:
         assert (await dev.wait_booted(boots=2)).version == "4.5"
     finally:
         await dev.stop()
+
+
+async def test_push_cut_off_mid_upload_aborts_the_update(tmp_path) -> None:
+    """A client that goes away mid-upload must not leave the device 'in progress' until the watchdog."""
+    dev = await start_device(tmp_path, "http-cut", ["http://127.0.0.1:0/rpc"])
+    base = dev.urls[0].rsplit("/rpc", 1)[0]
+    host, port = base.split("//", 1)[1].rsplit(":", 1)
+    boundary = "mgrpc-test-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="fw.zip"\r\n'
+        "Content-Type: application/zip\r\n\r\n"
+    ).encode() + bundle("4.6") + f"\r\n--{boundary}--\r\n".encode()
+    try:
+        _reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /update HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode() + body[: len(body) // 2]
+        )
+        await writer.drain()
+        assert dev.ota is not None
+        for _ in range(250):  # until the device has started the update
+            if dev.ota.state == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert dev.ota.state == 1
+        writer.close()
+        for _ in range(250):  # bounded: the device notices the closed connection
+            if dev.ota.state != 1:
+                break
+            await asyncio.sleep(0.02)
+        assert (dev.ota.state, dev.ota.msg) == (0, "Update aborted")
+        status, text = await _post_file(f"{base}/update", bundle("4.6"))
+        assert (status, text) == (200, "Update applied, finalizing\r\n")
+        assert (await dev.wait_booted(boots=2)).version == "4.6"
+    finally:
+        await dev.stop()
