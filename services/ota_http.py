@@ -35,33 +35,42 @@ async def fetch_update(svc: OtaService, u: _Update, url: str, *, headers: Mappin
     try:
         async with aiohttp.ClientSession() as session, session.get(url, headers=dict(headers or {})) as resp:
             if resp.status == 304:
-                svc.abort("Not Modified")
+                _abort_if_current(svc, u, "Not Modified")
                 svc.state, svc.msg = OtaState.IDLE, "Not Modified"
                 return 1, "Not Modified"
             if resp.status != 200:
-                svc.abort("Invalid HTTP response code")
+                _abort_if_current(svc, u, "Invalid HTTP response code")
                 return -resp.status, "Invalid HTTP response code"
             if u.size is None and resp.content_length is not None:
                 u.size = resp.content_length
                 u.ctx.total_size = resp.content_length
             async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                if u.ctx.result < 0:
+                    break  # aborted meanwhile (watchdog, reboot): the service may run another update now
                 res = svc.write(chunk)
                 if res < 0:
                     return res, u.ctx.status_message
                 if res > 0:  # done early (e.g. same version)
                     break
     except aiohttp.ClientConnectorError:
-        svc.abort("Failed to connect")
+        _abort_if_current(svc, u, "Failed to connect")
         return -10, "Failed to connect"
     except (aiohttp.ClientPayloadError, aiohttp.ClientError, OSError) as e:
         log.warning("download of %s failed: %s", url, e)
-        svc.abort("Update failed")
+        _abort_if_current(svc, u, "Update failed")
         return -5, "Update failed"
+    except BaseException:
+        # Cancelled (the poller or the stack stopped) or a bug: end the update rather than leave the
+        # service "in progress", refusing every other update until the watchdog fires.
+        _abort_if_current(svc, u, "Update aborted")
+        raise
+    if u.ctx.result < 0:
+        return -5, u.ctx.status_message
     if u.ctx.result > 0 and not u.ctx.reboot_required:
         svc.state, svc.msg = OtaState.IDLE, u.ctx.status_message
         return 1, u.ctx.status_message
     if u.size is not None and u.written < u.size:
-        svc.abort("Update failed")
+        _abort_if_current(svc, u, "Update failed")
         return -5, "Update failed"
     if not finalize:
         return 0, "downloaded"

@@ -1,0 +1,108 @@
+"""services.ota_http.fetch_update: the download belongs to one update, and ends it when cut off."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from services.device import VirtualDevice
+from services.ota import OtaState
+from services.ota_http import fetch_update
+from tests.device_helpers import bundle
+from updater.storage import DeviceStorage
+
+
+class StallingServer:
+    """Serves a bundle: the first half at once, the rest only after :attr:`release` is set."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.half_sent = asyncio.Event()
+        self.release = asyncio.Event()
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(self.data)
+        await resp.prepare(request)
+        half = len(self.data) // 2
+        await resp.write(self.data[:half])
+        self.half_sent.set()
+        await self.release.wait()
+        await resp.write(self.data[half:])
+        return resp
+
+    async def start(self) -> StallingServer:
+        app = web.Application()
+        app.router.add_get("/fw.zip", self.handle)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/fw.zip"
+        return self
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def server():
+    s = await StallingServer(bundle("5.1")).start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def device(tmp_path):
+    dev = VirtualDevice(id="fetch", state_dir=tmp_path / "fetch", storage=DeviceStorage.in_memory())
+    await dev.start()
+    yield dev
+    await dev.stop()
+
+
+async def _until_some_data_arrived(u) -> None:
+    for _ in range(500):  # bounded wait for the first chunks to reach the updater
+        if u.written > 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no data arrived")
+
+
+async def test_cancelled_download_ends_the_update(device: VirtualDevice, server: StallingServer) -> None:
+    svc = device.ota
+    assert svc is not None
+    u = svc.begin(size=None, commit_timeout_s=0, timeout_s=None, source="url")
+    task = asyncio.ensure_future(fetch_update(svc, u, server.url))
+    await server.half_sent.wait()
+    await _until_some_data_arrived(u)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (svc.state, svc.msg) == (OtaState.IDLE, "Update aborted")
+    assert device.storage is not None and device.storage.get_boot_state()["active_slot"] == 0
+    svc.begin(size=None, commit_timeout_s=0, timeout_s=None)  # another update may start at once
+
+
+async def test_download_aborted_meanwhile_never_feeds_the_next_update(
+    device: VirtualDevice, server: StallingServer
+) -> None:
+    svc = device.ota
+    assert svc is not None
+    u = svc.begin(size=None, commit_timeout_s=0, timeout_s=None, source="url")
+    task = asyncio.ensure_future(fetch_update(svc, u, server.url))
+    await server.half_sent.wait()
+    await _until_some_data_arrived(u)
+    svc.abort("Update timed out")  # what the no-progress watchdog does
+    u2 = svc.begin(size=1000, commit_timeout_s=0, timeout_s=None)  # e.g. mos ota starts a new one
+    server.release.set()
+    code, message = await task
+    assert (code, message) == (-5, "Update timed out")
+    assert svc.update is u2 and svc.state == OtaState.PROGRESS
+    assert u2.written == 0 and u2.ctx.bytes_processed == 0
