@@ -62,6 +62,7 @@ class _Update:
     last_offset: int = -1
     last_data: bytes = b""
     source: str = "rpc"
+    timeout_s: float = 600.0  # no-progress limit (update.timeout / OTA.Begin "timeout")
 
 
 class OtaService:
@@ -112,9 +113,10 @@ class OtaService:
             keys=keys, sig_req_mask=int(self._cfg("update.sig_req_mask", -1)),
             ignore_same_version=ignore_same_version,
         )  # fmt: skip
-        self.update = _Update(ctx, size, source=source)
+        timeout_s = timeout_s if timeout_s and timeout_s > 0 else self.default_timeout_s
+        self.update = _Update(ctx, size, source=source, timeout_s=timeout_s)
         self._set(OtaState.PROGRESS, "progress")
-        self._arm_watchdog(timeout_s if timeout_s and timeout_s > 0 else self.default_timeout_s)
+        self._arm_watchdog(timeout_s)
         log.info("update started (%s, %s bytes)", source, size)
         return self.update
 

@@ -21,6 +21,7 @@ __all__ = ["fetch_update", "register_http_endpoints"]
 
 log = logging.getLogger("mgrpc.services.ota_http")
 READ_CHUNK = 4096
+CONNECT_TIMEOUT_S = 30.0
 
 
 async def fetch_update(svc: OtaService, u: _Update, url: str, *, headers: Mapping[str, str] | None = None,
@@ -32,8 +33,14 @@ async def fetch_update(svc: OtaService, u: _Update, url: str, *, headers: Mappin
     """
     import aiohttp
 
+    # No overall limit (aiohttp's default is 5 min, which would cut a slow but progressing download):
+    # like the device's update.timeout, only a stall of the update's no-progress timeout ends it.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=u.timeout_s)
     try:
-        async with aiohttp.ClientSession() as session, session.get(url, headers=dict(headers or {})) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, headers=dict(headers or {})) as resp,
+        ):
             if resp.status == 304:
                 _abort_if_current(svc, u, "Not Modified")
                 svc.state, svc.msg = OtaState.IDLE, "Not Modified"

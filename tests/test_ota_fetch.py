@@ -106,3 +106,22 @@ async def test_download_aborted_meanwhile_never_feeds_the_next_update(
     assert (code, message) == (-5, "Update timed out")
     assert svc.update is u2 and svc.state == OtaState.PROGRESS
     assert u2.written == 0 and u2.ctx.bytes_processed == 0
+
+
+async def test_slow_download_is_not_cut_by_an_overall_client_timeout(
+    device: VirtualDevice, server: StallingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a stall longer than the update's no-progress timeout may end a download, never its total length."""
+    import aiohttp.client
+
+    # Stand-in for aiohttp's default 5-minute total limit, scaled down so the download outlasts it.
+    monkeypatch.setattr(aiohttp.client, "DEFAULT_TIMEOUT", aiohttp.ClientTimeout(total=0.2))
+    svc = device.ota
+    assert svc is not None
+    u = svc.begin(size=None, commit_timeout_s=0, timeout_s=None, source="url")
+    task = asyncio.ensure_future(fetch_update(svc, u, server.url, finalize=False))
+    await server.half_sent.wait()
+    await asyncio.sleep(0.5)  # the download is still progressing from the updater's point of view
+    server.release.set()
+    assert await task == (0, "downloaded")
+    assert u.written == len(server.data)
