@@ -24,6 +24,12 @@ Frames come in through ``rx_ctl``: a notification (or, without notifications, a 
 every ``poll_s``) says a frame is pending, and ``data`` is read until the announced length is
 collected. The channel type is ``GATT`` and frames are written in mos style. ``bleak_backend=`` /
 ``bleak_scanner_backend=`` select a bleak backend class (default: bleak's backend for this platform).
+
+``ble://NAME_OR_ADDR?hci=SPEC`` runs bumble's host stack instead of the OS one (BlueZ,
+CoreBluetooth), on the HCI controller named by the same bumble transport specs as the device side
+(``usb:0``, ``serial:/dev/ttyACM0,1000000``, ``hci-socket:0``, ``tcp-client:127.0.0.1:9000``): the
+bleak backend of :mod:`transports.ble_bumble`. Useful where there is no BlueZ (containers) or to give
+a dongle to mgrpc alone.
 """
 
 from __future__ import annotations
@@ -599,6 +605,17 @@ class GattChannel(Channel):
         await self._disconnect()
 
 
+def _hci_backends(spec: str) -> tuple[type[BaseBleakClient], type[BaseBleakScanner]]:
+    """bleak backends running bumble's host stack on the HCI controller ``spec``."""
+    if not spec.strip():
+        raise UsageError("hci= needs a bumble transport spec, e.g. usb:0 or serial:/dev/ttyACM0,1000000")
+    try:
+        from transports.ble_bumble import HciHost
+    except ImportError as e:
+        raise TransportError("the ble:// client with hci= needs bleak and bumble: pip install 'mgrpc[ble]'") from e
+    return HciHost(spec).backends()
+
+
 def _is_address(target: str) -> bool:
     # A MAC address (Linux, Windows) or a CoreBluetooth device UUID (macOS).
     return bool(_MAC_RE.match(target) or _CB_UUID_RE.match(target))
@@ -611,11 +628,21 @@ async def open_client(
     bleak_scanner_backend: type[BaseBleakScanner] | None = None,
     timeout_s: float | None = None,
     poll_s: float | None = None,
+    hci: str | None = None,
     **opts: Any,
 ) -> GattChannel:
-    """Connect to the rpc-gatts device at ``ble://ADDRESS`` or ``ble://NAME`` (a name is scanned for)."""
+    """Connect to the rpc-gatts device at ``ble://ADDRESS`` or ``ble://NAME`` (a name is scanned for).
+
+    ``hci`` (or the URL's ``?hci=``) is a bumble transport spec: the client then uses bumble as its
+    host stack on that controller instead of the OS's (see the module docstring).
+    """
     if opts:
         raise UsageError(f"unknown option(s) for ble:// client: {', '.join(sorted(opts))}")
+    hci = url.option("hci") or hci
+    if hci is not None:
+        if bleak_backend is not None or bleak_scanner_backend is not None:
+            raise UsageError("ble:// client: give either hci= or a bleak backend, not both")
+        bleak_backend, bleak_scanner_backend = _hci_backends(hci)
     try:
         from bleak import BleakClient, BleakScanner
     except ImportError as e:

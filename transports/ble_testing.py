@@ -2,11 +2,17 @@
 
 :class:`BumbleAir` owns a bumble :class:`~bumble.link.LocalLink`. Device listeners join it with
 ``listen("ble://", node, link=air.link)``; a bleak client joins it through the backend classes
-:attr:`BumbleAir.client_backend` and :attr:`BumbleAir.scanner_backend`, which implement bleak's
-``BaseBleakClient`` / ``BaseBleakScanner`` with a bumble *central* device (its own controller on the
-same link). ``BleakClient(address, backend=air.client_backend)`` then runs bleak's real client code
-(characteristic resolution, notification callback wrapping, ...) and our transport's bleak code,
-while the bytes travel through bumble's ATT/L2CAP/HCI stack and link-layer model. No radio needed.
+:attr:`BumbleAir.client_backend` and :attr:`BumbleAir.scanner_backend`: the bleak-on-bumble backend
+of :mod:`transports.ble_bumble` (the one ``ble://…?hci=`` uses) with each central on its own
+controller on the same link. ``BleakClient(address, backend=air.client_backend)`` then runs bleak's
+real client code (characteristic resolution, notification callback wrapping, ...) and our transport's
+bleak code, while the bytes travel through bumble's ATT/L2CAP/HCI stack and link-layer model. No
+radio needed.
+
+:meth:`BumbleAir.hci_bridge` puts the air within reach of *another process*: an HCI-over-TCP server
+on 127.0.0.1 where every TCP connection gets a fresh controller on the link (like plugging in a new
+dongle), so ``mgrpc --port "ble://dev1?hci=tcp-client:127.0.0.1:PORT" call RPC.List`` reaches a
+device listening on the air.
 
 Like real stacks, the central negotiates an ATT MTU on connect (``mtu``, default 247) and reads
 use bumble's GATT client, which switches to read-blob when a read fills MTU - 1 bytes; this is why
@@ -18,69 +24,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import uuid as uuid_mod
-from collections.abc import Callable
+import logging
+import socket
 from typing import Any
 
-from bleak.args import SizedBuffer
-from bleak.backends.characteristic import BleakGATTCharacteristic
-from bleak.backends.client import BaseBleakClient, NotifyCallback
-from bleak.backends.descriptor import BleakGATTDescriptor
-from bleak.backends.device import BLEDevice
-from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
-from bleak.backends.service import BleakGATTService, BleakGATTServiceCollection
-from bleak.exc import BleakDeviceNotFoundError, BleakError, BleakGATTProtocolError
-from bumble import att
+from bleak.backends.client import BaseBleakClient
+from bleak.backends.scanner import BaseBleakScanner
+from bumble import hci
 from bumble.controller import Controller
-from bumble.core import UUID, AdvertisingData
-from bumble.device import Advertisement, Connection, Device, Peer
-from bumble.gatt import Characteristic
-from bumble.gatt_client import CharacteristicProxy
-from bumble.hci import Address
+from bumble.device import Device
 from bumble.host import Host
 from bumble.link import LocalLink
-from bumble.transport.common import AsyncPipeSink
+from bumble.transport.common import AsyncPipeSink, StreamPacketSource
 
-__all__ = ["BumbleAir"]
+from transports.ble_bumble import DEFAULT_MTU, BumbleHost
 
-# bumble property bit -> bleak property name
-_PROPERTY_NAMES: list[tuple[Characteristic.Properties, str]] = [
-    (Characteristic.Properties.BROADCAST, "broadcast"),
-    (Characteristic.Properties.READ, "read"),
-    (Characteristic.Properties.WRITE_WITHOUT_RESPONSE, "write-without-response"),
-    (Characteristic.Properties.WRITE, "write"),
-    (Characteristic.Properties.NOTIFY, "notify"),
-    (Characteristic.Properties.INDICATE, "indicate"),
-    (Characteristic.Properties.AUTHENTICATED_SIGNED_WRITES, "authenticated-signed-writes"),
-    (Characteristic.Properties.EXTENDED_PROPERTIES, "extended-properties"),
-]
+__all__ = ["BumbleAir", "HciBridge"]
+
+log = logging.getLogger("mgrpc.transport.ble.testing")
 
 
-def _uuid_str(u: UUID) -> str:
-    """bleak's UUID form: 128-bit, lowercase, dashed."""
-    return str(uuid_mod.UUID(bytes=u.to_bytes(force_128=True)[::-1]))
-
-
-def _att_call_error(e: Exception) -> Exception:
-    if isinstance(e, att.ATT_Error):
-        return BleakGATTProtocolError(int(e.error_code))
-    return BleakError(str(e))
-
-
-class BumbleAir:
+class BumbleAir(BumbleHost):
     """A shared in-process link: device listeners and bleak clients meet here.
 
-    ``mtu`` is the ATT MTU the bleak-side central asks for on connect; ``scan_interval_ms`` its scan
-    timing. Each central (client or scanner) gets its own controller and static random address.
+    ``mtu`` is the ATT MTU the bleak-side central asks for on connect. Each central (client or
+    scanner) gets its own controller and static random address.
     """
 
-    def __init__(self, *, mtu: int = 247) -> None:
+    def __init__(self, *, mtu: int = DEFAULT_MTU) -> None:
+        super().__init__(mtu=mtu)
         self.link = LocalLink()
-        self.mtu = mtu
         self._addresses = itertools.count(0x10)
         self._controllers: dict[int, Controller] = {}  # id(device) -> its controller
-        self.client_backend: type[BaseBleakClient] = type("BumbleBleakClient", (_BumbleBleakClient,), {"air": self})
-        self.scanner_backend: type[BaseBleakScanner] = type("BumbleBleakScanner", (_BumbleBleakScanner,), {"air": self})
+        backends = self.backends()
+        self.client_backend: type[BaseBleakClient] = backends[0]
+        self.scanner_backend: type[BaseBleakScanner] = backends[1]
 
     def new_address(self) -> str:
         """A fresh static random address (top two bits set) for a device on this link."""
@@ -91,266 +69,125 @@ class BumbleAir:
         """A bumble device with its own controller on the link (not powered on yet)."""
         addr = address or self.new_address()
         controller = Controller(name, link=self.link)
-        device = Device(name=name, address=Address(addr), host=Host(controller, AsyncPipeSink(controller)))
+        device = Device(name=name, address=hci.Address(addr), host=Host(controller, AsyncPipeSink(controller)))
         self._controllers[id(device)] = controller
         return device
 
+    async def open_device(self, name: str) -> Device:
+        """See :meth:`make_device` (the bleak backend's way in)."""
+        return self.make_device(name)
+
     async def release(self, device: Device) -> None:
         """Disconnect a device, power it off and take its controller off the link."""
-        for connection in list(device.connections.values()):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.disconnect(), 2.0)
-        with contextlib.suppress(Exception):
-            await device.power_off()
+        await super().release(device)
         controller = self._controllers.pop(id(device), None)
         if controller is not None and controller in self.link.controllers:
             self.link.remove_controller(controller)
 
+    async def hci_bridge(self, *, host: str = "127.0.0.1") -> HciBridge:
+        """Serve controllers on this air as HCI over TCP on ``host`` (a free port); see :class:`HciBridge`."""
+        return await HciBridge(self, host=host).start()
 
-class _BumbleBleakClient(BaseBleakClient):
-    """bleak client backend over a bumble central on :class:`BumbleAir`'s link."""
 
-    air: BumbleAir
+class _TcpHciSink:
+    """Controller -> host: HCI packets (H4, type byte first) onto the TCP connection."""
 
-    def __init__(
-        self,
-        address_or_ble_device: BLEDevice | str,
-        *,
-        disconnected_callback: Callable[[], None] | None,
-        timeout: float,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(address_or_ble_device, disconnected_callback=disconnected_callback, timeout=timeout)
-        self._device: Device | None = None
-        self._connection: Connection | None = None
-        self._peer: Peer | None = None
-        self._mtu = 23
-        self._disconnecting = False
-        self._subscriptions: dict[int, Callable[[bytes], None]] = {}
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+
+    def on_packet(self, packet: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(packet)
+
+
+class _HciConnection(asyncio.Protocol):
+    """One HCI host over TCP: a fresh controller on the air for as long as the connection lasts."""
+
+    def __init__(self, bridge: HciBridge) -> None:
+        self.bridge = bridge
+        self.source = StreamPacketSource()
+        self.transport: asyncio.WriteTransport | None = None
+        self.controller: Controller | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self.transport = transport
+        self.controller = self.bridge.attach(self.source, _TcpHciSink(transport))
+        self.bridge.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.source.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.bridge.connections.discard(self)
+        controller, self.controller = self.controller, None
+        if controller is not None:
+            self.bridge.detach(controller)
+
+
+class HciBridge:
+    """Controllers on a :class:`BumbleAir`, reachable as HCI over TCP (bumble's ``tcp-client:`` spec).
+
+    Every TCP connection gets its own new controller on the air; when the connection ends, the
+    controller's connections are terminated (as if its radio went silent, the peers see a
+    disconnection) and it leaves the link. :attr:`spec` is what a host gives bumble, e.g.
+    ``ble://dev1?hci=<spec>``.
+    """
+
+    def __init__(self, air: BumbleAir, *, host: str = "127.0.0.1") -> None:
+        self.air = air
+        self.host = host
+        self.port = 0
+        self.connections: set[_HciConnection] = set()
+        self._server: asyncio.Server | None = None
+        self._count = itertools.count(1)
 
     @property
-    def name(self) -> str:
-        """The peer's address (the link has no GAP name lookup)."""
-        return self.address
+    def spec(self) -> str:
+        """The bumble transport spec of this bridge: ``tcp-client:HOST:PORT``."""
+        return f"tcp-client:{self.host}:{self.port}"
 
-    @property
-    def mtu_size(self) -> int:
-        """The ATT MTU negotiated on connect."""
-        return self._mtu
+    async def start(self) -> HciBridge:
+        """Listen on a free port."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((self.host, 0))
+        self.port = int(sock.getsockname()[1])
+        self._server = await asyncio.get_running_loop().create_server(lambda: _HciConnection(self), sock=sock)
+        return self
 
-    @property
-    def is_connected(self) -> bool:
-        """True while the bumble connection is up."""
-        return self._connection is not None
+    def attach(self, source: StreamPacketSource, sink: _TcpHciSink) -> Controller:
+        """A new controller on the air, fed by ``source`` and answering into ``sink``."""
+        return Controller(f"hci-bridge-{next(self._count)}", host_source=source, host_sink=sink, link=self.air.link)
 
-    async def connect(self, pair: bool, **kwargs: Any) -> None:
-        """Power a central on, connect, exchange MTU and discover the whole GATT database."""
-        if pair:
-            raise BleakError("pairing is not supported by the bumble test backend")
-        device = self.air.make_device("bleak-central")
-        self._device = device
-        try:
-            await device.power_on()
-            try:
-                # bumble's own connect timeout waits for the controller to confirm the cancel, which
-                # the in-process link never does for an absent peer; bound it here.
-                connection = await asyncio.wait_for(device.connect(Address(self.address)), self._timeout)
-            except TimeoutError as e:
-                raise BleakDeviceNotFoundError(self.address, f"no connection within {self._timeout:g} s") from e
-            except Exception as e:
-                raise BleakDeviceNotFoundError(self.address, f"cannot connect: {e}") from e
-            self._connection = connection
-            connection.on("disconnection", self._on_disconnection)
-            peer = Peer(connection)
-            self._peer = peer
-            self._mtu = await peer.request_mtu(self.air.mtu)
-            self.services = await self._discover(peer)
-        except BaseException:
-            await self._cleanup()
-            raise
-
-    async def _discover(self, peer: Peer) -> BleakGATTServiceCollection:
-        collection = BleakGATTServiceCollection()
-        for svc in await peer.discover_services():
-            bsvc = BleakGATTService(svc, svc.handle, _uuid_str(svc.uuid))
-            collection.add_service(bsvc)
-            for ch in await peer.discover_characteristics(service=svc):
-                props = [name for bit, name in _PROPERTY_NAMES if ch.properties & bit]
-                bch = BleakGATTCharacteristic(ch, ch.handle, _uuid_str(ch.uuid), props, lambda: self._mtu - 3, bsvc)  # type: ignore[arg-type]
-                collection.add_characteristic(bch)
-                for d in await peer.discover_descriptors(characteristic=ch):
-                    collection.add_descriptor(BleakGATTDescriptor(d, d.handle, _uuid_str(d.type), bch))
-        return collection
-
-    def _on_disconnection(self, _reason: int) -> None:
-        unsolicited = not self._disconnecting
-        self._connection = None
-        self._peer = None
-        if self._device is not None:
-            asyncio.get_running_loop().create_task(self._cleanup())
-        if unsolicited and self._disconnected_callback is not None:
-            self._disconnected_callback()
-
-    async def _cleanup(self) -> None:
-        device, self._device = self._device, None
-        self._connection = None
-        self._peer = None
-        if device is not None:
-            await self.air.release(device)
-
-    async def disconnect(self) -> None:
-        """Disconnect (no disconnected callback: it is not unsolicited)."""
-        connection = self._connection
-        self._disconnecting = True
-        if connection is not None:
-            done = asyncio.get_running_loop().create_future()
-
-            def on_gone(*_: object) -> None:
-                if not done.done():
-                    done.set_result(None)
-
-            connection.once("disconnection", on_gone)
+    def detach(self, controller: Controller) -> None:
+        """Terminate the controller's connections and take it off the air."""
+        controller.host = None  # the host is gone: nothing to report to
+        for connection in list(controller.le_connections.values()):
             with contextlib.suppress(Exception):
-                await connection.disconnect()
-                await asyncio.wait_for(done, 5.0)
-        await self._cleanup()
+                controller.on_hci_disconnect_command(
+                    hci.HCI_Disconnect_Command(
+                        connection_handle=connection.handle,
+                        reason=hci.HCI_ErrorCode.REMOTE_USER_TERMINATED_CONNECTION_ERROR,
+                    )
+                )
+        if controller in self.air.link.controllers:
+            self.air.link.remove_controller(controller)
 
-    async def pair(self, *args: Any, **kwargs: Any) -> None:
-        """Not supported by the test backend."""
-        raise BleakError("pairing is not supported by the bumble test backend")
-
-    async def unpair(self) -> None:
-        """Not supported by the test backend."""
-        raise BleakError("pairing is not supported by the bumble test backend")
-
-    def _require_peer(self) -> Peer:
-        if self._peer is None:
-            raise BleakError("Not connected")
-        return self._peer
-
-    async def read_gatt_char(
-        self, characteristic: BleakGATTCharacteristic, *, use_cached: bool = False, **kwargs: Any
-    ) -> bytearray:
-        """ATT Read (bumble switches to Read Blob when the value fills MTU - 1)."""
-        peer = self._require_peer()
-        try:
-            return bytearray(await peer.read_value(characteristic.handle))
-        except Exception as e:
-            raise _att_call_error(e) from e
-
-    async def read_gatt_descriptor(
-        self, descriptor: BleakGATTDescriptor, *, use_cached: bool = False, **kwargs: Any
-    ) -> bytearray:
-        """ATT Read of a descriptor."""
-        peer = self._require_peer()
-        try:
-            return bytearray(await peer.read_value(descriptor.handle))
-        except Exception as e:
-            raise _att_call_error(e) from e
-
-    async def write_gatt_char(self, characteristic: BleakGATTCharacteristic, data: SizedBuffer, response: bool) -> None:
-        """ATT Write Request (``response``) or Write Command."""
-        peer = self._require_peer()
-        try:
-            await peer.write_value(characteristic.handle, bytes(data), with_response=response)
-        except Exception as e:
-            raise _att_call_error(e) from e
-
-    async def write_gatt_descriptor(self, descriptor: BleakGATTDescriptor, data: SizedBuffer) -> None:
-        """ATT Write Request to a descriptor."""
-        peer = self._require_peer()
-        try:
-            await peer.write_value(descriptor.handle, bytes(data), with_response=True)
-        except Exception as e:
-            raise _att_call_error(e) from e
-
-    async def start_notify(
-        self, characteristic: BleakGATTCharacteristic, callback: NotifyCallback, **kwargs: Any
-    ) -> None:
-        """Write the CCCD (notifications preferred over indications, as bleak does)."""
-        peer = self._require_peer()
-        proxy: CharacteristicProxy[bytes] = characteristic.obj
-
-        def on_value(value: bytes) -> None:
-            callback(bytearray(value))
-
-        self._subscriptions[characteristic.handle] = on_value
-        try:
-            await peer.subscribe(proxy, on_value, prefer_notify=True)
-        except Exception as e:
-            raise _att_call_error(e) from e
-
-    async def stop_notify(self, characteristic: BleakGATTCharacteristic) -> None:
-        """Clear the CCCD."""
-        peer = self._require_peer()
-        on_value = self._subscriptions.pop(characteristic.handle, None)
-        try:
-            await peer.unsubscribe(characteristic.obj, on_value)
-        except Exception as e:
-            raise _att_call_error(e) from e
-
-
-class _BumbleBleakScanner(BaseBleakScanner):
-    """bleak scanner backend: a bumble central scanning :class:`BumbleAir`'s link."""
-
-    air: BumbleAir
-
-    def __init__(
-        self,
-        detection_callback: Any,
-        service_uuids: list[str] | None,
-        scanning_mode: str = "active",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(detection_callback, service_uuids)
-        self._active = scanning_mode != "passive"
-        self._device: Device | None = None
-
-    async def start(self) -> None:
-        """Power a central on and scan."""
-        self.seen_devices = {}
-        device = self.air.make_device("bleak-scanner")
-        self._device = device
-        device.on("advertisement", self._on_advertisement)
-        await device.power_on()
-        await device.start_scanning(active=self._active, filter_duplicates=False)
-
-    def _on_advertisement(self, adv: Advertisement) -> None:
-        data = adv.data
-        name = data.get(AdvertisingData.COMPLETE_LOCAL_NAME) or data.get(AdvertisingData.SHORTENED_LOCAL_NAME)
-        uuids: list[str] = []
-        for t in (
-            AdvertisingData.COMPLETE_LIST_OF_128_BIT_SERVICE_CLASS_UUIDS,
-            AdvertisingData.INCOMPLETE_LIST_OF_128_BIT_SERVICE_CLASS_UUIDS,
-            AdvertisingData.COMPLETE_LIST_OF_16_BIT_SERVICE_CLASS_UUIDS,
-        ):
-            for u in data.get_all(t) or []:
-                for one in u if isinstance(u, list) else [u]:
-                    uuids.append(_uuid_str(one))
-        if not self.is_allowed_uuid(uuids):
-            return
-        address = adv.address.to_string(False)
-        local_name = name if isinstance(name, str) else (name.decode() if isinstance(name, bytes) else None)
-        ad = AdvertisementData(
-            local_name=local_name,
-            manufacturer_data={},
-            service_data={},
-            service_uuids=uuids,
-            tx_power=None,
-            rssi=adv.rssi,
-            platform_data=(adv,),
-        )
-        previous = self.seen_devices.get(address)
-        if previous is not None and local_name is None:
-            # a scan response without a name keeps the name from the advertisement
-            ad = ad._replace(local_name=previous[1].local_name)
-        dev = self.create_or_update_device(address, address, ad.local_name, adv, ad)
-        self.call_detection_callbacks(dev, ad)
-
-    async def stop(self) -> None:
-        """Stop scanning and release the central."""
-        device, self._device = self._device, None
-        if device is not None:
+    async def close(self) -> None:
+        """Stop listening and drop every connected host (their controllers leave the air)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+            conn.connection_lost(None)
+        if server is not None:
             with contextlib.suppress(Exception):
-                await device.stop_scanning()
-            await self.air.release(device)
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+
+    async def __aenter__(self) -> HciBridge:
+        return self if self._server is not None else await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
