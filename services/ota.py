@@ -338,6 +338,10 @@ def add_ota_service(
 
     def create_snapshot(ctx: Context, params: Any) -> Any:
         p = params if isinstance(params, dict) else {}
+        if svc.state == OtaState.PROGRESS:
+            # The snapshot would overwrite the slot the update is writing: the update would still
+            # "succeed" and the device then fall back from a damaged image.
+            raise HandlerError(-1, "Cannot create snapshots while an update is in progress")
         try:
             slot = st.create_snapshot(
                 set_as_revert=bool(p.get("set_as_revert", False)), commit_timeout=_int(p, "commit_timeout", -1)

@@ -169,6 +169,25 @@ async def test_end_before_all_data_aborts_to_idle(tmp_path) -> None:
         await dev.stop()
 
 
+async def test_snapshot_refused_while_an_update_runs(tmp_path) -> None:
+    dev, url = await _dev(tmp_path, "loop", "e2e-snapshot-busy")
+    data = bundle("1.8")
+    try:
+        async with await transports.connect(url) as c:
+            await c.call("OTA.Begin", {"timeout": 600, "commit_timeout": 300, "size": len(data)})
+            half = len(data) // 2 // 512 * 512
+            for off in range(0, len(data), 512):
+                if off == half:  # the snapshot would overwrite the slot being written
+                    with pytest.raises(RemoteError, match="update is in progress"):
+                        await c.call("OTA.CreateSnapshot", {})
+                await c.call("OTA.Write", {"offset": off, "data": base64.b64encode(data[off : off + 512]).decode()})
+            assert await c.call("OTA.End") is None
+        info = await dev.wait_booted(boots=2)
+        assert (info.version, info.reverted) == ("1.8", False)
+    finally:
+        await dev.stop()
+
+
 async def test_bad_bundle_rejected_running_slot_intact(tmp_path) -> None:
     dev, url = await _dev(tmp_path, "loop", "e2e-bad")
     try:
