@@ -142,6 +142,16 @@ class OtaService:
             self.fw.reboot(0.1)
         return res
 
+    def commit(self) -> bool:
+        """Commit the running firmware (OTA.Commit, GET /update/commit); False if it already was.
+
+        Progress listeners hear of it, so e.g. the shadow agent publishes the committed status.
+        """
+        if not self.storage.commit():
+            return False
+        self._notify()
+        return True
+
     def abort(self, message: str = "Update aborted") -> None:
         """Give up the running update; the boot config and running slot are untouched."""
         if self.update is not None and self.state == OtaState.PROGRESS:
@@ -307,10 +317,8 @@ def add_ota_service(
         raise HandlerError(0, message)
 
     def commit(ctx: Context, params: Any) -> Any:
-        if not st.commit():
+        if not svc.commit():
             raise HandlerError(-1)
-        fw.extra_info.pop("_uncommitted", None)
-        svc._notify()
         return None
 
     def revert(ctx: Context, params: Any) -> Any:

@@ -101,7 +101,7 @@ def register_http_endpoints(node: Any, svc: OtaService, *, commit_timeout_defaul
 
         path = request.path.rstrip("/")
         if path == "/update/commit":
-            ok = svc.storage.commit()
+            ok = svc.commit()
             return web.Response(status=200 if ok else 400, text="Ok\r\n" if ok else "Error\r\n",
                                 content_type="text/html")
         if path == "/update/revert":

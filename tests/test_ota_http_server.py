@@ -29,9 +29,13 @@ async def test_multipart_push_then_commit_endpoint(tmp_path) -> None:
         assert (status, text) == (200, "Update applied, finalizing\r\n")
         info = await dev.wait_booted(boots=2)
         assert info.version == "4.1" and info.first_boot and info.commit_timeout_s == 120
+        assert dev.ota is not None and dev.storage is not None
+        seen_committed: list[bool] = []  # what a progress listener (the shadow status) learns
+        dev.ota.on_progress.append(lambda *_: seen_committed.append(dev.storage.is_committed))  # type: ignore[union-attr]
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{base}/update/commit") as r:
                 assert (r.status, await r.text()) == (200, "Ok\r\n")
+            assert seen_committed == [True]  # the commit is announced, as OTA.Commit announces it
             async with s.get(f"{base}/update/commit") as r:  # already committed
                 assert (r.status, await r.text()) == (400, "Error\r\n")
         async with await transports.connect(dev.urls[0]) as c:
