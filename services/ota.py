@@ -218,9 +218,7 @@ class OtaService:
             "is_committed": bool(bs["is_committed"]),
             "commit_timeout": int(bs["commit_timeout"]),
             "partition": int(self.storage.running_slot),
-            "progress_percent": pct
-            if self.state == OtaState.PROGRESS
-            else (100 if self.state == OtaState.SUCCESS else 0),
+            "progress_percent": pct,
             "bytes_written": written,
             "size": size or 0,
         }

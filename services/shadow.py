@@ -532,7 +532,6 @@ class _Session:
                 self.report({"ota": {**saved.desired, "url": saved.url, "code": 1, "message": "OTA update finished."}})
             return
         if st.commit():
-            self.fw.extra_info.pop("_uncommitted", None)
             log.info("%s: Committing FW update. OTA update finished.", self.id)
             saved.phase = "done"
             self._save(saved)
