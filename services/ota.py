@@ -289,7 +289,9 @@ def add_ota_service(
         u = svc._require()
         if (u.size is not None and u.written < u.size) or not _write_finished(u.ctx):
             svc.abort("Update aborted")
-            raise HandlerError(-1, f"Update aborted: {u.written} of {u.size} bytes received")
+            if u.size is not None and u.written < u.size:
+                raise HandlerError(-1, f"Update aborted: {u.written} of {u.size} bytes received")
+            raise HandlerError(-1, f"Update aborted: the archive is incomplete after {u.written} bytes")
         res = svc.finish()
         if res < 0:
             raise HandlerError(res, u.ctx.status_message)

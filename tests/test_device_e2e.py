@@ -188,6 +188,22 @@ async def test_snapshot_refused_while_an_update_runs(tmp_path) -> None:
         await dev.stop()
 
 
+async def test_end_with_an_incomplete_archive_says_so(tmp_path) -> None:
+    dev, url = await _dev(tmp_path, "loop", "e2e-short-zip")
+    data = bundle("1.9")[:4096]  # a truncated archive, announced with its (short) size
+    try:
+        async with await transports.connect(url) as c:
+            await c.call("OTA.Begin", {"timeout": 600, "commit_timeout": 300, "size": len(data)})
+            for off in range(0, len(data), 512):
+                await c.call("OTA.Write", {"offset": off, "data": base64.b64encode(data[off : off + 512]).decode()})
+            with pytest.raises(RemoteError) as ei:
+                await c.call("OTA.End")
+            assert ei.value.message == "Update aborted: the archive is incomplete after 4096 bytes"
+            assert (await c.call("OTA.Status"))["state"] == 0
+    finally:
+        await dev.stop()
+
+
 async def test_bad_bundle_rejected_running_slot_intact(tmp_path) -> None:
     dev, url = await _dev(tmp_path, "loop", "e2e-bad")
     try:
