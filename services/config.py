@@ -161,9 +161,13 @@ def add_config_service(node: Node, fw: Firmware, cfg: DeviceConfig) -> None:
         changes = p.get("config")
         if not isinstance(changes, dict):
             raise HandlerError(400, "config is required")
+        level = p.get("level", USER_LEVEL)
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= USER_LEVEL:
+            # Checked before anything changes: a bad level must not leave the config half applied.
+            raise HandlerError(400, f"invalid level (0..{USER_LEVEL})")
         cfg.set(changes)
         if p.get("save"):
-            cfg.save(int(p.get("level", USER_LEVEL)))
+            cfg.save(level)
             if p.get("reboot"):
                 fw.reboot(0.5)
         return None

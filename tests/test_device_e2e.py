@@ -316,7 +316,13 @@ async def test_fs_and_config_services(tmp_path) -> None:
             await c.call("Config.Set", {"config": {"debug": {"level": 3}}, "save": True})
             with pytest.raises(RemoteError, match="invalid config key"):
                 await c.call("Config.Set", {"config": {"bogus": 1}})
+            for bad_level in ("x", 12, -1, None):  # refused before anything is applied or written
+                with pytest.raises(RemoteError) as ei:
+                    await c.call("Config.Set", {"config": {"debug": {"level": 1}}, "save": True, "level": bad_level})
+                assert (ei.value.code, ei.value.message) == (400, "invalid level (0..9)")
+            assert await c.call("Config.Get", {"key": "debug.level"}) == 3
             assert "conf9.json" in await c.call("FS.List")
+            assert not any(n.startswith("conf1") or "-" in n for n in await c.call("FS.List"))
         await dev.reboot()
         async with await transports.connect(url) as c:
             assert await c.call("Config.Get", {"key": "debug.level"}) == 3
