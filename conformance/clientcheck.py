@@ -4,8 +4,16 @@
 reference device (:mod:`conformance.refdevice`), substitutes ``{url}`` (and ``{bundle}``: a fw.zip
 the reference device accepts) into the command, runs it, and checks the recorded traffic against
 spec/frame.md §1.3 and §2 (member order, compact JSON, id range, src), transports.md (stream framing,
-CRC and handshake on serial, MQTT topics) and, when the tool did an update, ota.md §2 (OTA sequence
-and chunking). Serial uses a pty (POSIX); MQTT needs a ``mosquitto`` binary (started on 127.0.0.1).
+CRC and handshake on serial, MQTT topics, the BLE GATT length protocol) and, when the tool did an
+update, ota.md §2 (OTA sequence and chunking). Serial uses a pty (POSIX); MQTT needs a ``mosquitto``
+binary (started on 127.0.0.1).
+
+BLE needs no radio: the reference device is a bumble GATT server on an in-process link
+(:class:`transports.ble_testing.BumbleAir`), which is exposed as an HCI controller over TCP on
+127.0.0.1. ``{url}`` is ``ble://esp32_C0FFEE?hci=tcp-client:127.0.0.1:PORT``, which a client running
+bumble's host stack on that controller understands (mgrpc's ``ble://`` client does, see
+:mod:`transports.ble_bumble`); ``{hci}`` alone is the controller's bumble transport spec
+(``tcp-client:127.0.0.1:PORT``) for tools that take it separately.
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ from conformance.runner import Report
 from rpc.auth import Acl, AclEntry, Authenticator, Credentials
 from rpc.frame import Frame
 from rpc.framing import BadCrc, DeviceStreamDecoder, FrameBytes, Handshake
+from rpc.node import Node
 
-__all__ = ["CLIENT_CHECKS", "ClientRun", "record", "run_client"]
+__all__ = ["CLIENT_CHECKS", "CLIENT_SCHEMES", "ClientRun", "record", "run_client"]
 
 log = logging.getLogger("mgrpc.conformance.client")
 
@@ -59,6 +68,7 @@ GO_ORDER = (
     "nr",
     "args",
 )
+CLIENT_SCHEMES = ("tcp", "serial", "ws", "http", "mqtt", "ble")  # transports a reference device is served on
 MOS_ID_MIN = 1 << 40
 MOS_ID_MAX = (1 << 41) - 1
 
@@ -77,6 +87,8 @@ class ClientRun:
     stream: bytes | None = None  # raw bytes received (serial, tcp)
     topics: list[tuple[str, bytes]] = field(default_factory=list)  # MQTT (topic, payload) seen on the broker
     auth: Credentials | None = None  # the device required digest auth with these credentials
+    gatt: list[tuple[int, str, bytes]] = field(default_factory=list)  # BLE writes: (conn, "tx_ctl"|"data", value)
+    hci: str = ""  # BLE: the bumble transport spec of the controller the client was given
 
     @property
     def requests(self) -> list[Frame]:
@@ -130,6 +142,23 @@ class _Broker:
         self.dir.cleanup()
 
 
+async def _serve_ble(node: Node, stack: AsyncExitStack, gatt: list[tuple[int, str, bytes]]) -> tuple[str, str]:
+    """The reference device as a BLE peripheral on an in-process air, reachable as HCI over TCP."""
+    try:
+        from transports import ble
+        from transports.ble_testing import BumbleAir
+        from transports.registry import parse_url
+    except ImportError:
+        raise CheckSkipped("BLE client checks need bleak and bumble: pip install 'mgrpc[ble]'") from None
+    air = BumbleAir()
+    lst = await ble.listen(parse_url("ble://"), node, link=air.link, advertising_interval_ms=20)
+    stack.push_async_callback(lst.close)
+    lst.write_observer = lambda conn, char, value: gatt.append((conn, char, value))
+    bridge = await air.hci_bridge()
+    stack.push_async_callback(bridge.close)
+    return f"ble://{node.id}?hci={bridge.spec}", bridge.spec
+
+
 async def _serve(
     scheme: str, stack: AsyncExitStack, creds: Credentials | None = None
 ) -> tuple[str, Callable[[], ClientRun]]:
@@ -145,6 +174,8 @@ async def _serve(
     rec = Recorder(node)
     stack.push_async_callback(node.close)
     topics: list[tuple[str, bytes]] = []
+    gatt: list[tuple[int, str, bytes]] = []
+    hci = ""
     stream: Callable[[], bytes | None] = lambda: None  # noqa: E731
     if scheme == "tcp":
         from conformance.serialdev import TcpStreamDevice
@@ -177,12 +208,22 @@ async def _serve(
         spy = await open_connection(f"mqtt://127.0.0.1:{broker.port}/spy", client_id="conformance-spy")
         stack.push_async_callback(spy.close)
         await spy.subscribe("#", lambda m: topics.append((m.topic, bytes(m.payload))), qos=1)
+    elif scheme == "ble":
+        url, hci = await _serve_ble(node, stack, gatt)
     else:
         raise CheckSkipped(f"no client checks over {scheme}://")
 
     def snapshot() -> ClientRun:
         return ClientRun(
-            scheme, url, "", frames=[f for _, f in rec.frames], stream=stream(), topics=list(topics), auth=creds
+            scheme,
+            url,
+            "",
+            frames=[f for _, f in rec.frames],
+            stream=stream(),
+            topics=list(topics),
+            auth=creds,
+            gatt=list(gatt),
+            hci=hci,
         )
 
     return url, snapshot
@@ -438,6 +479,69 @@ async def _c_mqtt(run: ClientRun) -> str | None:
 
 
 @_client_check(
+    "ble_framing",
+    section="transports.md §5",
+    title="tx_ctl gets the 4-byte big-endian length, then data gets exactly that many bytes",
+    only=("ble",),
+)
+async def _c_ble(run: ClientRun) -> str | None:
+    writes = run.gatt
+    expect(bool(writes), "no GATT write reached the device", seen="nothing", expected="tx_ctl, then data writes")
+    pending: dict[int, tuple[int, bytearray]] = {}  # connection -> (announced length, data so far)
+    frames: list[bytes] = []
+    for conn, char, value in writes:
+        if char == "tx_ctl":
+            expect(
+                len(value) == 4,
+                "tx_ctl takes the frame length as exactly 4 bytes",
+                seen=show(value),
+                expected="4 bytes, big-endian uint32",
+            )
+            if conn in pending:
+                length, got = pending[conn]
+                raise CheckFailed(
+                    "a new length was written before the previous frame was complete (the device drops it)",
+                    seen=f"{len(got)} of {length} bytes, then tx_ctl {value.hex()}",
+                    expected=f"{length - len(got)} more data bytes first",
+                )
+            pending[conn] = (int.from_bytes(value, "big"), bytearray())
+            continue
+        expect(
+            conn in pending,
+            "data written without a length on tx_ctl first",
+            seen=show(value[:60]),
+            expected="tx_ctl first",
+        )
+        length, got = pending[conn]
+        got += value
+        expect(
+            len(got) <= length,
+            "more data written than announced on tx_ctl (a little-endian length?)",
+            seen=f"{len(got)} bytes after announcing {length} ({length.to_bytes(4, 'big').hex()})",
+            expected=f"{length} bytes",
+        )
+        if len(got) == length:
+            frames.append(bytes(got))
+            del pending[conn]
+    for length, got in pending.values():
+        little = int.from_bytes(length.to_bytes(4, "big"), "little") == len(got)
+        raise CheckFailed(
+            "a frame was left incomplete" + (" (the length was written little-endian)" if little else ""),
+            seen=f"{len(got)} bytes after tx_ctl {length.to_bytes(4, 'big').hex()}",
+            expected=f"tx_ctl {len(got).to_bytes(4, 'big').hex()} for {len(got)} bytes"
+            if little
+            else f"{length} bytes",
+        )
+    expect(
+        len(frames) == len(run.frames),
+        "every complete transfer must be one frame the device accepted",
+        seen=f"{len(frames)} transfers, {len(run.frames)} frames",
+        expected="one frame per transfer",
+    )
+    return f"{len(frames)} frames, {len(writes) - len(frames)} data writes"
+
+
+@_client_check(
     "ota_sequence",
     section="ota.md §1.2-§1.4, §2; tool.md §4",
     title="Status, Begin{timeout,commit_timeout,size}, contiguous Writes, End",
@@ -517,6 +621,7 @@ async def record(
     async with AsyncExitStack() as stack:
         url, snapshot = await _serve(scheme, stack, creds)
         command = cmd.replace("{url}", shlex.quote(url)).replace("{bundle}", shlex.quote(bundle_path))
+        command = command.replace("{hci}", shlex.quote(snapshot().hci))
         rc, out, err = await _run_command(command, timeout_s)
         await asyncio.sleep(0.2)  # let the last frames arrive
         run = snapshot()

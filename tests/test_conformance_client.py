@@ -10,12 +10,13 @@ import pytest
 
 from conformance.clientcheck import run_client
 from conformance.model import Outcome
+from conformance.refdevice import DEVICE_ID
 from tests.mosquitto import find_mosquitto
 
 pytestmark = pytest.mark.timeout(240)
 
 MGRPC = f"{shlex.quote(sys.executable)} -m rpc.cli"
-SCHEMES = ["tcp", "serial", "ws", "http"] + (["mqtt"] if find_mosquitto() else [])
+SCHEMES = ["tcp", "serial", "ws", "http", "ble"] + (["mqtt"] if find_mosquitto() else [])
 
 
 def _failed(report) -> list[tuple[str, str, str]]:
@@ -30,6 +31,7 @@ async def test_our_cli_call_passes_on_every_transport() -> None:
         assert f"client.exit_status[{scheme}]" in passed
         assert f"client.member_order[{scheme}]" in passed
     assert "client.stream_framing[serial]" in passed  # handshake + CRC seen on the pty
+    assert "client.ble_framing[ble]" in passed  # the CLI ran bumble's host on the HCI-over-TCP controller
     if "mqtt" in SCHEMES:
         assert "client.mqtt_topics[mqtt]" in passed
 
@@ -91,3 +93,34 @@ async def test_client_without_credentials_fails_against_an_auth_device() -> None
     results = report.by_name()
     assert results["client.exit_status[tcp]"].outcome is Outcome.FAIL
     assert results["client.auth_retry[tcp]"].outcome is Outcome.FAIL
+
+
+async def test_a_wrong_ble_client_fails_the_length_check(tmp_path: Path) -> None:
+    # A BLE client written by hand on the same bumble host stack as ours, through {hci}: it writes
+    # the length little-endian (as the rpc-gatts README wrongly says), so the device refuses it.
+    script = tmp_path / "bad_ble_client.py"
+    script.write_text(
+        "import asyncio, struct, sys\n"
+        "from bleak import BleakClient, BleakScanner\n"
+        "from transports.ble_bumble import HciHost\n"
+        "from transports.ble_proto import DATA_UUID, TX_CTL_UUID\n"
+        "async def main():\n"
+        "    client_be, scanner_be = HciHost(sys.argv[1]).backends()\n"
+        "    dev = await BleakScanner.find_device_by_name(sys.argv[2], timeout=10, backend=scanner_be)\n"
+        "    async with BleakClient(dev, backend=client_be, timeout=10) as c:\n"
+        '        frame = b\'{"id":1099511627777,"src":"mos","method":"RPC.List"}\'\n'
+        "        for char, value in ((TX_CTL_UUID, struct.pack('<I', len(frame))), (DATA_UUID, frame)):\n"
+        "            try:\n"
+        "                await c.write_gatt_char(char, value, response=True)\n"
+        "            except Exception as e:\n"
+        "                print('refused:', e)\n"
+        "asyncio.run(main())\n"
+    )
+    cmd = f"{shlex.quote(sys.executable)} {script} {{hci}} {DEVICE_ID}"
+    report = await run_client(cmd, schemes=["ble"], timeout_s=60)
+    results = report.by_name()
+    assert results["client.exit_status[ble]"].outcome is Outcome.PASS, results["client.exit_status[ble]"].seen
+    failed = results["client.ble_framing[ble]"]
+    assert failed.outcome is Outcome.FAIL
+    assert "little-endian" in failed.message
+    assert results["client.requests_seen[ble]"].outcome is Outcome.FAIL  # the device got no frame

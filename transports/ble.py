@@ -239,6 +239,9 @@ class BleListener:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rx_ctl: Characteristic[bytes] | None = None
         self.url = f"ble://?hci={hci}" if hci else "ble://"
+        # Sees every client write as (connection handle, "tx_ctl" | "data", value), before it is
+        # processed, refused ones included: for recording what a client put on the air.
+        self.write_observer: Callable[[int, str, bytes], None] | None = None
 
     async def start(self) -> None:
         """Power on the controller, register the GATT service and start advertising."""
@@ -370,10 +373,16 @@ class BleListener:
             log.info("BLE: %s: %s", ch.info(), e)
             raise ATT_Error(int(e.att_error)) from e
 
+    def _observe(self, connection: Connection, char: str, value: bytes) -> None:
+        if self.write_observer is not None:
+            self.write_observer(connection.handle, char, value)
+
     def _write_tx_ctl(self, connection: Connection, value: bytes) -> None:
+        self._observe(connection, "tx_ctl", bytes(value))
         self._gatt_op(connection, lambda ch: ch.on_tx_ctl_write(bytes(value)))
 
     def _write_data(self, connection: Connection, value: bytes) -> None:
+        self._observe(connection, "data", bytes(value))
         self._gatt_op(connection, lambda ch: ch.on_data_write(bytes(value)))
 
     def _read_rx_ctl(self, connection: Connection) -> bytes:

@@ -112,6 +112,12 @@ class _HciConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # asyncio sets this only on sockets created with proto IPPROTO_TCP; without it every ATT
+            # round trip waits for a delayed ACK (~40 ms)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.controller = self.bridge.attach(self.source, _TcpHciSink(transport))
         self.bridge.connections.add(self)
 
