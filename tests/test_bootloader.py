@@ -71,6 +71,18 @@ def test_first_boot_then_commit() -> None:
     assert (info.slot, info.first_boot, info.reverted, info.version) == (1, False, False, "2.0")
 
 
+def test_commit_before_the_reboot_into_an_update_is_refused() -> None:
+    st = fresh()
+    st.boot()
+    install_new(st, timeout_s=120)  # applied; the device has not rebooted yet
+    assert not st.commit()  # the running (old) firmware is committed; the new one never ran
+    assert st.get_boot_state() == {"active_slot": 1, "is_committed": False, "revert_slot": 0, "commit_timeout": 120}
+    info = st.boot()
+    assert (info.slot, info.first_boot) == (1, True)
+    st.boot()  # a reset before the commit still falls back to the old firmware
+    assert st.running_slot == 0 and st.is_committed
+
+
 def test_reboot_while_dirty_boots_previous_slot() -> None:
     st = fresh()
     st.boot()

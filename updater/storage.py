@@ -245,7 +245,14 @@ class DeviceStorage:
     # -- running firmware's operations ---------------------------------------------------------------
 
     def commit(self) -> bool:
-        """Commit the running firmware (False if already committed)."""
+        """Commit the running firmware (False if already committed).
+
+        Also False while a switch waits for its reboot (an update applied, not yet booted): the
+        running firmware is the old, committed one, and committing the new one before it ever ran
+        would take away its fallback.
+        """
+        if self.reboot_pending:
+            return False
         return self.loader.commit()
 
     def revert(self) -> bool:
