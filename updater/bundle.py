@@ -86,7 +86,8 @@ PartData = bytes | bytearray | memoryview | str | os.PathLike[str] | Iterable[by
 class SupportsWrite(Protocol):
     """Where a bundle is written: anything with ``write(bytes)`` (need not be seekable)."""
 
-    def write(self, data: bytes, /) -> object: ...
+    def write(self, data: bytes, /) -> object:
+        """Append ``data``."""
 
 
 @dataclass(frozen=True)

@@ -90,23 +90,41 @@ class StorageLike(Protocol):
     flash: Flash
 
     @property
-    def running_slot(self) -> int: ...
-    @property
-    def inactive_slot(self) -> int: ...
-    @property
-    def is_committed(self) -> bool: ...
-    @property
-    def reboot_pending(self) -> bool: ...
-    @property
-    def running_version(self) -> str: ...
-    @property
-    def running_build_id(self) -> str: ...
-    def finalize_update(self, slot: int, state: SlotState, *, fs_updated: bool, commit_timeout_s: int) -> Any: ...
-    def get_boot_state(self) -> dict[str, Any]: ...
-    def copy_fs(self, src_slot: int, dst_slot: int) -> None: ...
+    def running_slot(self) -> int:
+        """The slot the firmware runs from."""
 
     @property
-    def layout(self) -> Any: ...
+    def inactive_slot(self) -> int:
+        """The slot an update writes."""
+
+    @property
+    def is_committed(self) -> bool:
+        """Whether the running firmware is committed."""
+
+    @property
+    def reboot_pending(self) -> bool:
+        """The boot config already selects another slot than the running one."""
+
+    @property
+    def running_version(self) -> str:
+        """Manifest version of the running firmware."""
+
+    @property
+    def running_build_id(self) -> str:
+        """Manifest build_id of the running firmware."""
+
+    def finalize_update(self, slot: int, state: SlotState, *, fs_updated: bool, commit_timeout_s: int) -> Any:
+        """Switch the boot config to the freshly written ``slot`` (uncommitted)."""
+
+    def get_boot_state(self) -> dict[str, Any]:
+        """The OTA.GetBootState object."""
+
+    def copy_fs(self, src_slot: int, dst_slot: int) -> None:
+        """Copy the fs partition of ``src_slot`` over ``dst_slot``'s."""
+
+    @property
+    def layout(self) -> Any:
+        """The partition layout (``app``/``fs`` partitions per slot)."""
 
 
 def part_target(part: Part) -> str | None:
