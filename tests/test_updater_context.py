@@ -169,6 +169,21 @@ def test_same_version_is_success_without_reboot() -> None:
     assert ctx.result == 1 and ctx.reboot_required
 
 
+def test_same_version_is_recognised_with_a_long_build_id() -> None:
+    """The boot config keeps at most 64 bytes of build_id (32 of version): a polling device must
+    still see that the bundle it runs is the one offered, or it would reinstall it at every poll."""
+    st = device()
+    data = make_virtual_bundle(
+        "esp32", "1.0-" + "v" * 40, app_size=9000, fs_size=FS_SIZE, build_id="20260101-000000/" + "b" * 80
+    )
+    assert apply(st, data).reboot_required
+    st.boot()
+    assert st.commit()
+    ctx = UpdaterContext(st, arch="esp32", ignore_same_version=True)
+    assert ctx.process(data) == 1
+    assert ctx.status_message == "Version is the same as current" and not ctx.reboot_required
+
+
 def test_app_only_bundle_copies_running_fs() -> None:
     st = device()
     st.fs().write("runtime.txt", b"state")

@@ -57,6 +57,7 @@ __all__ = [
     "SlotState",
     "decode_record",
     "encode_record",
+    "stored_identity",
 ]
 
 log = logging.getLogger("mgrpc.updater.bootcfg")
@@ -125,6 +126,12 @@ def _pad(text: str, size: int) -> bytes:
     # Cut at a character boundary so a truncated name still decodes cleanly.
     raw = text.encode("utf-8")[:size].decode("utf-8", "ignore").encode("utf-8")
     return raw + b"\x00" * (size - len(raw))
+
+
+def stored_identity(version: str, build_id: str) -> tuple[str, str]:
+    """``(version, build_id)`` as a record keeps them (cut to 32 and 64 bytes), for comparisons
+    with what the boot config reports about a slot."""
+    return _unpad(_pad(version, 32)), _unpad(_pad(build_id, 64))
 
 
 def _unpad(raw: bytes) -> str:

@@ -50,7 +50,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from .bootcfg import MAX_COMMIT_TIMEOUT_S, SlotState
+from .bootcfg import MAX_COMMIT_TIMEOUT_S, SlotState, stored_identity
 from .errors import FlashError, UpdaterError
 from .flash import Flash
 from .manifest import MANIFEST_FILE_NAME, Manifest, Part
@@ -389,8 +389,10 @@ class UpdaterContext:
         if self.on_begin is not None and self.on_begin(m) is False:
             raise UpdaterError("OTA aborted by the MGOS_EVENT_OTA_BEGIN handler")
         log.info("manifest: %s %s (%s) for %s", m.name, m.version, m.build_id, m.platform)
-        if self.ignore_same_version and m.is_same_version(
-            self.storage.running_version, self.storage.running_build_id
+        # The running identity comes from the boot config, which keeps only a prefix of long names.
+        if self.ignore_same_version and stored_identity(m.version, m.build_id) == (
+            self.storage.running_version,
+            self.storage.running_build_id,
         ):
             self.result = 1
             self.status_message = MSG_SAME_VERSION
