@@ -144,6 +144,24 @@ def test_shipped_conf9_replaces_users_settings() -> None:
     assert st.config is not None and not st.config.flags & BootFlags.MERGE_FS
 
 
+def test_merge_that_does_not_fit_is_a_failed_init_and_reverts() -> None:
+    """The old files may not fit beside the new image's: boot() reverts instead of raising."""
+    layout = make_layout(sector_size=SECTOR, app_size=16 << 10, fs_size=SIZE)
+    st = DeviceStorage.in_memory(layout=layout)
+    user = {"conf0.json": b"{}", "big.bin": bytes(range(256)) * 70}
+    st.factory_init(b"old" * 100, user, version="1.0", build_id="")
+    st.boot()
+    bundle = make_virtual_bundle("esp32", "2.0", app_size=4000, fs_size=SIZE,
+                                 fs_files={"other.bin": bytes(range(256)) * 70})  # fmt: skip
+    ctx = UpdaterContext(st, arch="esp32")
+    ctx.process(bundle)
+    assert ctx.finish() == 1
+    info = st.boot()
+    assert (info.slot, info.version, info.reverted) == (0, "1.0", True)
+    assert "fs merge into slot 1 failed" in info.reason
+    assert st.is_committed and st.fs().files() == user  # the old firmware and its files, intact
+
+
 def test_running_fs_is_one_shared_mount_per_boot() -> None:
     layout = make_layout(sector_size=SECTOR, app_size=16 << 10, fs_size=SIZE)
     st = DeviceStorage.in_memory(layout=layout)

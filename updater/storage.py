@@ -213,20 +213,17 @@ class DeviceStorage:
             try:
                 new_fs = self.fs(decision.slot)
             except FSError as exc:
-                log.error("first boot of slot %d: fs does not mount (%s); reverting", decision.slot, exc)
-                self.loader.revert()
-                info = self.boot()
-                self.boot_info = replace(
-                    info, reverted=True, reason=f"fs of slot {decision.slot} does not mount: reverted"
-                )
-                return self.boot_info
+                return self._init_failed(decision.slot, f"fs of slot {decision.slot} does not mount", exc)
             try:
                 old_fs: FlashFS | None = self.fs(cfg.revert_slot)
             except FSError as exc:
                 log.warning("old fs of slot %d does not mount (%s); nothing to merge", cfg.revert_slot, exc)
                 old_fs = None
             if old_fs is not None:
-                merged = tuple(merge_fs(old_fs, new_fs))
+                try:
+                    merged = tuple(merge_fs(old_fs, new_fs))
+                except FSError as exc:  # e.g. the old files do not fit the new fs
+                    return self._init_failed(decision.slot, f"fs merge into slot {decision.slot} failed", exc)
             cfg = self.loader.clear_merge_flag()
         state = cfg.slots[decision.slot]
         self._running = decision.slot
@@ -240,6 +237,14 @@ class DeviceStorage:
             version=state.version,
             build_id=state.build_id,
         )
+        return self.boot_info
+
+    def _init_failed(self, slot: int, why: str, exc: Exception) -> BootInfo:
+        """A first boot that cannot finish its init: revert and boot again (the old slot)."""
+        log.error("first boot of slot %d: %s (%s); reverting", slot, why, exc)
+        self.loader.revert()
+        info = self.boot()
+        self.boot_info = replace(info, reverted=True, reason=f"{why}: reverted")
         return self.boot_info
 
     # -- running firmware's operations ---------------------------------------------------------------
