@@ -528,3 +528,22 @@ async def test_wss(device: Node, tmp_path: Path) -> None:
             assert await c.call("Sys.Echo", 4) == 4
     finally:
         await lst.close()
+
+
+async def test_connect_timeout_bounds_a_silent_server() -> None:
+    # A server that accepts the TCP connection but never answers the upgrade (a wedged device).
+    conns: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(writer)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(TransportError, match="timed out"):
+            await asyncio.wait_for(transports.open_client(f"ws://127.0.0.1:{port}/rpc", connect_timeout_s=0.2), T)
+    finally:
+        for w in conns:
+            w.close()
+        server.close()
+        await server.wait_closed()

@@ -325,22 +325,28 @@ class WsClientChannel(Channel):
             # mos (Go) sends neither a User-Agent nor Accept-Encoding on the upgrade request.
             self._session = aiohttp.ClientSession(skip_auto_headers=("User-Agent", "Accept-Encoding"))
         try:
-            ws = await self._session.ws_connect(
-                self.target,
-                protocols=self.protocols,
-                origin=self.origin,
-                headers=self.headers,
-                ssl=self.ssl_context if self.ssl_context is not None else True,
-                compress=0,
-                autoping=True,
-                heartbeat=None,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
-            )
+            # Bounded like tcp://'s connect: aiohttp's own default would wait minutes on a wedged peer.
+            async with asyncio.timeout(self.connect_timeout_s):  # in this task: aiohttp binds to it
+                ws = await self._session.ws_connect(
+                    self.target,
+                    protocols=self.protocols,
+                    origin=self.origin,
+                    headers=self.headers,
+                    ssl=self.ssl_context if self.ssl_context is not None else True,
+                    compress=0,
+                    autoping=True,
+                    heartbeat=None,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                )
         except aiohttp.WSServerHandshakeError as e:
             if e.status != 101:
                 raise TransportError(BAD_STATUS_MESSAGE) from e
             raise TransportError(f"WebSocket handshake with {self.target} failed: {e.message}") from e
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        except TimeoutError:
+            raise TransportError(
+                f"cannot connect to {self.target}: timed out after {self.connect_timeout_s:g} s"
+            ) from None
+        except (aiohttp.ClientError, OSError) as e:
             raise TransportError(f"cannot connect to {self.target}: {e or type(e).__name__}") from e
         self.ws = ws
         self.connections += 1
@@ -434,7 +440,7 @@ async def open_client(url: TransportURL, *, reconnect: bool | None = None, **opt
     """Dial the device as ``mos`` does; the connection is up when this returns.
 
     Options (keyword): ``reconnect`` (default from ``?reconnect=``), ``reconnect_min_s``,
-    ``reconnect_max_s``, ``connect_timeout_s``.
+    ``reconnect_max_s``, ``connect_timeout_s`` (bounds each dial, default 10).
     """
     _, userinfo = _dial_target(url)
     headers = {"Authorization": f"Bearer {userinfo}"} if userinfo else {}
