@@ -322,3 +322,15 @@ def test_device_ids_never_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("rpc.node.random.getrandbits", lambda n: 0)
     first, second = node.new_id(), node.new_id()
     assert first != second
+
+
+async def test_loop_listener_forgets_closed_links(dev: Node) -> None:
+    lst = await transports.listen("loop://router-forget", dev)
+    try:
+        for _ in range(5):
+            async with await transports.connect("loop://router-forget") as c:
+                assert await c.call("Sys.Echo", 1) == 1
+        # a long-lived device accepts many short connections: closed links must not pile up
+        assert len(lst.channels) <= 1 and dev.channels == []
+    finally:
+        await lst.close()

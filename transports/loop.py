@@ -40,6 +40,8 @@ class LoopListener:
         """Make a new link: the device end is added to the node, the client end returned."""
         a, b = loop_pair(self.url)
         self.node.add_channel(b)
+        # Forget links their clients closed, or a long-lived listener keeps every one ever made.
+        self.channels = [ch for ch in self.channels if not ch.closed]
         self.channels.append(b)
         return a
 
