@@ -9,7 +9,7 @@ in a frame, so the CLI can print the device's ``result`` without re-encoding it.
 
 from __future__ import annotations
 
-__all__ = ["go_indent", "member_text"]
+__all__ = ["compact", "go_indent", "member_text"]
 
 _WS = " \t\r\n"
 _HTML = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -34,6 +34,25 @@ def _escape_string(s: str) -> str:
     if any(c in s for c in _HTML):
         return "".join(_HTML.get(c, c) for c in s)
     return s
+
+
+def compact(text: str) -> str:
+    """``text`` without insignificant whitespace, as Go compacts a ``json.RawMessage`` (strings and
+    numbers are kept verbatim, e.g. ``1.50``, ``1e3``, ``\\u00e9``)."""
+    out: list[str] = []
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = _string_end(text, i)
+            out.append(text[i:j])
+            i = j
+            continue
+        if c not in _WS:
+            out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def go_indent(text: str, indent: str = "  ") -> str:

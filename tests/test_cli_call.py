@@ -14,6 +14,7 @@ from rpc.auth import Acl, Authenticator
 from rpc.cli import main
 from rpc.errors import HandlerError
 from rpc.frame import RawJSON
+from rpc.jsonfmt import member_text
 from rpc.node import Node
 
 
@@ -50,6 +51,8 @@ def device() -> Iterator[DeviceThread]:
         lambda ctx, p: RawJSON('{"n": 1.50, "big": 12345678901234567890, "s": "<a&b>", "u": "é", "e": [], "o": {}}'),
     )
     node.add_handler("Nothing", lambda ctx, p: None)
+    # the params text exactly as it arrived on the wire
+    node.add_handler("Params", lambda ctx, p: RawJSON(member_text(ctx.frame.raw.decode(), "params") or "null"))
 
     def fail(ctx, p):
         raise HandlerError(-1)
@@ -93,6 +96,12 @@ def test_null_for_no_result_and_code_zero(device: DeviceThread, capsys) -> None:
 def test_params_compacted_and_echoed(device: DeviceThread, capsys) -> None:
     rc, out, _ = run(capsys, "--port", device.url, "call", "Echo", '{"key": "device.id",  "n": [1, 2]}')
     assert rc == 0 and out == '{\n  "key": "device.id",\n  "n": [\n    1,\n    2\n  ]\n}\n'
+
+
+def test_params_text_sent_verbatim_only_compacted(device: DeviceThread, capsys) -> None:
+    # mos passes the argument through json.RawMessage: whitespace goes, numbers and escapes stay
+    rc, out, _ = run(capsys, "--port", device.url, "call", "Params", '{"n": 1.50, "e": 1e3, "u": "\\u00e9 x"}')
+    assert rc == 0 and out == '{\n  "n": 1.50,\n  "e": 1e3,\n  "u": "\\u00e9 x"\n}\n'
 
 
 def test_remote_error(device: DeviceThread, capsys) -> None:

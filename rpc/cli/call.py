@@ -10,8 +10,8 @@ from typing import Any
 
 from rpc.cli._common import describe_error, err, run_with_client
 from rpc.errors import RemoteError
-from rpc.frame import ABSENT, Frame
-from rpc.jsonfmt import go_indent, member_text
+from rpc.frame import ABSENT, Frame, RawJSON
+from rpc.jsonfmt import compact, go_indent, member_text
 
 __all__ = ["format_result", "register"]
 
@@ -46,10 +46,12 @@ def cmd_call(args: argparse.Namespace) -> int:
     params: Any = ABSENT
     if args.params.strip():
         try:
-            params = json.loads(args.params)
+            json.loads(args.params)
         except ValueError:
             err(f"Error: Args [{args.params}] is not a valid JSON string")
             return 1
+        # As mos (json.RawMessage): sent compacted, numbers and escapes exactly as typed.
+        params = RawJSON(compact(args.params))
 
     async def call(client: Any) -> int:
         frame: Frame = await client.call_frame(args.method, params, timeout_s=args.timeout)
