@@ -58,7 +58,11 @@ class BridgeNode(Node):
     async def start(self) -> None:
         """Open the upstream link (keeps reconnecting in the background if it fails or drops)."""
         self._task = asyncio.ensure_future(self._keep_upstream())
-        await asyncio.wait_for(self._up_ready.wait(), None)
+        ready = asyncio.ensure_future(self._up_ready.wait())
+        await asyncio.wait((ready, self._task), return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():  # the reconnecting task died: report why instead of waiting forever
+            ready.cancel()
+            self._task.result()
 
     async def _keep_upstream(self) -> None:
         delay = 0.5
@@ -66,16 +70,19 @@ class BridgeNode(Node):
             if self.upstream is not None and not self.upstream.closed:
                 await asyncio.sleep(0.2)
                 continue
+            ch: Channel | None = None
             try:
                 ch = await self._open_upstream()
+                ch.attach(self)
+                await ch.start()  # may fail too (the port went away in between): retry as well
             except (MgrpcError, OSError) as e:
+                if ch is not None:
+                    await ch.close()
                 log.warning("upstream unavailable (%s); retrying in %.1f s", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.5
-            ch.attach(self)
-            await ch.start()
             self.upstream = ch
             log.info("upstream connected: %r", ch)
             self._up_ready.set()

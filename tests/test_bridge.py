@@ -63,3 +63,33 @@ async def test_mqtt_clients_reach_a_serial_device(tmp_path, serial_link: LinkEmu
         await bridge.close()
         await dev.stop()
         broker.stop()
+
+
+async def test_upstream_that_fails_to_start_is_retried() -> None:
+    import asyncio
+
+    from rpc.bridge import BridgeNode
+    from rpc.errors import TransportError
+    from tests.helpers import RecordingChannel
+
+    class FlakyStart(RecordingChannel):
+        async def start(self) -> None:
+            if attempts == 1:
+                raise TransportError("port vanished while opening")
+
+    attempts = 0
+    opened: list[FlakyStart] = []
+
+    async def open_upstream() -> FlakyStart:
+        nonlocal attempts
+        attempts += 1
+        ch = FlakyStart()
+        opened.append(ch)
+        return ch
+
+    bridge = BridgeNode("dev", open_upstream)
+    try:
+        await asyncio.wait_for(bridge.start(), 10)
+        assert attempts == 2 and bridge.upstream is opened[1] and opened[0].closed
+    finally:
+        await bridge.close()
