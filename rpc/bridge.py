@@ -29,7 +29,7 @@ from typing import Any
 from rpc.channel import Channel
 from rpc.errors import MgrpcError
 from rpc.frame import Frame
-from rpc.node import Node
+from rpc.node import Node, _id_key
 
 __all__ = ["BridgeNode"]
 
@@ -115,7 +115,7 @@ class BridgeNode(Node):
         if frame.src and channel.address is None:
             channel.address = frame.src
         if frame.is_request and frame.wants_reply:
-            self._routes[(_key(frame.id), frame.src)] = channel
+            self._routes[(_id_key(frame.id), frame.src)] = channel
             while len(self._routes) > MAX_ROUTES:
                 self._routes.popitem(last=False)
         up = self.upstream
@@ -129,7 +129,7 @@ class BridgeNode(Node):
 
     def _from_upstream(self, frame: Frame) -> None:
         if frame.is_response:
-            ch = self._routes.pop((_key(frame.id), frame.dst), None) or self._by_address(frame.dst)
+            ch = self._routes.pop((_id_key(frame.id), frame.dst), None) or self._by_address(frame.dst)
             if ch is None:
                 log.info("no downstream link for response id=%r dst=%r", frame.id, frame.dst)
                 return
@@ -166,9 +166,3 @@ class BridgeNode(Node):
             up, self.upstream = self.upstream, None
             await up.close()
         await super().close()
-
-
-def _key(fid: Any) -> Any:
-    if isinstance(fid, str) and fid.isdigit():
-        return int(fid)
-    return fid
