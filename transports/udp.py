@@ -20,6 +20,7 @@ from rpc.errors import ChannelClosed, TransportError, UsageError
 from rpc.frame import Frame
 from rpc.node import Node
 from transports.registry import TransportURL
+from transports.tcp import _host_port
 
 __all__ = [
     "EXTRA",
@@ -188,13 +189,6 @@ class UdpListener:
         self.peers.clear()
         if self.transport is not None:
             self.transport.close()
-
-
-def _host_port(url: TransportURL, *, default_host: str | None = None) -> tuple[str, int]:
-    host = url.host or default_host
-    if not host or url.port is None:
-        raise UsageError(f"udp:// needs host:port, e.g. udp://127.0.0.1:8910 (got {url.raw!r})")
-    return host, url.port
 
 
 async def open_client(url: TransportURL, **opts: Any) -> Channel:
