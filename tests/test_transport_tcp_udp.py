@@ -289,3 +289,11 @@ async def test_udp_bad_datagram_is_dropped_and_peers_bounded() -> None:
             tr.close()
         await lst.close()
         await node.close()
+
+
+async def test_udp_listen_refuses_a_codec_it_cannot_use() -> None:
+    # ?codec= is accepted by every scheme; the device side must not silently speak JSON instead
+    node = Node(id="dev")
+    with pytest.raises(UsageError, match="codec"):
+        lst = await transports.listen("udp://127.0.0.1:0?codec=msgpack", node)
+        await lst.close()

@@ -156,9 +156,10 @@ class UdpDeviceChannel(Channel):
 class UdpListener:
     """A device node served on ``udp://host:port``; ``url`` has the real port."""
 
-    def __init__(self, node: Node, *, max_peers: int = 64) -> None:
+    def __init__(self, node: Node, *, max_peers: int = 64, codec: FrameCodec | None = None) -> None:
         self.node = node
         self.max_peers = max_peers
+        self.codec: FrameCodec = codec if codec is not None else JsonCodec()
         self.transport: asyncio.DatagramTransport | None = None
         self.url = ""
         self.peers: OrderedDict[Any, UdpDeviceChannel] = OrderedDict()
@@ -167,7 +168,7 @@ class UdpListener:
         """Route a datagram to its peer's channel, creating it on first contact."""
         ch = self.peers.get(addr)
         if ch is None or ch.closed:
-            ch = UdpDeviceChannel(self, addr, codec=JsonCodec())
+            ch = UdpDeviceChannel(self, addr, codec=self.codec)
             self.peers[addr] = ch
             self.node.add_channel(ch)
             while len(self.peers) > self.max_peers:
@@ -210,11 +211,12 @@ async def open_client(url: TransportURL, **opts: Any) -> Channel:
 async def listen(url: TransportURL, node: Node, **opts: Any) -> UdpListener:
     """Serve ``node`` on ``udp://host:port`` (port 0 picks a free one; see ``.url``)."""
     host, port = _host_port(url, default_host="127.0.0.1")
+    codec = _codec(url, opts, JsonCodec())  # as the client side: a codec name other than json is an error
     try:
         max_peers = int(opts.pop("max_peers", url.option("max_peers", "64")))
     except ValueError:
         raise UsageError("udp:// option max_peers must be an integer") from None
-    listener = UdpListener(node, max_peers=max_peers)
+    listener = UdpListener(node, max_peers=max_peers, codec=codec)
     proto = _Protocol()
     proto.on_datagram = listener.datagram_received
     loop = asyncio.get_running_loop()
