@@ -93,3 +93,24 @@ async def test_upstream_that_fails_to_start_is_retried() -> None:
         assert attempts == 2 and bridge.upstream is opened[1] and opened[0].closed
     finally:
         await bridge.close()
+
+
+async def test_run_bridge_cleans_up_when_a_listen_url_fails() -> None:
+    from rpc.errors import UsageError
+    from rpc.node import Node
+
+    dev = Node(id="leaky")
+    dev_lst = await transports.listen("loop://bridge-cleanup-dev", dev)
+    try:
+        with pytest.raises(UsageError):
+            await run_bridge(
+                "loop://bridge-cleanup-dev",
+                ["loop://bridge-cleanup-front", "udp://127.0.0.1:0?nosuch=1"],
+                device_id="leaky",
+            )
+        # the first listener was closed again (its name is free) and the upstream link is gone
+        again = await transports.listen("loop://bridge-cleanup-front", Node(id="x"))
+        await again.close()
+        assert dev.channels == []
+    finally:
+        await dev_lst.close()

@@ -36,8 +36,17 @@ async def run_bridge(to: str, listen: list[str], *, device_id: str | None = None
         async with await transports.connect(to, timeout_s=timeout_s) as probe:
             device_id = str((await probe.call("Sys.GetInfo"))["id"])
     bridge = BridgeNode(device_id, lambda: transports.open_client(to))
-    await bridge.start()
-    listeners = [await transports.listen(url, bridge) for url in listen]
+    listeners: list[Any] = []
+    try:
+        await bridge.start()
+        for url in listen:
+            listeners.append(await transports.listen(url, bridge))
+    except BaseException:
+        # A bad --listen URL must not leave the other listeners and the upstream link running.
+        for lst in listeners:
+            await lst.close()
+        await bridge.close()
+        raise
     return bridge, listeners
 
 
