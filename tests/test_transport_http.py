@@ -486,3 +486,25 @@ async def test_msgpack_codec_over_http(device: Node) -> None:
             assert await c.call("Sys.Echo", {"b": b"\x00\xff"}) == {"b": b"\x00\xff"}
     finally:
         await lst.close()
+
+
+async def test_ws_and_http_started_together_share_one_port(device: Node) -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    # a device starting both listeners at once must get one server, not a bind error for the second
+    res = await asyncio.gather(
+        transports.listen(f"ws://127.0.0.1:{port}/rpc", device),
+        transports.listen(f"http://127.0.0.1:{port}/rpc", device),
+        return_exceptions=True,
+    )
+    try:
+        assert not [r for r in res if isinstance(r, BaseException)]
+        assert res[0].server is res[1].server  # type: ignore[union-attr]
+    finally:
+        for r in res:
+            if not isinstance(r, BaseException):
+                await r.close()

@@ -20,6 +20,7 @@ Also here: the TLS contexts built from the ``ca``/``cert``/``key`` URL options a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,9 @@ SHUTDOWN_TIMEOUT_S = 2.0
 RoleHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _servers: dict[tuple[str, int], SharedServer] = {}
+# host:port -> done when the server being started there is up (or failed), so a ws and an http
+# listener started at the same time share one server instead of the second failing to bind.
+_starting: dict[tuple[str, int], asyncio.Future[None]] = {}
 
 
 def is_rpc_path(path: str) -> bool:
@@ -154,14 +158,24 @@ class SharedServer:
 async def acquire(host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> SharedServer:
     """The running server for ``host:port`` (started now if needed). Port 0 always makes a new one."""
     key = (host, port)
+    if port and key in _starting:
+        await asyncio.wait({_starting[key]})
     srv = _servers.get(key) if port else None
     if srv is not None:
         if (srv.ssl_context is None) != (ssl_context is None):
             raise TransportError(f"{host}:{port} is already served {'with' if srv.ssl_context else 'without'} TLS")
         return srv
     srv = SharedServer(host, port, ssl_context)
-    await srv.start()
-    _servers[(host, srv.port)] = srv
+    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    if port:
+        _starting[key] = started
+    try:
+        await srv.start()
+        _servers[(host, srv.port)] = srv
+    finally:
+        if _starting.get(key) is started:
+            del _starting[key]
+        started.set_result(None)
     return srv
 
 
