@@ -16,6 +16,7 @@ from typing import Any
 
 from rpc.errors import HandlerError
 from services.ota import OtaService, OtaState, _Update
+from updater.bootcfg import MAX_COMMIT_TIMEOUT_S
 
 __all__ = ["fetch_update", "register_http_endpoints"]
 
@@ -151,6 +152,10 @@ async def _push(request: Any, svc: OtaService, commit_timeout_default: int) -> A
                 text = (await part.text()).strip()
                 if text.lstrip("-").isdigit():
                     commit_timeout = int(text)
+                    if commit_timeout > MAX_COMMIT_TIMEOUT_S:
+                        if u is not None:
+                            _abort_if_current(svc, u, "Update aborted")
+                        return reply(400, f"Invalid commit_timeout (at most {MAX_COMMIT_TIMEOUT_S} s)")
                     if u is not None:
                         u.ctx.commit_timeout_s = max(0, commit_timeout)
     except BaseException:
@@ -187,6 +192,8 @@ async def _pull(request: Any, svc: OtaService, commit_timeout_default: int) -> A
         return reply(409, "Another update is in progress.")
     ct = str(params.get("commit_timeout", "")).strip()
     commit_timeout = int(ct) if ct.lstrip("-").isdigit() else commit_timeout_default
+    if commit_timeout > MAX_COMMIT_TIMEOUT_S:
+        return reply(400, f"Invalid commit_timeout (at most {MAX_COMMIT_TIMEOUT_S} s)")
     isv = str(params.get("ignore_same_version", "1")).strip()
     try:
         u = svc.begin(size=None, commit_timeout_s=commit_timeout, timeout_s=None, source="pull",

@@ -140,3 +140,24 @@ async def test_push_cut_off_mid_upload_aborts_the_update(tmp_path) -> None:
         assert (await dev.wait_booted(boots=2)).version == "4.6"
     finally:
         await dev.stop()
+
+
+async def test_out_of_range_commit_timeout_is_a_clear_400(tmp_path) -> None:
+    dev = await start_device(tmp_path, "http-ct", ["http://127.0.0.1:0/rpc"])
+    base = dev.urls[0].rsplit("/rpc", 1)[0]
+    try:
+        form = aiohttp.FormData()
+        form.add_field("file", bundle("4.7"), filename="fw.zip", content_type="application/zip")
+        form.add_field("commit_timeout", "99999999999")  # after the file: the update is already running
+        async with aiohttp.ClientSession() as s, s.post(f"{base}/update", data=form) as resp:
+            assert resp.status == 400 and "commit_timeout" in await resp.text()
+        async with aiohttp.ClientSession() as s:
+            params = {"url": "http://127.0.0.1:1/fw.zip", "commit_timeout": "99999999999"}
+            async with s.get(f"{base}/update", params=params) as r:
+                assert r.status == 400 and "commit_timeout" in await r.text()
+        assert dev.ota is not None and dev.ota.state != 1  # nothing left running
+        status, text = await _post_file(f"{base}/update", bundle("4.7"), commit_timeout="60")
+        assert (status, text) == (200, "Update applied, finalizing\r\n")
+        assert (await dev.wait_booted(boots=2)).commit_timeout_s == 60
+    finally:
+        await dev.stop()
