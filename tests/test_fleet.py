@@ -115,6 +115,27 @@ def test_db_persists_devices_bundles_rollouts(tmp_path) -> None:
     db.close()
 
 
+async def test_device_with_a_malformed_getinfo_is_refused_clearly() -> None:
+    from services.fleet import FleetApp
+
+    class OddDevice:
+        async def call(self, method: str, params: Any = None, **kw: Any) -> Any:
+            return ["not", "an", "object"] if method == "Sys.GetInfo" else {}
+
+        async def close(self) -> None:
+            pass
+
+    async def connect(url: str) -> Any:
+        return OddDevice()
+
+    db = FleetDB(":memory:")
+    app = FleetApp(db, rpc_connect=connect)
+    with pytest.raises(FleetError, match="Sys.GetInfo did not answer an object"):
+        await app.add_device_url("tcp://127.0.0.1:1")
+    assert app.devices == {}
+    db.close()
+
+
 # -- the dashboard, end to end ------------------------------------------------------------------
 
 

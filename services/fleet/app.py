@@ -238,6 +238,8 @@ class FleetApp:
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
+        if not isinstance(info, dict):
+            raise FleetError(f"{url}: Sys.GetInfo did not answer an object: {info!r:.80}")
         dev_id = str(info.get("id") or url)
         d = self.devices.get(dev_id) or DeviceRecord(id=dev_id, source="url")
         d.url = url
