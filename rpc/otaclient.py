@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -458,6 +459,20 @@ async def ota_update(
         except (MgrpcError, OSError) as e:
             raise OtaError(f"unable to start an update: {_why(e)}") from e
 
+    try:
+        await _write_and_end(up, start, timeout_s)
+    except BaseException:
+        if up.client is not client:  # opened by reconnect(): the caller never got it, so close it here
+            with contextlib.suppress(Exception):
+                await up.client.close()
+        raise
+    return OtaResult(
+        size=up.size, resumed_from=start, bytes_sent=up.size - start, elapsed_s=time.monotonic() - t0,
+        writes=up.writes, retries=up.retries, reconnects=up.reconnects, client=up.client,
+    )  # fmt: skip
+
+
+async def _write_and_end(up: _Updater, start: int, timeout_s: float) -> None:
     up.say("Writing data...")
     try:
         await up.run_writes(start)
@@ -475,10 +490,6 @@ async def ota_update(
         raise OtaError(str(e)) from e
     except (MgrpcError, OSError) as e:
         raise OtaError(f"OTA.End failed: {_why(e)}") from e
-    return OtaResult(
-        size=up.size, resumed_from=start, bytes_sent=up.size - start, elapsed_s=time.monotonic() - t0,
-        writes=up.writes, retries=up.retries, reconnects=up.reconnects, client=up.client,
-    )  # fmt: skip
 
 
 async def _abort(up: _Updater) -> None:

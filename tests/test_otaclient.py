@@ -364,6 +364,28 @@ async def test_device_lost_the_update_during_a_cut(fake):
     await box[0].close()
 
 
+async def test_failed_update_closes_the_client_it_reopened(fake):
+    fw = firmware(30000)
+    box = [await fake.connect()]
+    cut = cut_at(box, 15000)
+    opened: list[AsyncClient] = []
+
+    def cb(d: int, t: int) -> None:
+        if d >= 15000:
+            fake.state = 0  # the device gave up the update while the link was down
+        cut(d, t)
+
+    async def reconnect() -> AsyncClient:
+        box[0] = await fake.connect()
+        opened.append(box[0])
+        return box[0]
+
+    with pytest.raises(OtaError, match="no longer updating"):
+        await ota_update(box[0], fw, window=4, on_progress=cb, reconnect=reconnect)
+    # the caller never sees a client ota_update opened itself, so ota_update must close it
+    assert len(opened) == 1 and opened[0].channel.closed
+
+
 async def test_reconnect_failure_is_reported(fake):
     box = [await fake.connect()]
 
