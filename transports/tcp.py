@@ -283,7 +283,47 @@ _DEVICE_ACTIONS: dict[type, Callable[[StreamDeviceChannel, Any], None]] = {
 # TCP
 
 
-class TcpClientChannel(StreamClientChannel):
+class _TcpIO(Channel):
+    """Reading and closing, shared by both ends of a TCP connection (mixed in before the framing class)."""
+
+    _reader: asyncio.StreamReader
+    _writer: asyncio.StreamWriter
+    _task: asyncio.Task[None] | None
+    data_received: Callable[[bytes], None]  # from the framing class
+
+    async def start(self) -> None:
+        """Start reading."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        try:
+            while not self.closed:
+                data = await self._reader.read(READ_SIZE)
+                if not data:
+                    break
+                self.data_received(data)
+        except (ConnectionError, OSError) as e:
+            log.info("tcp %s: read failed: %s", self.info(), e)
+        finally:
+            self._read_ended()
+            self._writer.close()
+
+    def _read_ended(self) -> None:
+        """The peer closed the connection (or reading failed)."""
+        self.mark_closed()
+
+    async def close(self) -> None:
+        """Close the connection."""
+        self.mark_closed()
+        self._writer.close()
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class TcpClientChannel(_TcpIO, StreamClientChannel):
     """``mos --port tcp://host:port``: stream framing without CRC or handshake."""
 
     type = "TCP"
@@ -308,24 +348,9 @@ class TcpClientChannel(StreamClientChannel):
         """``host:port`` of the peer."""
         return self._address
 
-    async def start(self) -> None:
-        """Start reading."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._read_loop())
-
-    async def _read_loop(self) -> None:
-        try:
-            while not self.closed:
-                data = await self._reader.read(READ_SIZE)
-                if not data:
-                    break
-                self.data_received(data)
-        except (ConnectionError, OSError) as e:
-            log.info("tcp %s: read failed: %s", self._address, e)
-        finally:
-            if not self.closed:
-                self.eof_received()
-            self._writer.close()
+    def _read_ended(self) -> None:
+        if not self.closed:
+            self.eof_received()  # a frame in progress counts as complete, as in mos
 
     async def send(self, frame: Frame) -> None:
         """Write one frame."""
@@ -340,17 +365,8 @@ class TcpClientChannel(StreamClientChannel):
                 self.mark_closed()
                 raise ChannelClosed(f"tcp {self._address}: {e}") from e
 
-    async def close(self) -> None:
-        """Close the connection."""
-        self.mark_closed()
-        self._writer.close()
-        task, self._task = self._task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
-
-class TcpDeviceChannel(StreamDeviceChannel):
+class TcpDeviceChannel(_TcpIO, StreamDeviceChannel):
     """One accepted TCP connection on the device side (type ``TCP_in``, info ``ip:port``)."""
 
     type = "TCP_in"
@@ -386,24 +402,6 @@ class TcpDeviceChannel(StreamDeviceChannel):
         if not was_closed and self._on_closed is not None:
             self._on_closed(self)
 
-    async def start(self) -> None:
-        """Start reading."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._read_loop())
-
-    async def _read_loop(self) -> None:
-        try:
-            while not self.closed:
-                data = await self._reader.read(READ_SIZE)
-                if not data:
-                    break
-                self.data_received(data)
-        except (ConnectionError, OSError) as e:
-            log.info("tcp %s: read failed: %s", self._peer, e)
-        finally:
-            self.mark_closed()
-            self._writer.close()
-
     def write(self, data: bytes) -> None:
         """Queue bytes on the socket."""
         if not self._writer.is_closing():
@@ -416,15 +414,6 @@ class TcpDeviceChannel(StreamDeviceChannel):
         except (ConnectionError, OSError) as e:
             self.mark_closed()
             raise ChannelClosed(f"tcp {self._peer}: {e}") from e
-
-    async def close(self) -> None:
-        """Close the connection."""
-        self.mark_closed()
-        self._writer.close()
-        task, self._task = self._task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 class TcpListener:
