@@ -24,7 +24,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -43,6 +43,7 @@ __all__ = [
     "codec_from_url",
     "is_rpc_path",
     "peer_address",
+    "serve_role",
     "server_ssl_context",
 ]
 
@@ -177,6 +178,32 @@ async def acquire(host: str, port: int, *, ssl_context: ssl.SSLContext | None = 
             del _starting[key]
         started.set_result(None)
     return srv
+
+
+class _RoleListener(Protocol):
+    async def handle(self, request: web.Request) -> web.StreamResponse: ...
+
+
+L = TypeVar("L", bound=_RoleListener)
+
+
+async def serve_role(url: TransportURL, node: Node, role: str, *, tls: bool, make: Callable[[SharedServer], L]) -> L:
+    """Attach ``make(server)``'s ``handle`` as ``role`` on the server for ``url``'s host:port.
+
+    ``tls`` (wss, https) needs the ``cert``/``key`` URL options; the default port is 443 with TLS,
+    else 80. A server that has no other role is released again if attaching fails.
+    """
+    ssl_context = server_ssl_context(url) if tls else None
+    port = url.port if url.port is not None else (443 if tls else 80)
+    server = await acquire(url.host or "0.0.0.0", port, ssl_context=ssl_context)
+    listener = make(server)
+    try:
+        server.attach(role, listener.handle, node)
+    except TransportError:
+        if not server.roles:
+            await server.release(role)
+        raise
+    return listener
 
 
 # -- TLS -----------------------------------------------------------------------------------------

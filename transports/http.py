@@ -53,11 +53,10 @@ from rpc.node import Node
 from transports._aioserver import (
     RPC_PATH,
     SharedServer,
-    acquire,
     client_ssl_context,
     codec_from_url,
     peer_address,
-    server_ssl_context,
+    serve_role,
 )
 from transports.registry import TransportURL
 
@@ -438,14 +437,7 @@ async def listen(url: TransportURL, node: Node, *, reply_timeout_s: float | None
         raise UsageError(f"unknown option(s) for listening on {url.scheme}://: {', '.join(sorted(opts))}")
     if url.path not in ("", "/", "/rpc"):
         raise UsageError(f"the HTTP RPC endpoint is /rpc; got path {url.path!r}")
-    ssl_context = server_ssl_context(url) if url.scheme == "https" else None
-    port = url.port if url.port is not None else (443 if url.scheme == "https" else 80)
-    server = await acquire(url.host or "0.0.0.0", port, ssl_context=ssl_context)
-    listener = HttpListener(server, node, url, reply_timeout_s=reply_timeout_s)
-    try:
-        server.attach("http", listener.handle, node)
-    except TransportError:
-        if not server.roles:
-            await server.release("http")
-        raise
-    return listener
+    return await serve_role(
+        url, node, "http", tls=url.scheme == "https",
+        make=lambda server: HttpListener(server, node, url, reply_timeout_s=reply_timeout_s),
+    )  # fmt: skip

@@ -43,11 +43,10 @@ from rpc.frame import Frame, Style
 from rpc.node import Node
 from transports._aioserver import (
     SharedServer,
-    acquire,
     client_ssl_context,
     codec_from_url,
     peer_address,
-    server_ssl_context,
+    serve_role,
 )
 from transports.registry import TransportURL
 
@@ -518,14 +517,7 @@ async def listen(
         return await dial_out(url, node, **opts)
     if url.path not in ("", "/", "/rpc"):
         raise UsageError(f"the WebSocket endpoint is /rpc; got path {url.path!r}")
-    ssl_context = server_ssl_context(url) if url.scheme == "wss" else None
-    port = url.port if url.port is not None else (443 if url.scheme == "wss" else 80)
-    server = await acquire(url.host or "0.0.0.0", port, ssl_context=ssl_context)
-    listener = WsListener(server, node, url, ping_interval_s=ping_interval_s)
-    try:
-        server.attach("ws", listener.handle, node)
-    except TransportError:
-        if not server.roles:
-            await server.release("ws")
-        raise
-    return listener
+    return await serve_role(
+        url, node, "ws", tls=url.scheme == "wss",
+        make=lambda server: WsListener(server, node, url, ping_interval_s=ping_interval_s),
+    )  # fmt: skip
