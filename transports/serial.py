@@ -179,7 +179,28 @@ class _PortIO(Protocol):
     def close(self) -> None: ...
 
 
-class _FdIO:
+class _IOBase:
+    """What both byte movers share: waiting for written bytes, and reporting a lost port once."""
+
+    _drained: asyncio.Event
+    _closed: bool
+    _on_lost: Callable[[str], None]
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def drain(self) -> None:
+        await self._drained.wait()
+        if self._closed:
+            raise ChannelClosed("serial port is closed")
+
+    def _lost(self, why: str) -> None:
+        if not self._closed:
+            self.close()
+            self._on_lost(why)
+
+
+class _FdIO(_IOBase):
     """The event loop watches the port's file descriptor (POSIX: ttys and ptys)."""
 
     def __init__(self, ser: Any, on_data: Callable[[bytes], None], on_lost: Callable[[str], None]) -> None:
@@ -241,16 +262,6 @@ class _FdIO:
             self._writing = False
         self._drained.set()
 
-    async def drain(self) -> None:
-        await self._drained.wait()
-        if self._closed:
-            raise ChannelClosed("serial port is closed")
-
-    def _lost(self, why: str) -> None:
-        if not self._closed:
-            self.close()
-            self._on_lost(why)
-
     def close(self) -> None:
         if self._closed:
             return
@@ -266,7 +277,7 @@ class _FdIO:
             log.debug("closing the port failed", exc_info=True)
 
 
-class _ThreadIO:
+class _ThreadIO(_IOBase):
     """A reader thread and a writer thread (ports without a pollable descriptor, e.g. Windows)."""
 
     def __init__(self, ser: Any, on_data: Callable[[bytes], None], on_lost: Callable[[str], None]) -> None:
@@ -331,16 +342,6 @@ class _ThreadIO:
         self._queued += len(data)
         self._drained.clear()
         self._q.put(bytes(data))
-
-    async def drain(self) -> None:
-        await self._drained.wait()
-        if self._closed:
-            raise ChannelClosed("serial port is closed")
-
-    def _lost(self, why: str) -> None:
-        if not self._closed:
-            self.close()
-            self._on_lost(why)
 
     def close(self) -> None:
         if self._closed:
