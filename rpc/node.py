@@ -471,6 +471,13 @@ class Node:
             raise TransportError(f"no channel for dst {frame.dst!r}")
         self._send(ch, frame)
 
+    def _outbound(self, method: str, dst: str, channel: Channel | None) -> tuple[Channel, str]:
+        """The channel a request goes out on and the ``src`` it carries there."""
+        ch = channel or self.route(dst)
+        if ch is None:
+            raise TransportError(f"no channel to send {method} to (dst {dst!r})")
+        return ch, (self.id if ch is not self._local else LOCAL_ADDR)
+
     def new_id(self) -> int:
         """A fresh request id: mos's random 2^40-range ids, or a device's growing counter."""
         if self.style == "mos":
@@ -493,11 +500,8 @@ class Node:
         extra: dict[str, Any] | None = None,
     ) -> Frame:
         """Send a request and return the response frame (errors are *not* raised; see :meth:`call`)."""
-        ch = channel or self.route(dst)
-        if ch is None:
-            raise TransportError(f"no channel to send {method} to (dst {dst!r})")
+        ch, src = self._outbound(method, dst, channel)
         fid = id if id is not None else self.new_id()
-        src = self.id if ch is not self._local else LOCAL_ADDR
         frame = Frame.request(
             method, params, id=fid, src=src, dst="" if ch is self._local else dst,
             compat_args=self.compat_args, tag=tag, extra=extra or {},
@@ -548,10 +552,7 @@ class Node:
 
     def notify(self, method: str, params: Any = ABSENT, *, dst: str = "", channel: Channel | None = None) -> None:
         """Send a request without an id (no reply will come)."""
-        ch = channel or self.route(dst)
-        if ch is None:
-            raise TransportError(f"no channel to send {method} to (dst {dst!r})")
-        src = self.id if ch is not self._local else LOCAL_ADDR
+        ch, src = self._outbound(method, dst, channel)
         self._send(ch, Frame.request(method, params, src=src, dst=dst, compat_args=self.compat_args))
 
     def broadcast(self, method: str, params: Any = ABSENT) -> int:
