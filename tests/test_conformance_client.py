@@ -124,3 +124,33 @@ async def test_a_wrong_ble_client_fails_the_length_check(tmp_path: Path) -> None
     assert failed.outcome is Outcome.FAIL
     assert "little-endian" in failed.message
     assert results["client.requests_seen[ble]"].outcome is Outcome.FAIL  # the device got no frame
+
+
+@pytest.mark.parametrize(
+    ("writes", "frames", "message"),
+    [
+        ([("tx_ctl", b"\x00\x00\x00\x02"), ("data", b"{}")], 1, None),
+        ([("tx_ctl", b"\x00\x00\x00\x04"), ("data", b"{}"), ("data", b"{}")], 1, None),  # chunks
+        ([("tx_ctl", b"\x02"), ("data", b"{}")], 0, "exactly 4 bytes"),
+        ([("data", b"{}")], 0, "without a length"),
+        ([("tx_ctl", b"\x00\x00\x00\x02"), ("data", b"{}x")], 0, "more data written than announced"),
+        ([("tx_ctl", b"\x00\x00\x00\x04"), ("data", b"{}"), ("tx_ctl", b"\x00\x00\x00\x02")], 0, "new length"),
+        ([("tx_ctl", b"\x02\x00\x00\x00"), ("data", b"{}")], 0, "little-endian"),
+        ([("tx_ctl", b"\x00\x00\x00\x02"), ("data", b"{}")], 2, "one frame the device accepted"),
+        ([], 0, "no GATT write"),
+    ],
+)
+async def test_ble_framing_check(writes: list[tuple[str, bytes]], frames: int, message: str | None) -> None:
+    from conformance.clientcheck import CLIENT_CHECKS, ClientRun
+    from conformance.model import CheckFailed
+    from rpc.frame import parse_frame
+
+    (check,) = [c.func for c in CLIENT_CHECKS if c.name == "ble_framing"]
+    run = ClientRun("ble", "ble://x", "", gatt=[(1, char, value) for char, value in writes])
+    run.frames = [parse_frame(b'{"id":1,"method":"M"}')] * frames
+    if message is None:
+        assert await check(run)
+    else:
+        with pytest.raises(CheckFailed) as ei:
+            await check(run)
+        assert message in ei.value.message
