@@ -156,3 +156,9 @@ def test_hci_host_backends_are_bound_to_the_host() -> None:
     assert issubclass(client, BumbleBleakClient) and issubclass(scanner, BumbleBleakScanner)
     assert client.host is host and scanner.host is host
     assert HciHost("usb:1").backends()[0] is not client
+
+
+async def test_missing_bumble_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transports.ble_bumble", None)  # as if bumble were not installed
+    with pytest.raises(TransportError, match=r"hci= needs bleak and bumble.*mgrpc\[ble\]"):
+        await ble.open_client(parse_url("ble://dev1?hci=usb:0"))
