@@ -43,8 +43,7 @@ async def fetch_update(svc: OtaService, u: _Update, url: str, *, headers: Mappin
             session.get(url, headers=dict(headers or {})) as resp,
         ):
             if resp.status == 304:
-                _abort_if_current(svc, u, "Not Modified")
-                svc.state, svc.msg = OtaState.IDLE, "Not Modified"
+                _abort_if_current(svc, u, "Not Modified")  # back to idle, "Not Modified"
                 return 1, "Not Modified"
             if resp.status != 200:
                 _abort_if_current(svc, u, "Invalid HTTP response code")

@@ -125,3 +125,26 @@ async def test_slow_download_is_not_cut_by_an_overall_client_timeout(
     server.release.set()
     assert await task == (0, "downloaded")
     assert u.written == len(server.data)
+
+
+async def test_late_answer_for_an_aborted_update_leaves_the_next_one_alone(device: VirtualDevice) -> None:
+    async def not_modified(request: web.Request) -> web.Response:
+        return web.Response(status=304)
+
+    app = web.Application()
+    app.router.add_get("/fw.zip", not_modified)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        svc = device.ota
+        assert svc is not None
+        u = svc.begin(size=None, commit_timeout_s=0, timeout_s=None, source="poll")
+        svc.abort("Update timed out")  # the watchdog gave up on it before the server answered
+        u2 = svc.begin(size=1000, commit_timeout_s=0, timeout_s=None)
+        assert await fetch_update(svc, u, f"http://127.0.0.1:{port}/fw.zip") == (1, "Not Modified")
+        assert svc.update is u2 and (svc.state, svc.msg) == (OtaState.PROGRESS, "progress")
+    finally:
+        await runner.cleanup()
