@@ -144,6 +144,8 @@ async def _push(request: Any, svc: OtaService, commit_timeout_default: int) -> A
                     except HandlerError as e:
                         return reply(400, e.message or "Update failed")
                 while chunk := await part.read_chunk(READ_CHUNK):
+                    if u.ctx.result < 0:  # aborted meanwhile (watchdog): never feed another update
+                        return reply(500, f"{u.ctx.result} {u.ctx.status_message}")
                     result = svc.write(chunk)
                     if result < 0:
                         return reply(500, f"{result} {u.ctx.status_message}")

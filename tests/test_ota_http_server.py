@@ -161,3 +161,37 @@ async def test_out_of_range_commit_timeout_is_a_clear_400(tmp_path) -> None:
         assert (await dev.wait_booted(boots=2)).commit_timeout_s == 60
     finally:
         await dev.stop()
+
+
+async def test_upload_whose_update_was_aborted_never_feeds_the_next_one(tmp_path) -> None:
+    dev = await start_device(tmp_path, "http-stale", ["http://127.0.0.1:0/rpc"])
+    base = dev.urls[0].rsplit("/rpc", 1)[0]
+    host, port = base.split("//", 1)[1].rsplit(":", 1)
+    boundary = "mgrpc-test-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="fw.zip"\r\n'
+        "Content-Type: application/zip\r\n\r\n"
+    ).encode() + bundle("4.8") + f"\r\n--{boundary}--\r\n".encode()
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /update HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode() + body[: len(body) // 2]
+        )
+        await writer.drain()
+        svc = dev.ota
+        assert svc is not None
+        for _ in range(250):  # until the device has started the update
+            if svc.state == 1 and svc.update is not None and svc.update.written > 0:
+                break
+            await asyncio.sleep(0.02)
+        svc.abort("Update timed out")  # what the no-progress watchdog does
+        u2 = svc.begin(size=1000, commit_timeout_s=0, timeout_s=None)  # e.g. mos ota starts a new one
+        writer.write(body[len(body) // 2 :])
+        await writer.drain()
+        head = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 500") and b"Update timed out" in head
+        assert svc.update is u2 and svc.state == 1 and u2.written == 0
+    finally:
+        await dev.stop()
