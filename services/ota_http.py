@@ -167,6 +167,8 @@ async def _push(request: Any, svc: OtaService, commit_timeout_default: int) -> A
         raise
     if u is None:
         return reply(400, "Update aborted")
+    if u.ctx.result < 0:  # aborted meanwhile (watchdog): never finish another update
+        return reply(500, f"{u.ctx.result} {u.ctx.status_message}")
     if u.ctx.result > 0 and not u.ctx.reboot_required:
         svc.state, svc.msg = OtaState.IDLE, u.ctx.status_message
         return reply(200, u.ctx.status_message)

@@ -163,7 +163,8 @@ async def test_out_of_range_commit_timeout_is_a_clear_400(tmp_path) -> None:
         await dev.stop()
 
 
-async def test_upload_whose_update_was_aborted_never_feeds_the_next_one(tmp_path) -> None:
+@pytest.mark.parametrize("cut", ["half", "before_end"])
+async def test_upload_whose_update_was_aborted_never_feeds_the_next_one(tmp_path, cut: str) -> None:
     dev = await start_device(tmp_path, "http-stale", ["http://127.0.0.1:0/rpc"])
     base = dev.urls[0].rsplit("/rpc", 1)[0]
     host, port = base.split("//", 1)[1].rsplit(":", 1)
@@ -171,23 +172,29 @@ async def test_upload_whose_update_was_aborted_never_feeds_the_next_one(tmp_path
     body = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="fw.zip"\r\n'
         "Content-Type: application/zip\r\n\r\n"
-    ).encode() + bundle("4.8") + f"\r\n--{boundary}--\r\n".encode()
+    ).encode() + bundle("4.8") + (
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n--{boundary}--\r\n'
+    ).encode()
+    # "half": cut in the middle of the file; "before_end": the file is complete, a later field is
+    # not (the update is then aborted between its last chunk and the finalize).
+    split = len(body) // 2 if cut == "half" else len(body) - len(boundary) - 10
+    want = 1 if cut == "half" else len(bundle("4.8"))
     try:
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(
             f"POST /update HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode() + body[: len(body) // 2]
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode() + body[:split]
         )
         await writer.drain()
         svc = dev.ota
         assert svc is not None
         for _ in range(250):  # until the device has started the update
-            if svc.state == 1 and svc.update is not None and svc.update.written > 0:
+            if svc.state == 1 and svc.update is not None and svc.update.written >= want:
                 break
             await asyncio.sleep(0.02)
         svc.abort("Update timed out")  # what the no-progress watchdog does
         u2 = svc.begin(size=1000, commit_timeout_s=0, timeout_s=None)  # e.g. mos ota starts a new one
-        writer.write(body[len(body) // 2 :])
+        writer.write(body[split:])
         await writer.drain()
         head = await asyncio.wait_for(reader.read(4096), 10)
         writer.close()
