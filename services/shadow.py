@@ -600,6 +600,13 @@ class _Session:
                     await asyncio.wait_for(asyncio.shield(fut), 2.0)
                 except (TimeoutError, Exception):
                     pass
+            if u.ctx.result < 0 or svc.update is not u:
+                # Aborted while the report went out (watchdog, stack stopping): nothing was switched,
+                # and finish() would act on whatever update runs now.
+                saved.phase = "failed"
+                self._save(saved)
+                self._report_ota(-5, f"-5 {u.ctx.status_message}")
+                return
             res = svc.finish()
             if res < 0:
                 saved.phase = "failed"

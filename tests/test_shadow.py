@@ -27,6 +27,66 @@ async def wait_for(pred, *, timeout_s: float = 30.0, what: str = "condition") ->
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def test_update_aborted_while_reporting_does_not_finish_the_next_one(tmp_path) -> None:
+    """Between the download and finish() the agent awaits its report; if the update is aborted
+    then (watchdog, stack stopping) and another starts, finish() must not act on that one."""
+    from aiohttp import web
+
+    from services.device import VirtualDevice
+    from services.shadow import DeviceAgent
+
+    data = make_virtual_bundle("esp32", "7.1")
+
+    async def fw(request: web.Request) -> web.Response:
+        return web.Response(body=data)
+
+    app = web.Application()
+    app.router.add_get("/fw.zip", fw)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    dev = VirtualDevice(id="race", state_dir=tmp_path / "race", storage=DeviceStorage.in_memory())
+    reported: list[dict[str, Any]] = []
+    others: list[Any] = []
+
+    class FakeConn:
+        async def subscribe(self, *a: Any, **kw: Any) -> None:
+            pass
+
+        def publish_nowait(self, topic: str, payload: bytes, **kw: Any) -> asyncio.Future[None]:
+            obj = json.loads(payload)
+            ota = ((obj.get("state") or {}).get("reported") or {}).get("ota") if isinstance(obj, dict) else None
+            if ota is not None:
+                reported.append(ota)
+                if ota.get("message") == "Update applied, finalizing" and dev.ota is not None:
+                    dev.ota.abort("Update timed out")  # the watchdog fires meanwhile ...
+                    others.append(dev.ota.begin(size=1000, commit_timeout_s=0, timeout_s=None))  # ... mos ota
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+        async def close(self) -> None:
+            pass
+
+    async def connect(url: str) -> Any:
+        return FakeConn()
+
+    agent = DeviceAgent(dev, agent_url="mqtt://fake/race", connect=connect, shadow_ota=False)
+    dev.listen_urls, dev.listen_fn = ["mqtt://fake/race"], agent.listen
+    await dev.start()
+    try:
+        assert agent.session is not None and dev.ota is not None
+        await agent.session._update(f"http://127.0.0.1:{port}/fw.zip", 60, None, {})
+        assert others and dev.ota.update is others[0] and dev.ota.state == 1  # the other update runs on
+        assert reported[-1]["code"] < 0 and "Update timed out" in reported[-1]["message"]
+        assert dev.storage is not None and dev.storage.get_boot_state()["active_slot"] == 0
+    finally:
+        await dev.stop()
+        await runner.cleanup()
+
+
 # -- the document model and the store ------------------------------------------------------------
 
 
