@@ -418,7 +418,11 @@ def _encode_mos(f: Frame, html_escape: bool) -> str:
     if f.result is not ABSENT:
         add('"result":' + _dumps(f.result, _COMPACT))
     if f.error is not None:
-        add('"error":' + _ENC_COMPACT(f.error.to_json_obj()))
+        e = f.error
+        if e.message:
+            add('"error":{"code":%d,"message":%s}' % (e.code, _ENC_COMPACT(e.message)))
+        else:  # Go's `message,omitempty`: an empty message is not written
+            add('"error":{"code":%d}' % e.code)
     if f.trace:
         add('"trace":' + _dumps(f.trace, _COMPACT))
     if f.auth:

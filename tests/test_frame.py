@@ -221,3 +221,9 @@ def test_parser_on_arbitrary_json(value) -> None:
         parse_frame(json.dumps(value).encode())
     except FrameError:
         pass
+
+
+def test_mos_error_omits_an_empty_message_as_go_omitempty() -> None:
+    # mos's FrameError has `Message string json:"message,omitempty"`: "" is not written
+    assert Frame(id=5, error=ErrorInfo(404, "")).encode("mos") == b'{"id":5,"error":{"code":404}}'
+    assert Frame(id=5, error=ErrorInfo(404, "x")).encode("mos") == b'{"id":5,"error":{"code":404,"message":"x"}}'
