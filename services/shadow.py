@@ -598,6 +598,12 @@ class _Session:
             if fut is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(fut), 2.0)
+                except asyncio.CancelledError:
+                    # The stack stops (its reboot aborts the update): not "applied", or the next boot,
+                    # back on this slot, would report a rollback.
+                    saved.phase = "failed"
+                    self._save(saved)
+                    raise
                 except (TimeoutError, Exception):
                     pass
             if u.ctx.result < 0 or svc.update is not u:

@@ -87,6 +87,61 @@ async def test_update_aborted_while_reporting_does_not_finish_the_next_one(tmp_p
         await runner.cleanup()
 
 
+async def test_update_cancelled_while_reporting_is_not_saved_as_applied(tmp_path) -> None:
+    from aiohttp import web
+
+    from services.device import VirtualDevice
+    from services.shadow import STATE_FILE, DeviceAgent
+
+    data = make_virtual_bundle("esp32", "7.2")
+
+    async def fw(request: web.Request) -> web.Response:
+        return web.Response(body=data)
+
+    app = web.Application()
+    app.router.add_get("/fw.zip", fw)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    dev = VirtualDevice(id="cancel", state_dir=tmp_path / "cancel", storage=DeviceStorage.in_memory())
+    held: list[asyncio.Future[None]] = []
+
+    class SlowConn:  # the broker never acknowledges the "applied" report
+        async def subscribe(self, *a: Any, **kw: Any) -> None:
+            pass
+
+        def publish_nowait(self, topic: str, payload: bytes, **kw: Any) -> asyncio.Future[None]:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if b"Update applied" in payload:
+                held.append(fut)
+            else:
+                fut.set_result(None)
+            return fut
+
+        async def close(self) -> None:
+            pass
+
+    async def connect(url: str) -> Any:
+        return SlowConn()
+
+    agent = DeviceAgent(dev, agent_url="mqtt://fake/cancel", connect=connect, shadow_ota=False)
+    dev.listen_urls, dev.listen_fn = ["mqtt://fake/cancel"], agent.listen
+    await dev.start()
+    try:
+        assert agent.session is not None and dev.fw is not None
+        task = asyncio.ensure_future(agent.session._update(f"http://127.0.0.1:{port}/fw.zip", 60, None, {}))
+        await wait_for(lambda: bool(held), timeout_s=10, what="the applied report")
+        task.cancel()  # what the agent's close() does when the stack stops
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert json.loads(dev.fw.fs.read(STATE_FILE))["phase"] == "failed"
+    finally:
+        await dev.stop()
+        await runner.cleanup()
+
+
 # -- the document model and the store ------------------------------------------------------------
 
 
