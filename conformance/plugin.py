@@ -101,8 +101,8 @@ class _Runner:
     def __init__(self, url: str, options: Any) -> None:
         from conformance.session import Session
 
+        self.session = Session(url, options)  # first: a bad URL raises before a loop exists to leak
         self.loop = asyncio.new_event_loop()
-        self.session = Session(url, options)
 
     def run(self, spec: Any) -> Any:
         from conformance.runner import run_check

@@ -165,3 +165,25 @@ async def test_unreachable_device_is_one_clear_error(capsys: pytest.CaptureFixtu
     assert rc == 1
     assert "connect" in out and "cannot open loop://nobody-listens-here" in out
     assert "frame.tag_copied" not in out
+
+
+def test_plugin_runner_with_a_bad_url_leaks_no_event_loop() -> None:
+    import gc
+    import warnings
+
+    from conformance.plugin import _options, _Runner
+    from rpc.errors import MgrpcError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(MgrpcError, match="unknown scheme"):
+            _Runner("bogus://x", _options(None))
+        gc.collect()
+    assert not [w for w in caught if "unclosed event loop" in str(w.message)]
+
+
+def test_cli_client_transports_match_the_client_checks() -> None:
+    from conformance.clientcheck import CLIENT_SCHEMES
+    from rpc.cli.conformance import CLIENT_TRANSPORTS
+
+    assert tuple(CLIENT_TRANSPORTS) == tuple(CLIENT_SCHEMES)
