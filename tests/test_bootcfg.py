@@ -201,3 +201,11 @@ def test_any_single_byte_corruption_is_rejected(cfg: BootConfig, pos: int, xor: 
     rec = bytearray(encode_record(cfg))
     rec[pos] ^= xor
     assert decode_record(bytes(rec)) is None
+
+
+def test_layout_too_small_for_a_record_is_refused() -> None:
+    """With 256-byte sectors a record would spill over the other copy and app_0 (the running image)."""
+    from updater.storage import DeviceStorage
+
+    with pytest.raises(ValueError, match="smaller than a 512-byte record"):
+        DeviceStorage.in_memory(layout=make_layout(sector_size=256, app_size=1024, fs_size=2048))

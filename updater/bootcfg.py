@@ -201,6 +201,10 @@ class BootConfigStore:
     """The two boot config copies on a flash, per a :class:`~updater.partitions.Layout`."""
 
     def __init__(self, flash: Flash, layout: Layout) -> None:
+        small = [p.name for p in layout.bootcfg if p.size < RECORD_SIZE]
+        if small:
+            # A record would spill into the next partition (the other copy, or app_0).
+            raise ValueError(f"boot config partitions {', '.join(small)} are smaller than a {RECORD_SIZE}-byte record")
         self.flash = flash
         self.layout = layout
 
