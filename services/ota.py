@@ -9,7 +9,7 @@ Decisions where the spec is *[inferred]* (the streaming methods' device source i
 * ``OTA.Begin {timeout, commit_timeout, size}``: refused with -1 ``Update already in progress`` while
   one runs, and with -1 ``Previous update has not been committed yet`` when the running firmware is
   uncommitted. ``timeout`` (s, default ``update.timeout``) aborts the update after that long without
-  progress.
+  progress (``update.timeout`` <= 0: no such limit).
 * ``OTA.Write {offset, data}``: ``offset`` must equal the bytes accepted so far; an exact repeat of the
   last accepted chunk (same offset, same data) is acknowledged again without writing (mos retries a
   write whose reply was lost); anything else is -1 ``Expected offset N, got M``. A failure of the
@@ -62,7 +62,7 @@ class _Update:
     last_offset: int = -1
     last_data: bytes = b""
     source: str = "rpc"
-    timeout_s: float = 600.0  # no-progress limit (update.timeout / OTA.Begin "timeout")
+    timeout_s: float = 600.0  # no-progress limit (update.timeout / OTA.Begin "timeout"); <= 0: none
 
 
 class OtaService:
@@ -116,7 +116,8 @@ class OtaService:
         timeout_s = timeout_s if timeout_s and timeout_s > 0 else self.default_timeout_s
         self.update = _Update(ctx, size, source=source, timeout_s=timeout_s)
         self._set(OtaState.PROGRESS, "progress")
-        self._arm_watchdog(timeout_s)
+        if timeout_s > 0:  # update.timeout <= 0: no watchdog (not an instant abort)
+            self._arm_watchdog(timeout_s)
         log.info("update started (%s, %s bytes)", source, size)
         return self.update
 

@@ -36,7 +36,9 @@ async def fetch_update(svc: OtaService, u: _Update, url: str, *, headers: Mappin
 
     # No overall limit (aiohttp's default is 5 min, which would cut a slow but progressing download):
     # like the device's update.timeout, only a stall of the update's no-progress timeout ends it.
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=u.timeout_s)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=u.timeout_s if u.timeout_s > 0 else None
+    )
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,

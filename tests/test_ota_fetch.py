@@ -148,3 +148,16 @@ async def test_late_answer_for_an_aborted_update_leaves_the_next_one_alone(devic
         assert svc.update is u2 and (svc.state, svc.msg) == (OtaState.PROGRESS, "progress")
     finally:
         await runner.cleanup()
+
+
+async def test_update_timeout_zero_means_no_watchdog(device: VirtualDevice) -> None:
+    """``update.timeout = 0`` must not abort every update at once."""
+    from services.ota import OtaService
+
+    assert device.fw is not None
+    svc = OtaService(device.fw, default_timeout_s=0)
+    u = svc.begin(size=None, commit_timeout_s=0, timeout_s=None)
+    for _ in range(3):
+        await asyncio.sleep(0)  # let a (wrongly) zero-delay watchdog run
+    assert svc.state == OtaState.PROGRESS and svc.update is u
+    svc.abort()
