@@ -37,6 +37,7 @@ __all__ = [
     "Style",
     "frozen_quote",
     "parse_frame",
+    "value_text",
 ]
 
 DEFAULT_MAX_FRAME_SIZE = 4096
@@ -338,6 +339,12 @@ def frozen_quote(s: str) -> str:
     if "\\u000b" in out:
         out = _VT_RE.sub(r"\1\\v", out)
     return out
+
+
+def value_text(value: Any, style: Style = "device") -> str:
+    """A member value as JSON text the way ``style`` writes it: a device's ``", "``/``": "`` spacing
+    (frozen ``%Q`` strings), or mos's compact form. :class:`RawJSON` is used verbatim."""
+    return _device_value(value) if style == "device" else _dumps(value, _COMPACT)
 
 
 def _device_value(value: Any) -> str:

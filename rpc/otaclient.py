@@ -53,6 +53,7 @@ __all__ = [
     "OtaResult",
     "apply_config_values",
     "boot_state",
+    "chunk_data",
     "config_get",
     "config_get_path",
     "config_set",

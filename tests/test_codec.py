@@ -57,3 +57,23 @@ async def test_calls_over_msgpack_link() -> None:
     assert got == [b"\x00\x01\x02"]
     assert await client.call("Blob.Get") == {"data": b"\x00\xff" * 4}
     await client.close()
+
+
+async def test_loop_url_codec_and_ble_refuses_binary_codecs() -> None:
+    import transports
+    from rpc.errors import UsageError as UE
+
+    dev = Node(id="dev")
+    dev.add_handler("Blob.Len", lambda ctx, p: len(p["data"]))
+    lst = await transports.listen("loop://codec-test?codec=msgpack", dev)
+    try:
+        async with await transports.connect("loop://codec-test?codec=msgpack") as c:
+            assert c.channel.binary and await c.call("Blob.Len", {"data": b"\x00\x01"}) == 2
+        async with await transports.connect("loop://codec-test") as c:  # the listener's codec by default
+            assert c.channel.binary
+        with pytest.raises(UE, match="speaks the msgpack codec"):
+            await transports.connect("loop://codec-test?codec=json")
+    finally:
+        await lst.close()
+    with pytest.raises(UE, match="JSON frames only"):
+        await transports.open_client("ble://dev1?codec=msgpack")

@@ -234,7 +234,7 @@ async def test_rest_mode(listener: Any, session: aiohttp.ClientSession) -> None:
             return r.status, await r.read(), r.headers
 
     status, body, headers = await req("POST", "Sys.Echo", b'{"a": [1, 2]}')
-    assert (status, body) == (200, b'{"a":[1,2]}\r\n')
+    assert (status, body) == (200, b'{"a": [1, 2]}\r\n')  # the handler's text, device spacing
     assert headers["Content-Type"] == "application/json" and headers["Access-Control-Allow-Origin"] == "*"
     status, body, _ = await req("GET", "Sys.Id")
     assert (status, body) == (200, b"esp32_0A1B2C\r\n")  # errata: a string result is bare

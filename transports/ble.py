@@ -432,6 +432,13 @@ class BleListener:
         await self._close_transport()
 
 
+def _json_only(url: TransportURL) -> None:
+    # rpc-gatts carries JSON frames; a binary codec has not been specified or tested over GATT.
+    codec = url.option("codec") or "json"
+    if codec != "json":
+        raise UsageError(f"ble:// carries JSON frames only, not the {codec} codec")
+
+
 async def listen(
     url: TransportURL,
     node: Node,
@@ -447,6 +454,7 @@ async def listen(
     _require_bumble()
     if opts:
         raise UsageError(f"unknown option(s) for ble:// listen: {', '.join(sorted(opts))}")
+    _json_only(url)
     addr = url.option("address") or address
     if addr is not None and not _MAC_RE.match(addr):
         raise UsageError(f"address must look like C0:11:22:33:44:55, got {addr!r}")
@@ -647,6 +655,7 @@ async def open_client(
     """
     if opts:
         raise UsageError(f"unknown option(s) for ble:// client: {', '.join(sorted(opts))}")
+    _json_only(url)
     hci = url.option("hci") or hci
     if hci is not None:
         if bleak_backend is not None or bleak_scanner_backend is not None:

@@ -53,6 +53,7 @@ from rpc.errors import TransportError
 __all__ = ["DEFAULT_MTU", "BumbleBleakClient", "BumbleBleakScanner", "BumbleHost", "HciHost"]
 
 log = logging.getLogger("mgrpc.transport.ble")
+_background: set[asyncio.Task[None]] = set()
 
 DEFAULT_MTU = 247  # what phones and BlueZ typically ask for; rpc-gatts answers reads with MTU - 2 bytes
 RELEASE_TIMEOUT_S = 2.0
@@ -257,7 +258,9 @@ class BumbleBleakClient(BaseBleakClient):
         self._connection = None
         self._peer = None
         if self._device is not None:
-            asyncio.get_running_loop().create_task(self._cleanup())
+            task = asyncio.get_running_loop().create_task(self._cleanup())
+            _background.add(task)  # asyncio keeps only weak references to tasks
+            task.add_done_callback(_background.discard)
         if unsolicited and self._disconnected_callback is not None:
             self._disconnected_callback()
 

@@ -48,7 +48,7 @@ from rpc.auth import Authenticator, Credentials, http_challenge_header, http_dig
 from rpc.auth import verify_http_digest as _verify_digest
 from rpc.channel import Channel, FrameCodec
 from rpc.errors import AuthError, ChannelClosed, FrameError, TransportError, UsageError
-from rpc.frame import ABSENT, Frame, RawJSON
+from rpc.frame import ABSENT, Frame, RawJSON, value_text
 from rpc.node import Node
 from transports._aioserver import (
     RPC_PATH,
@@ -265,11 +265,10 @@ def _rest_status(code: int) -> int:
 
 
 def _json_text(value: Any) -> str:
+    # The same text a full frame would carry: a device's handler output, with its spacing.
     if value is ABSENT or value is None:
         return "null"
-    if isinstance(value, RawJSON):
-        return str(value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return value_text(value, "device")
 
 
 class HttpListener:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from rpc.channel import Channel
-from rpc.errors import TransportError
+from rpc.codec import codec_by_name
+from rpc.errors import TransportError, UsageError
 from rpc.loopback import LoopChannel, loop_pair
 from rpc.node import Node
 from transports.registry import TransportURL
@@ -30,15 +31,16 @@ def _name(url: TransportURL) -> str:
 class LoopListener:
     """A node reachable as ``loop://NAME`` in this process."""
 
-    def __init__(self, name: str, node: Node) -> None:
+    def __init__(self, name: str, node: Node, *, codec: str = "json") -> None:
         self.name = name
         self.node = node
+        self.codec = codec
         self.url = f"loop://{name}"
         self.channels: list[LoopChannel] = []
 
     def accept(self) -> LoopChannel:
         """Make a new link: the device end is added to the node, the client end returned."""
-        a, b = loop_pair(self.url)
+        a, b = loop_pair(self.url, codec_a=codec_by_name(self.codec), codec_b=codec_by_name(self.codec))
         self.node.add_channel(b)
         # Forget links their clients closed, or a long-lived listener keeps every one ever made.
         self.channels = [ch for ch in self.channels if not ch.closed]
@@ -59,7 +61,8 @@ async def listen(url: TransportURL, node: Node, **opts: Any) -> LoopListener:
     name = _name(url)
     if name in _listeners:
         raise TransportError(f"loop://{name} is already taken in this process")
-    lst = LoopListener(name, node)
+    lst = LoopListener(name, node, codec=url.option("codec") or "json")
+    codec_by_name(lst.codec)  # an unknown codec is refused here, not at the first connection
     _listeners[name] = lst
     return lst
 
@@ -70,4 +73,7 @@ async def open_client(url: TransportURL, **opts: Any) -> Channel:
     lst = _listeners.get(name)
     if lst is None:
         raise TransportError(f"nothing listens on loop://{name}")
+    want = url.option("codec") or lst.codec
+    if want != lst.codec:
+        raise UsageError(f"loop://{name} speaks the {lst.codec} codec, not {want}")
     return lst.accept()

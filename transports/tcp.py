@@ -68,6 +68,7 @@ junk_log = logging.getLogger("mgrpc.junk")
 
 JunkHandler = Callable[[bytes], None]
 READ_SIZE = 65536
+_background: set[asyncio.Task[None]] = set()
 
 
 def stream_codec(url: TransportURL, opts: dict[str, Any], *, ascii_only: bool = False) -> FrameCodec:
@@ -169,9 +170,11 @@ class StreamClientChannel(Channel):
     def _spawn_close(self) -> None:
         self.mark_closed()
         try:
-            asyncio.get_running_loop().create_task(self.close())
+            task = asyncio.get_running_loop().create_task(self.close())
         except RuntimeError:
-            pass
+            return
+        _background.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(_background.discard)
 
     # -- sending ----------------------------------------------------------------------------------
     def frame_bytes(self, frame: Frame) -> bytes:
