@@ -4,7 +4,8 @@
 ``OTA.Status`` (state must be 0 or 2) → ``OTA.Begin {"timeout":600,"commit_timeout":300,"size":N}``
 → ``OTA.Write {"offset":o,"data":"<b64>"}`` for each chunk → ``OTA.End``; each write gets up to three
 attempts with a new id and, after the last failure, ``OTA.End`` aborts the update and the error is
-``write failed at offset <o>``. Two things go beyond mos:
+``write failed at offset <o>``. (One deliberate difference: the first ``OTA.Status`` is bounded by
+``timeout_s`` too, where mos would wait forever for a silent device.) Two things go beyond mos:
 
 * **Pipelining.** ``window`` writes are kept in flight on the one connection. The device processes
   writes in arrival order and insists on contiguous offsets, so this is safe; on a failure the
