@@ -174,7 +174,7 @@ async def test_notification_gets_no_reply(client: Any, device: Any, sniffer: Sni
     resp_topic = f"dev1/rpc-resp/{client.channel.client_id}/rpc"
     replies = await sniffer.wait_topic(resp_topic)
     assert [json.loads(r)["result"] for r in replies] == [2]
-    requests = [json.loads(p) for p in sniffer.on("dev1/rpc")]
+    requests = [json.loads(p) for p in await sniffer.wait_topic("dev1/rpc", 2)]
     assert "id" not in requests[0] and requests[0]["method"] == "Test.Note"
 
 
@@ -326,7 +326,7 @@ async def test_client_bytes_and_topics_match_mos(broker: Mosquitto, sniffer: Sni
 
 async def test_client_html_escapes_on_the_wire(client: Any, sniffer: Sniffer) -> None:
     assert await client.call("Test.Echo", {"s": "<a&b>"}) == {"s": "<a&b>"}
-    (req,) = sniffer.on("dev1/rpc")
+    (req,) = await sniffer.wait_topic("dev1/rpc")  # the sniffer's copy may trail the reply
     assert b'"params":{"s":"\\u003ca\\u0026b\\u003e"}' in req
     assert b"<" not in req and b"&" not in req
 
@@ -336,7 +336,7 @@ async def test_default_client_id_is_mos_int31(client: Any, sniffer: Sniffer) -> 
     prefix, _, num = cid.partition("-")
     assert prefix == "mos" and num.isdigit() and 0 <= int(num) < 2**31
     await client.call("Test.Echo", 1)
-    (req,) = sniffer.on("dev1/rpc")
+    (req,) = await sniffer.wait_topic("dev1/rpc")
     assert json.loads(req)["src"] == f"dev1/rpc-resp/{cid}"
 
 
@@ -353,8 +353,8 @@ async def test_client_dst_override_and_two_devices(broker: Mosquitto, sniffer: S
         assert await c1.call("Test.Id", dst="devB") == "devB"  # dst picks the device
         # A device calls another device through the broker (its default route).
         assert await n1.call("Test.Id", dst="devB", timeout_s=WAIT_S) == "devB"
-        assert json.loads(sniffer.on("devA/rpc")[0])["dst"] == "devA"
-        assert any(json.loads(p).get("src") == "devA" for p in sniffer.on("devB/rpc"))
+        assert json.loads((await sniffer.wait_topic("devA/rpc"))[0])["dst"] == "devA"
+        await sniffer.wait_for(lambda msgs: any(t == "devB/rpc" and b'"src":"devA"' in p for t, p, *_ in msgs))
     finally:
         for c in (c1, c2):
             await c.close()
