@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conformance.golden import MOS_MEMBER_ORDER
 from conformance.model import CheckFailed, CheckResult, CheckSkipped, Outcome, expect
 from conformance.probe import id_key
 from conformance.rawjson import member_order, show
@@ -50,24 +51,7 @@ __all__ = ["CLIENT_CHECKS", "CLIENT_SCHEMES", "ClientRun", "record", "run_client
 
 log = logging.getLogger("mgrpc.conformance.client")
 
-GO_ORDER = (
-    "v",
-    "src",
-    "dst",
-    "key",
-    "tag",
-    "id",
-    "method",
-    "params",
-    "deadline",
-    "timeout",
-    "result",
-    "error",
-    "trace",
-    "auth",
-    "nr",
-    "args",
-)
+GO_ORDER = MOS_MEMBER_ORDER
 CLIENT_SCHEMES = ("tcp", "serial", "ws", "http", "mqtt", "ble")  # transports a reference device is served on
 MOS_ID_MIN = 1 << 40
 MOS_ID_MAX = (1 << 41) - 1

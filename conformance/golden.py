@@ -21,7 +21,13 @@ from rpc.auth import challenge_message
 from rpc.frame import ErrorInfo, Frame, RawJSON
 from rpc.framing import HANDSHAKE, HANDSHAKE_ACK, HANDSHAKE_REPLY, MosStreamEncoder, crc32_hex
 
-__all__ = ["VECTORS_DIR", "generate", "load", "main"]
+__all__ = ["MOS_MEMBER_ORDER", "VECTORS_DIR", "generate", "load", "main"]
+
+# The mos frame struct's member order (frame.md §1.3); the client checks use it too.
+MOS_MEMBER_ORDER = (
+    "v", "src", "dst", "key", "tag", "id", "method", "params", "deadline", "timeout", "result",
+    "error", "trace", "auth", "nr", "args",
+)  # fmt: skip
 
 log = logging.getLogger("mgrpc.conformance.golden")
 
@@ -113,24 +119,7 @@ def _frames() -> dict[str, Any]:
         "pairs": cases,
         "id_echo": id_echo,
         "not_found_message": "No handler for {method}",
-        "mos_member_order": [
-            "v",
-            "src",
-            "dst",
-            "key",
-            "tag",
-            "id",
-            "method",
-            "params",
-            "deadline",
-            "timeout",
-            "result",
-            "error",
-            "trace",
-            "auth",
-            "nr",
-            "args",
-        ],
+        "mos_member_order": list(MOS_MEMBER_ORDER),
         "device_member_order": ["id", "src", "dst", "tag", "key", "result|error"],
         "auth_challenge_message": challenge_message("RPC", "MD5", 1600000000),
     }
