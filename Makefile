@@ -25,7 +25,7 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 demo: $(STAMP)
-	$(PY) -m rpc.cli demo
+	$(PY) -m mgrpc demo
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests

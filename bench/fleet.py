@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rpc.cli.dashboard import start_fleet, start_fleet_device
+from mgrpc.wiring import start_fleet, start_fleet_device
 from tests.mosquitto import Mosquitto, find_mosquitto
 from updater.bundle import make_virtual_bundle
 from updater.storage import DeviceStorage

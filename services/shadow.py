@@ -1,7 +1,7 @@
 """Device shadow (AWS IoT style) over MQTT: the document model, the topics, and the device side
 (presence, OTA progress reports and the ota-shadow logic, spec/ota.md §5).
 
-Topics (``<id>`` = ``device.id``; the service in :mod:`services.shadow_server` answers them):
+Topics (``<id>`` = ``device.id``; the service in :mod:`mgrpc.shadow_server` answers them):
 
 ==========================================  ======================================================
 ``$aws/things/<id>/shadow/update``           publish ``{"state": {"desired"|"reported": {...}},
@@ -19,7 +19,7 @@ Topics (``<id>`` = ``device.id``; the service in :mod:`services.shadow_server` a
 ``$aws/things/<id>/shadow/delete``           deletes the document (``/delete/accepted|rejected``)
 ==========================================  ======================================================
 
-Fleet topics of our design (the dashboard, :mod:`services.fleet`, subscribes to them):
+Fleet topics of our design (the dashboard, :mod:`mgrpc.fleet`, subscribes to them):
 
 * ``<id>/status`` (retained, QoS 1): ``{"online": true|false, "id", "arch", "app", "version",
   "build_id", "committed", "slot", "reverted", "reason"}``, published when a boot's MQTT session

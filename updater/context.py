@@ -13,7 +13,7 @@ The zip events (:mod:`updater.zipstream`) drive a state machine whose legal move
 ``_TRANSITIONS``: ``(state, event type) -> handler``; each handler returns the next state; an event
 with no entry in the table is a malformed archive. States are the device's (§1.3).
 
-Decisions (documented here, tested in ``tests/test_updater_*.py``):
+Decisions (documented here, tested in ``tests/updater/``):
 
 * Parts: a part named ``app`` or ``fw``, or of type ``app``, goes to the inactive app partition; a
   part named ``fs`` or of type ``fs`` to the inactive fs partition. Every other part (``boot``, ``pt``,

@@ -1,0 +1,198 @@
+"""``mgrpc conformance`` — check a device (``--port URL``) or a host tool (``--client CMD``) against the spec.
+
+Prints a table (check, spec section, result, what was seen vs expected); ``--junit``/``--json`` also
+write reports. Exit status 0 only if every selected check passed (skips are not failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mgrpc.cli._common import err, port_from_args
+from rpc.errors import MgrpcError, UsageError
+
+__all__ = ["cmd_conformance", "register"]
+
+# The same list as conformance.clientcheck.CLIENT_SCHEMES (checked by a test); spelled out here so
+# building the parser does not import the client-check machinery.
+CLIENT_TRANSPORTS = ("tcp", "serial", "ws", "http", "mqtt", "ble")
+
+
+def register(sub: Any) -> None:
+    """Add the ``conformance`` command."""
+    p = sub.add_parser(
+        "conformance",
+        help="check a device or a client against the mgRPC wire protocol",
+        description="Run the conformance checks against the device at --port (any transport URL), "
+        "or, with --client CMD, start a reference device and check what the host tool CMD sends "
+        "({url} in CMD is replaced by the reference device's URL). Destructive checks (OTA, reboot) "
+        "run only with --ota BUNDLE or --ota-generate.",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="run only these groups or checks (repeatable, or comma-separated)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ota", metavar="BUNDLE", help="fw.zip to install in the OTA checks (destructive)")
+    g.add_argument(
+        "--ota-generate",
+        action="store_true",
+        help="generate an app-only bundle for the device's arch (mgrpc virtual-device firmware)",
+    )
+    p.add_argument(
+        "--destructive",
+        action="store_true",
+        help="also run checks that reboot the device (implied by --ota/--ota-generate)",
+    )
+    p.add_argument("--ota-chunk-size", type=int, default=512, help="bytes per OTA.Write (default 512, as mos)")
+    p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
+    p.add_argument("--json", metavar="FILE", help="write a JSON report")
+    p.add_argument("--reply-timeout", type=float, default=5.0, help="seconds to wait for each expected reply")
+    p.add_argument(
+        "--quiet-time",
+        type=float,
+        default=0.3,
+        help="seconds to keep listening for a reply that must not come (after a barrier)",
+    )
+    p.add_argument("--max-frame-size", type=int, default=4096, help="the device's rpc.max_frame_size")
+    p.add_argument("--device-id", help="the device's id (default: learned from its replies)")
+    p.add_argument("--auth-method", default="Sys.GetInfo", help="method that needs auth (with --rpc-creds)")
+    p.add_argument("--client", metavar="CMD", help="check a host tool: CMD with {url} for the device URL")
+    p.add_argument(
+        "--client-transport",
+        action="append",
+        default=[],
+        metavar="SCHEME",
+        help=f"transport(s) for --client: {', '.join(CLIENT_TRANSPORTS)} (default tcp)",
+    )
+    p.add_argument(
+        "--client-creds",
+        metavar="USER:PASS",
+        help="with --client: the reference device demands digest auth ({creds} in CMD = USER:PASS)",
+    )
+    p.add_argument("--list", action="store_true", help="list the checks and exit")
+    p.set_defaults(func=cmd_conformance)
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """Run ``mgrpc conformance``."""
+    from rich.console import Console
+
+    console = Console(file=sys.stdout, soft_wrap=False, width=max(100, _terminal_width()))
+    try:
+        if args.list:
+            return _list(console)
+        report = asyncio.run(_run(args))
+    except (UsageError, MgrpcError, OSError, ValueError) as e:
+        err(f"Error: {e}")
+        return 1
+    _print(console, report)
+    from conformance.runner import to_json, to_junit_xml
+
+    if args.junit:
+        Path(args.junit).write_text(to_junit_xml(report))
+    if args.json:
+        Path(args.json).write_text(to_json(report))
+    return 0 if report.ok else 1
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 160
+
+
+async def _run(args: argparse.Namespace) -> Any:
+    from conformance.model import ConformanceError
+    from conformance.session import Options
+    from rpc.auth import parse_creds
+
+    creds_spec = getattr(args, "rpc_creds", None) or os.environ.get("MOS_RPC_CREDS")
+    bundle = Path(args.ota).read_bytes() if args.ota else None
+    options = Options(
+        timeout_s=args.reply_timeout,
+        quiet_s=args.quiet_time,
+        max_frame_size=args.max_frame_size,
+        creds=parse_creds(creds_spec) if creds_spec else None,
+        auth_method=args.auth_method,
+        destructive=bool(args.destructive or args.ota or args.ota_generate),
+        ota_bundle=bundle,
+        ota_generate=bool(args.ota_generate),
+        ota_chunk_size=args.ota_chunk_size,
+        device_id=args.device_id,
+    )
+    only = _split(args.only) or None
+    try:
+        if args.client:
+            from conformance.clientcheck import run_client
+
+            schemes = _split(args.client_transport) or ["tcp"]
+            bad = [x for x in schemes if x not in CLIENT_TRANSPORTS]
+            if bad:
+                raise UsageError(f"unknown client transport(s) {bad}; valid: {', '.join(CLIENT_TRANSPORTS)}")
+            ccreds = parse_creds(args.client_creds) if args.client_creds else None
+            return await run_client(args.client, schemes=schemes, timeout_s=max(args.timeout, 10.0), creds=ccreds)
+        from conformance.runner import run
+
+        return await run(port_from_args(args), options=options, only=only)
+    except ConformanceError as e:
+        raise UsageError(str(e)) from None
+
+
+_STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "error": "bold magenta"}
+
+
+def _print(console: Any, report: Any) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"mgRPC conformance: {report.target}"), show_lines=False, expand=False)
+    table.add_column("check", no_wrap=True)
+    table.add_column("spec", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("seen / expected", overflow="fold")
+    for r in report.results:
+        if r.outcome.value in ("fail", "error"):
+            detail = r.message
+            if r.seen or r.expected:
+                detail += f"\n  seen:     {r.seen}\n  expected: {r.expected}"
+        else:
+            detail = r.message
+        style = _STYLE.get(r.outcome.value, "")
+        # Text, not markup: names like client.src[tcp] and JSON like ["a"] must print as they are.
+        table.add_row(Text(r.name), Text(r.section), Text(r.outcome.value.upper(), style=style), Text(detail))
+    console.print(table)
+    counts = (
+        ", ".join(f"{report.count(o)} {o.value}" for o in type(report.results[0].outcome)) if report.results else ""
+    )
+    verdict = "[green]PASS[/]" if report.ok else "[bold red]FAIL[/]"
+    console.print(f"{verdict}  {counts}  ({report.duration_s:.1f} s)")
+
+
+def _list(console: Any) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
+    import conformance.checks  # noqa: F401
+    from conformance.model import checks_for
+
+    table = Table(title="mgRPC conformance checks")
+    for col in ("check", "spec", "what", "destructive"):
+        table.add_column(col)
+    for spec in checks_for(None):
+        table.add_row(Text(spec.name), Text(spec.section), Text(spec.title), "yes" if spec.destructive else "")
+    console.print(table)
+    return 0

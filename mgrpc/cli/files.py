@@ -1,0 +1,267 @@
+"""``mgrpc ls/get/put/rm``, ``config-get/config-set`` and ``commit/revert/boot-state``.
+
+Output as ``mos`` prints it: ``ls`` one name per line (``name size`` with ``-l``) sorted, lines ended
+by ``\\r\\n``; ``get`` the raw file bytes on stdout; ``config-get`` a string raw, a number plain, an
+object as Go-indented JSON with sorted keys; progress and stage messages on stderr. ``boot-state``
+prints ``OTA.GetBootState`` exactly as ``mgrpc call OTA.GetBootState`` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mgrpc.cli._common import describe_error, err, run_with_client
+from rpc.errors import RemoteError, UsageError
+from rpc.otaclient import (
+    DEFAULT_CHUNK_SIZE,
+    OtaError,
+    config_get,
+    config_get_path,
+    config_set,
+    format_config_value,
+    fs_get,
+    fs_list,
+    fs_put,
+    fs_remove,
+    parse_assignments,
+)
+
+__all__ = ["fetch_url", "register"]
+
+
+def fetch_url(url: str, *, timeout_s: float = 60.0) -> bytes:
+    """HTTP(S) GET ``url`` (mos ``ReadOrFetchFile``); non-200 is an :class:`OtaError`."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            if resp.status != 200:
+                raise OtaError(f"failed to fetch {url}: HTTP {resp.status}")
+            return bytes(resp.read())
+    except urllib.error.HTTPError as e:
+        raise OtaError(f"failed to fetch {url}: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise OtaError(f"failed to fetch {url}: {getattr(e, 'reason', e)}") from e
+
+
+def read_or_fetch(name: str, *, timeout_s: float = 60.0) -> bytes:
+    """A local file's bytes, or an ``http(s)://`` URL's body (with mos's stderr messages)."""
+    if name.startswith(("http://", "https://")):
+        err(f"Fetching {name}...")
+        data = fetch_url(name, timeout_s=timeout_s)
+        err(f"  done, {len(data)} bytes.")
+        return data
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise OtaError(f"unable to read {name}: {e.strerror or e}") from e
+
+
+def _fs_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes per FS chunk (default 512)")
+    p.add_argument("--fs-op-attempts", type=int, default=3, help="attempts per FS chunk (default 3)")
+
+
+def _args_count(args: argparse.Namespace, lo: int, hi: int, missing: str) -> list[str] | None:
+    rest: list[str] = list(args.rest)
+    if len(rest) < lo:
+        err(f"Error: {missing}")
+        return None
+    if len(rest) > hi:
+        err("Error: extra arguments")
+        return None
+    return rest
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """``mgrpc ls [-l] [path]``."""
+    path = args.rest[0] if args.rest else "/"  # mos ignores anything after the path
+
+    async def run(client: Any) -> int:
+        files = await fs_list(client, path, long=args.long, timeout_s=args.timeout)
+        out = sys.stdout
+        for name, size in files:
+            out.write(name + (f" {size}" if size is not None else "") + "\r\n")
+        out.flush()
+        return 0
+
+    return run_with_client(args, run)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """``mgrpc get FILENAME``: the file's bytes on stdout."""
+    rest = _args_count(args, 1, 1, "filename is required")
+    if rest is None:
+        return 1
+
+    async def run(client: Any) -> int:
+        data = await fs_get(
+            client, rest[0], chunk_size=args.chunk_size, attempts=args.fs_op_attempts, timeout_s=args.timeout
+        )
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+
+    return run_with_client(args, run)
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    """``mgrpc put HOST_FILE [DEVICE_FILE]`` (device name defaults to the host file's base name)."""
+    rest = _args_count(args, 1, 2, "filename is required")
+    if rest is None:
+        return 1
+    try:
+        data = read_or_fetch(rest[0])
+    except OtaError as e:
+        err(f"Error: {e}")
+        return 1
+    dev_name = rest[1] if len(rest) > 1 else os.path.basename(rest[0].rstrip("/"))
+
+    async def run(client: Any) -> int:
+        await fs_put(
+            client, data, dev_name, chunk_size=args.chunk_size, attempts=args.fs_op_attempts, timeout_s=args.timeout
+        )
+        return 0
+
+    return run_with_client(args, run)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """``mgrpc rm FILENAME``."""
+    rest = _args_count(args, 1, 1, "filename is required")
+    if rest is None:
+        return 1
+
+    async def run(client: Any) -> int:
+        await fs_remove(client, rest[0], timeout_s=args.timeout)
+        return 0
+
+    return run_with_client(args, run)
+
+
+def cmd_config_get(args: argparse.Namespace) -> int:
+    """``mgrpc config-get [path.to.value]``."""
+    if len(args.rest) > 1:
+        err("Error: only one path to value is allowed")
+        return 1
+    path = args.rest[0] if args.rest else ""
+
+    async def run(client: Any) -> int:
+        conf = await config_get(client, level=args.level, timeout_s=args.timeout)
+        sys.stdout.write(format_config_value(config_get_path(conf, path)) + "\n")
+        return 0
+
+    return run_with_client(args, run)
+
+
+def cmd_config_set(args: argparse.Namespace) -> int:
+    """``mgrpc config-set path.to.value=value ...``."""
+    try:
+        pairs = parse_assignments(args.rest)
+        if not pairs:
+            raise UsageError("at least one path.to.value=value pair should be given")
+    except UsageError as e:
+        err(f"Error: {e}")
+        return 1
+
+    async def run(client: Any) -> int:
+        await config_set(
+            client, pairs, level=args.level, save=not args.no_save, reboot=not args.no_reboot,
+            try_once=args.try_once, timeout_s=args.timeout, on_message=err,
+        )  # fmt: skip
+        return 0
+
+    return run_with_client(args, run)
+
+
+_BOOT_HINTS = {
+    "OTA.Commit": "nothing to commit: the running firmware is already committed",
+    "OTA.Revert": "nothing to revert: the running firmware is committed",
+}
+
+
+def _ota_simple(method: str, done: str) -> Callable[[argparse.Namespace], int]:
+    def cmd(args: argparse.Namespace) -> int:
+        async def run(client: Any) -> int:
+            try:
+                await client.call(method, timeout_s=args.timeout)
+            except RemoteError as e:
+                hint = f" ({_BOOT_HINTS[method]})" if e.code == -1 and not e.message else ""
+                err(f"Error: {describe_error(e)}{hint}")
+                return 1
+            if method == "OTA.Revert":
+                await asyncio.sleep(0.2)  # the device reboots; let the reply's link close cleanly
+            err(done)
+            return 0
+
+        return run_with_client(args, run)
+
+    cmd.__doc__ = f"Call {method}."
+    return cmd
+
+
+def cmd_boot_state(args: argparse.Namespace) -> int:
+    """``mgrpc boot-state``: ``OTA.GetBootState`` printed as ``mos call`` prints it."""
+    from mgrpc.cli.call import format_result
+
+    async def run(client: Any) -> int:
+        frame = await client.call_frame("OTA.GetBootState", timeout_s=args.timeout)
+        if frame.error is not None and frame.error.code != 0:
+            err(f"Error: {describe_error(RemoteError(frame.error.code, frame.error.message or ''))}")
+            return 1
+        sys.stdout.write(format_result(frame) + "\n")
+        return 0
+
+    return run_with_client(args, run)
+
+
+def register(sub: Any) -> None:
+    """Add the file, config and boot-state commands."""
+    p = sub.add_parser("ls", help="list files on the device (FS.List)", description="List device files, sorted.")
+    p.add_argument("-l", "--long", action="store_true", help="with sizes (FS.ListExt)")
+    p.add_argument("rest", nargs="*", metavar="PATH", help="directory (default /)")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("get", help="print a device file on stdout (FS.Get)")
+    _fs_opts(p)
+    p.add_argument("rest", nargs="*", metavar="FILENAME")
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("put", help="upload a file to the device (FS.Put)")
+    _fs_opts(p)
+    p.add_argument("rest", nargs="*", metavar="FILE", help="HOST_FILE (path or http(s) URL) [DEVICE_FILE]")
+    p.set_defaults(func=cmd_put)
+
+    p = sub.add_parser("rm", help="remove a device file (FS.Remove)")
+    p.add_argument("rest", nargs="*", metavar="FILENAME")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("config-get", help="print device config (Config.Get)")
+    p.add_argument("--level", type=int, default=0, help="config level (0: the merged config)")
+    p.add_argument("rest", nargs="*", metavar="PATH", help="e.g. wifi.sta.ssid (default: everything)")
+    p.set_defaults(func=cmd_config_get)
+
+    p = sub.add_parser("config-set", help="change device config (Config.Set; saves and reboots by default)")
+    p.add_argument("--level", type=int, default=0, help="config level to write")
+    p.add_argument("--no-save", action="store_true", help="do not save the config")
+    p.add_argument("--no-reboot", action="store_true", help="do not reboot after saving")
+    p.add_argument("--try-once", action="store_true", help="the new config is valid for one reboot only")
+    p.add_argument("rest", nargs="*", metavar="PATH=VALUE")
+    p.set_defaults(func=cmd_config_set)
+
+    p = sub.add_parser("commit", help="commit the running firmware (OTA.Commit)")
+    p.set_defaults(func=_ota_simple("OTA.Commit", "Committed."))
+    p = sub.add_parser("revert", help="revert to the previous firmware (OTA.Revert; the device reboots)")
+    p.set_defaults(func=_ota_simple("OTA.Revert", "Reverting; the device reboots into the previous firmware."))
+    p = sub.add_parser("boot-state", help="print the boot state (OTA.GetBootState)")
+    p.set_defaults(func=cmd_boot_state)

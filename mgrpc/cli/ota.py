@@ -1,0 +1,228 @@
+"""``mgrpc ota FILE|URL [BEGIN-ARGS-JSON]`` — ``mos ota`` with pipelined writes, resume and ``--commit``.
+
+stderr gets mos's lines (``Getting current OTA status...``, ``Starting an update (args: ...)...``,
+``Writing data...``, ``Finalizing update...``) and, while writing, a progress bar with rate and ETA
+when stderr is a terminal, else mos's ``  <sent> of <total> (<pct>%)`` lines (each 64 KiB, or after
+5 s). Exit status 0 on success, 1 with ``Error: <message>`` on stderr otherwise.
+
+A lost connection is re-opened and the update continues where the device stands (``OTA.Status``
+``bytes_written``); running the same command again after an interruption resumes too, unless
+``--no-resume``. ``--commit`` waits for the device to reboot into the new firmware and commits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from mgrpc.cli._common import connect_from_args, describe_error, duration_arg, err
+from mgrpc.cli.files import read_or_fetch
+from rpc.errors import MgrpcError, TransportError
+from rpc.otaclient import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
+    OtaError,
+    manifest_version,
+    ota_update,
+    wait_and_commit,
+)
+
+__all__ = ["MosProgress", "register"]
+
+PROGRESS_STEP = 65536
+PROGRESS_EVERY_S = 5.0
+
+
+class MosProgress:
+    """mos's progress lines: ``  <sent> of <total> (<pct>%)`` at each 64 KiB boundary or after 5 s."""
+
+    def __init__(self, write: Any = err) -> None:
+        self._write = write
+        self._last_step = -1
+        self._last_t = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        """Report ``done`` of ``total`` bytes acknowledged."""
+        now = time.monotonic()
+        step = done // PROGRESS_STEP
+        if self._last_step < 0:  # the first report is the starting point (0, or the resume offset)
+            self._last_step = step
+            return
+        if step != self._last_step or now - self._last_t > PROGRESS_EVERY_S:
+            self._last_step = step
+            self._last_t = now
+            pct = done * 100.0 / total if total else 100.0
+            self._write(f"  {done} of {total} ({pct:.2f}%)")
+
+
+class _RichProgress:
+    """A rich progress bar on stderr: bytes done/total, rate, ETA."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TaskID,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("  writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+        )  # fmt: skip
+        self.task: TaskID | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("ota", total=total, completed=done)
+            return
+        self.progress.update(self.task, completed=done)
+
+    def message(self, text: str) -> None:
+        """Stage lines: stop the bar before ``Finalizing update...`` so lines do not interleave."""
+        if self.task is not None and text.startswith("Finalizing"):
+            self.stop()
+        if self.task is not None:
+            self.progress.console.print(text, highlight=False, markup=False)
+        else:
+            err(text)
+
+    def stop(self) -> None:
+        """Leave the bar as it is on the screen."""
+        if self.task is not None:
+            self.progress.stop()
+
+
+def _commit_timeout_from(begin_args: str | None, default_s: float) -> float:
+    if begin_args:
+        try:
+            obj = json.loads(begin_args)
+        except ValueError:
+            return default_s
+        if isinstance(obj, dict) and isinstance(obj.get("commit_timeout"), int | float):
+            return float(obj["commit_timeout"])
+    return default_s
+
+
+def cmd_ota(args: argparse.Namespace) -> int:
+    """Run ``mgrpc ota``."""
+    rest: list[str] = list(args.rest)
+    if not rest:
+        err("Error: firmware file is required")
+        return 1
+    if len(rest) > 2:
+        err("Error: extra arguments")
+        return 1
+    source = rest[0]
+    begin_args = rest[1] if len(rest) > 1 and rest[1].strip() else None
+    if begin_args is not None:
+        try:
+            json.loads(begin_args)
+        except ValueError:
+            err(f"Error: OTA.Begin args [{begin_args}] is not a valid JSON string")
+            return 1
+    if not 1 <= args.window <= MAX_WINDOW:
+        err(f"Error: --window must be between 1 and {MAX_WINDOW}")
+        return 1
+    if args.chunk_size <= 0:
+        err("Error: --chunk-size must be positive")
+        return 1
+    try:
+        fw = read_or_fetch(source)
+    except OtaError as e:
+        err(f"Error: {e}")
+        return 1
+
+    tty = sys.stderr.isatty() and not args.no_progress_bar
+    bar = _RichProgress() if tty else None
+    on_progress = bar if bar is not None else MosProgress()
+    on_message = bar.message if bar is not None else err
+
+    async def connect() -> Any:
+        return await connect_from_args(args)
+
+    async def run() -> int:
+        try:
+            client = await connect()
+        except (TransportError, OSError) as e:
+            print(describe_error(e))  # as mos: a connection failure goes to stdout
+            return 1
+        try:
+            res = await ota_update(
+                client, fw, chunk_size=args.chunk_size, window=args.window, timeout_s=args.timeout,
+                commit_timeout_s=args.commit_timeout, update_timeout_s=args.update_timeout,
+                begin_args=begin_args, on_progress=on_progress, on_message=on_message,
+                resume=not args.no_resume, reconnect=connect,
+            )  # fmt: skip
+            client = res.client
+        finally:
+            if bar is not None:
+                bar.stop()
+            await client.close()
+        rate = res.bytes_sent / res.elapsed_s if res.elapsed_s > 0 else 0.0
+        log_line = f"Update sent: {res.bytes_sent} bytes in {res.elapsed_s:.1f} s ({rate / 1024:.1f} KiB/s)"
+        if res.resumed_from:
+            log_line += f", resumed at {res.resumed_from}"
+        if args.verbose or tty:
+            err(log_line)
+        if not args.commit:
+            return 0
+        version = manifest_version(fw)
+        wait_s = _commit_timeout_from(begin_args, args.commit_timeout)
+        cr = await wait_and_commit(
+            connect, timeout_s=wait_s if wait_s > 0 else 60.0, expected_version=version, on_message=err,
+            call_timeout_s=min(args.timeout, 10.0),
+        )  # fmt: skip
+        if cr.already_committed:
+            err(f"Device runs {cr.fw_version}, already committed.")
+        else:
+            err(f"Committed: device runs {cr.fw_version}.")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        err("Interrupted. Run the same command again to resume the update.")
+        return 130
+    except (MgrpcError, OSError) as e:
+        err(f"Error: {describe_error(e)}")
+        return 1
+
+
+def register(sub: Any) -> None:
+    """Add the ``ota`` command."""
+    p = sub.add_parser(
+        "ota",
+        help="update the device firmware (OTA.Begin/Write/End), as `mos ota`",
+        description="Push a fw.zip (path or http(s) URL) with OTA.Status → OTA.Begin → OTA.Write… → "
+        "OTA.End. BEGIN-ARGS-JSON replaces the default OTA.Begin args verbatim. Writes are "
+        "pipelined (--window); an interrupted update resumes where the device stands.",
+    )
+    p.add_argument("rest", nargs="*", metavar="FILE|URL [BEGIN-ARGS-JSON]")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes per OTA.Write (default 512)")
+    p.add_argument(
+        "--commit-timeout", type=duration_arg, default=300.0,
+        help="commit_timeout in OTA.Begin: the device reverts unless committed in time (default 5m)",
+    )  # fmt: skip
+    p.add_argument(
+        "--update-timeout", type=duration_arg, default=600.0,
+        help="timeout in OTA.Begin: the device aborts an update idle that long (default 10m)",
+    )  # fmt: skip
+    p.add_argument(
+        "--window", type=int, default=DEFAULT_WINDOW,
+        help=f"OTA.Write calls in flight (default {DEFAULT_WINDOW}; 1 = stop-and-wait as mos; max {MAX_WINDOW})",
+    )  # fmt: skip
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an update already in progress")
+    p.add_argument("--commit", action="store_true", help="wait for the device to reboot into the update, then commit")
+    p.add_argument("--no-progress-bar", action="store_true", help="mos-style progress lines even on a terminal")
+    p.set_defaults(func=cmd_ota)

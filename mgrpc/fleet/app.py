@@ -1,0 +1,622 @@
+"""The fleet dashboard: an aiohttp web app over the fleet model, MQTT presence/progress and rollouts.
+
+Routes (everything is served by this app; the page uses no CDN):
+
+* ``GET /`` the page; ``GET /static/<file>`` its JS and CSS.
+* ``GET /api/state`` devices, bundles and the latest rollouts with per-device jobs (the page polls it).
+* ``POST /api/devices`` ``{"url": "ws://..."}`` adds a device by RPC URL (asks ``Sys.GetInfo`` and
+  ``OTA.GetBootState``); ``POST /api/devices/refresh`` asks every URL device again.
+* ``POST /api/bundles`` multipart upload of a fw.zip (any file field) → the bundle's info.
+* ``GET /fw/<sha256>.zip`` the bundle bytes (devices download from here: OTA.Update, shadow).
+* ``GET /update`` the ota-http-client polling endpoint: a device (``X-MGOS-Device-ID``) with a
+  pending ``poll`` job gets its bundle, anyone else ``304 Not Modified``.
+* ``POST /api/rollouts`` ``{"devices": [...], "bundle": sha, "method": "push"|"url"|"shadow"|"poll",
+  "commit_timeout": s, "autocommit": bool, "stage_size": N, "max_failures": K}``.
+
+Devices are seen over MQTT through the topics of :mod:`services.shadow` (``<id>/status``,
+``<id>/ota/progress``, the shadow's ``update/accepted``). Methods: ``push`` = OTA.Begin/Write/End
+over RPC (:func:`rpc.otaclient.ota_update`); ``url`` = ``OTA.Update`` with this app's bundle URL;
+``shadow`` = ``desired.ota = {url, commit_timeout, autocommit}`` in the device's shadow (offline
+devices pick it up when they connect); ``poll`` = served to the device's next poll of ``/update``.
+With ``autocommit`` the dashboard commits (``OTA.Commit``) once the device runs the new version,
+except for ``shadow``, where the device commits itself after its first shadow connection. A job
+ends ``done`` (new version running, committed unless autocommit is off), ``rolled_back`` (the
+device came back on another version) or ``failed``.
+
+Injected from the composition root (this package never imports :mod:`transports`): ``mqtt`` (a
+connection like ``transports.mqtt.MqttConnection``) and ``rpc_connect(url)`` (e.g.
+``transports.connect``, returning an :class:`rpc.client.AsyncClient`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from mgrpc.fleet.model import DeviceRecord, FleetDB, FleetError
+from mgrpc.fleet.rollout import METHODS, Job, Rollout
+from rpc.errors import MgrpcError, RemoteError
+from rpc.otaclient import ota_update
+from services.shadow import ShadowTopics
+
+__all__ = ["STATIC_DIR", "FleetApp"]
+
+log = logging.getLogger("mgrpc.fleet")
+
+STATIC_DIR = Path(__file__).parent / "static"
+SEND_TIMEOUT_S = 120.0  # push/url: no word from the device for this long fails the job
+REBOOT_GRACE_S = 60.0  # beyond the commit timeout, for a device to come back after applying
+PUSH_CHUNK = 2048  # raw bytes per OTA.Write: ~2.8 KB frames, under the default 4096 max frame size
+PUSH_WINDOW = 4
+MAX_UPLOAD = 64 << 20
+
+RpcConnect = Callable[[str], Awaitable[Any]]
+
+
+class FleetApp:
+    """The dashboard's state and behaviour; :meth:`web_app` gives the aiohttp application."""
+
+    def __init__(
+        self,
+        db: FleetDB,
+        *,
+        mqtt: Any | None = None,
+        rpc_connect: RpcConnect | None = None,
+        broker_url: str = "",
+        public_url: str = "",
+        send_timeout_s: float = SEND_TIMEOUT_S,
+        reboot_grace_s: float = REBOOT_GRACE_S,
+    ) -> None:
+        self.db = db
+        self.mqtt = mqtt
+        self.rpc_connect = rpc_connect
+        self.broker_url = broker_url.rstrip("/")
+        self.public_url = public_url.rstrip("/")
+        self.send_timeout_s = send_timeout_s
+        self.reboot_grace_s = reboot_grace_s
+        self.devices: dict[str, DeviceRecord] = {d.id: d for d in db.devices()}
+        for d in self.devices.values():
+            if d.source == "mqtt":
+                d.online = False  # until the broker says otherwise
+        self.rollouts: dict[str, Rollout] = {r.id: r for r in db.rollouts()}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self.changes = 0  # bumped on every change (the page can skip redraws)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> FleetApp:
+        """Subscribe the fleet topics and start the timeout ticker."""
+        if self.mqtt is not None:
+            await self.mqtt.subscribe("+/status", self._on_status, qos=1)
+            await self.mqtt.subscribe("+/ota/progress", self._on_progress, qos=0)
+            await self.mqtt.subscribe("$aws/things/+/shadow/update/accepted", self._on_shadow, qos=1)
+        self._ticker = asyncio.ensure_future(self._tick_loop())
+        for r in self.rollouts.values():
+            if r.state != "running":
+                continue
+            if r.method in ("push", "url"):
+                # The transfer ran in the previous dashboard process; it cannot be resumed from here.
+                for job in r.jobs.values():
+                    if job.state in ("sending", "updating"):
+                        self._event(r, job, "error", error="interrupted: the dashboard restarted")
+            self._pump(r)
+        return self
+
+    async def close(self) -> None:
+        """Stop the ticker and the running job tasks (the database stays open: the caller owns it)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, *(x for x in [self._ticker] if x), return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- devices ---------------------------------------------------------------------------------
+    def device_url(self, d: DeviceRecord) -> str:
+        """The RPC URL to reach a device."""
+        if d.source == "mqtt" and self.broker_url:
+            return f"{self.broker_url}/{d.id}"
+        return d.url
+
+    def _touch(self, d: DeviceRecord, *, save: bool = True) -> None:
+        self.changes += 1
+        if save:
+            self.db.save_device(d)
+
+    def _on_status(self, msg: Any) -> None:
+        try:
+            st = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(st, dict):
+            return
+        dev_id = msg.topic.rsplit("/", 1)[0]
+        d = self.devices.get(dev_id)
+        if d is None:
+            d = self.devices[dev_id] = DeviceRecord(id=dev_id, source="mqtt")
+        d.online = bool(st.get("online"))
+        for key in ("arch", "app", "version", "build_id"):
+            if isinstance(st.get(key), str) and st[key]:
+                setattr(d, key, st[key])
+        if "committed" in st:
+            d.committed = bool(st["committed"])
+        d.reverted = bool(st.get("reverted"))
+        if isinstance(st.get("boots"), int):
+            d.boots = st["boots"]
+        if isinstance(st.get("url"), str) and not d.url:
+            d.url = st["url"]
+        d.last_seen = time.time()
+        self._touch(d)
+        if d.online:
+            self._device_online(d)
+
+    def _on_progress(self, msg: Any) -> None:
+        try:
+            p = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(p, dict):
+            return
+        dev_id = msg.topic.split("/", 1)[0]
+        d = self.devices.get(dev_id)
+        if d is not None:
+            d.progress = p
+            self._touch(d, save=False)
+        found = self._active_job(dev_id)
+        if found is None:
+            return
+        r, job = found
+        state = p.get("state")
+        if state == "progress" and not p.get("done"):
+            return  # an update began; each poll begins one, most end at once with 304 Not Modified
+        if state == "progress":
+            job.done_bytes = int(p.get("done") or 0)
+            job.total_bytes = p.get("total") if isinstance(p.get("total"), int) else job.total_bytes
+            job.changed_at = time.time()
+            self._event(r, job, "progress", message="downloading" if r.method != "push" else "writing")
+        elif state == "success":
+            job.done_bytes = job.total_bytes or job.done_bytes
+            self._event(r, job, "applied", message=str(p.get("message") or "applied, rebooting"))
+        elif state == "error":
+            self._event(r, job, "error", error=str(p.get("message") or "update failed"))
+        elif state == "committed":
+            self._event(r, job, "committed", message="committed")
+
+    def _on_shadow(self, msg: Any) -> None:
+        try:
+            obj = json.loads(msg.payload)
+        except ValueError:
+            return
+        ota = ((obj.get("state") or {}).get("reported") or {}).get("ota") if isinstance(obj, dict) else None
+        if not isinstance(ota, dict):
+            return
+        dev_id = msg.topic.split("/")[2]
+        d = self.devices.get(dev_id)
+        if d is not None:
+            d.ota = {**d.ota, **ota}
+            self._touch(d, save=False)
+        code = ota.get("code")
+        found = self._active_job(dev_id)
+        if found is None or not isinstance(code, int) or code >= 0:
+            return
+        r, job = found
+        if job.state in ("sending", "updating"):
+            self._event(r, job, "error", error=str(ota.get("message") or f"error {code}"))
+
+    async def add_device_url(self, url: str) -> DeviceRecord:
+        """Add (or refresh) a device reachable at an RPC URL."""
+        if self.rpc_connect is None:
+            raise FleetError("this dashboard cannot open RPC connections")
+        if not url or "://" not in url:
+            raise FleetError(f"not a device URL: {url!r}")
+        try:
+            client = await self.rpc_connect(url)
+        except (OSError, MgrpcError) as e:
+            raise FleetError(f"cannot connect to {url}: {e}") from None
+        try:
+            info = await client.call("Sys.GetInfo", timeout_s=10)
+            try:
+                bs = await client.call("OTA.GetBootState", timeout_s=10)
+                ota = await client.call("OTA.Status", timeout_s=10)
+            except RemoteError:
+                bs, ota = {}, {}
+        except (OSError, MgrpcError) as e:
+            raise FleetError(f"{url}: {e}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+        if not isinstance(info, dict):
+            raise FleetError(f"{url}: Sys.GetInfo did not answer an object: {info!r:.80}")
+        dev_id = str(info.get("id") or url)
+        d = self.devices.get(dev_id) or DeviceRecord(id=dev_id, source="url")
+        d.url = url
+        if d.source != "mqtt":
+            d.source = "url"
+        d.arch = str(info.get("arch", d.arch))
+        d.app = str(info.get("app", d.app))
+        d.version = str(info.get("fw_version", d.version))
+        d.build_id = str(info.get("fw_id", d.build_id))
+        d.committed = bool(bs.get("is_committed", True)) if isinstance(bs, dict) else True
+        # Applied but not yet rebooted: the old firmware still answers; that is no rollback.
+        d.reboot_pending = (isinstance(bs, dict) and isinstance(ota, dict) and "partition" in ota
+                            and bs.get("active_slot") != ota.get("partition"))  # fmt: skip
+        d.online = True
+        d.last_seen = time.time()
+        self.devices[dev_id] = d
+        self._touch(d)
+        self._device_online(d)
+        return d
+
+    async def refresh_url_devices(self) -> None:
+        """Ask every device added by URL again (online state, version, committed)."""
+        for d in list(self.devices.values()):
+            if d.source != "url":
+                continue
+            try:
+                await self.add_device_url(d.url)
+            except FleetError:
+                d.online = False
+                self._touch(d)
+
+    # -- rollouts --------------------------------------------------------------------------------
+    def _active_job(self, dev_id: str) -> tuple[Rollout, Job] | None:
+        for r in reversed(list(self.rollouts.values())):
+            j = r.jobs.get(dev_id)
+            if j is not None and j.state != "queued" and (not j.terminal or j.state == "done"):
+                if j.state == "done" and r.autocommit:
+                    continue  # committed: nothing can undo it
+                return r, j
+        return None
+
+    def start_rollout(
+        self, *, devices: list[str], bundle: str, method: str, commit_timeout_s: int = 300, autocommit: bool = True,
+        stage_size: int = 0, max_failures: int = -1, concurrency: int = 0,
+    ) -> Rollout:  # fmt: skip
+        """Validate and start a rollout; :class:`FleetError` on bad input (nothing started then)."""
+        info = self.db.bundle(bundle)
+        if info is None:
+            raise FleetError(f"unknown bundle {bundle!r}: upload it first")
+        if method not in METHODS:
+            raise FleetError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        if not devices:
+            raise FleetError("no devices selected")
+        if not 0 <= commit_timeout_s <= 86400:
+            raise FleetError("commit_timeout must be 0..86400 s")
+        for dev_id in devices:
+            d = self.devices.get(dev_id)
+            if d is None:
+                raise FleetError(f"unknown device {dev_id!r}")
+            if d.arch and info.arch and d.arch != info.arch:
+                raise FleetError(f"device {dev_id} is {d.arch}, the bundle is for {info.arch}")
+            busy = self._active_job(dev_id)
+            if busy is not None and not busy[1].terminal:
+                raise FleetError(f"device {dev_id} is already being updated (rollout {busy[0].id})")
+            if method in ("push", "url") and not self.device_url(d):
+                raise FleetError(f"device {dev_id} has no RPC URL")
+        if method == "shadow" and self.mqtt is None:
+            raise FleetError("the shadow method needs an MQTT broker (--broker)")
+        try:
+            r = Rollout(
+                id=uuid.uuid4().hex[:12], bundle=bundle, version=info.version, method=method, devices=list(devices),
+                commit_timeout_s=commit_timeout_s, autocommit=autocommit, stage_size=stage_size,
+                max_failures=max_failures, concurrency=concurrency,
+            )  # fmt: skip
+        except ValueError as e:
+            raise FleetError(str(e)) from None
+        self.rollouts[r.id] = r
+        log.info("rollout %s: %s %s to %d devices by %s", r.id, info.name, info.version, len(devices), method)
+        self._pump(r)
+        self.db.save_rollout(r)
+        return r
+
+    def _pump(self, r: Rollout) -> None:
+        for dev_id in r.startable():
+            job = r.jobs[dev_id]
+            job.fire("start")
+            job.message = {"push": "connecting", "url": "OTA.Update sent", "shadow": "desired.ota.url set",
+                           "poll": "waiting for the device to poll"}[r.method]  # fmt: skip
+            self._spawn(self._run_job(r, job))
+        self.changes += 1
+        self.db.save_rollout(r)
+
+    def _event(self, r: Rollout, job: Job, event: str, *, message: str = "", error: str = "") -> None:
+        if not job.can(event):
+            return
+        before = job.state
+        job.fire(event)
+        if job.state == "rebooting" and before != "rebooting":
+            d = self.devices.get(job.device)
+            job.applied_boots = d.boots if d is not None and d.source == "mqtt" else -1
+        if message:
+            job.message = message
+        if error:
+            job.error = error
+            job.message = error
+        self.changes += 1
+        if job.state != before:
+            log.info("rollout %s: %s %s -> %s %s", r.id, job.device, before, job.state, error or message)
+            if job.state == "committing":
+                self._committing(r, job)
+            if job.terminal:
+                d = self.devices.get(job.device)
+                job.result_version = d.version if d else ""
+                self._pump(r)
+            self.db.save_rollout(r)
+
+    def bundle_url(self, r: Rollout) -> str:
+        """Where devices download the rollout's bundle (unique per rollout, so shadow sees a new URL)."""
+        return f"{self.public_url}/fw/{r.bundle}.zip?rollout={r.id}"
+
+    async def _run_job(self, r: Rollout, job: Job) -> None:
+        d = self.devices[job.device]
+        try:
+            if r.method == "push":
+                await self._push(r, job, d)
+            elif r.method == "url":
+                await self._ota_update(r, job, d)
+            elif r.method == "shadow":
+                await self._shadow(r, job, d)
+            # poll: served by /update when the device asks
+            if d.source == "url" and r.method in ("push", "url"):
+                await self._watch_url_device(r, job, d)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, MgrpcError, FleetError) as e:
+            self._event(r, job, "error", error=str(e) or type(e).__name__)
+        except Exception as e:
+            log.exception("rollout %s: job %s failed", r.id, job.device)
+            self._event(r, job, "error", error=f"internal error: {e}")
+
+    async def _watch_url_device(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
+        """A device without MQTT reports nothing: ask it until the job has a result."""
+        while job.state in ("rebooting", "committing"):
+            await asyncio.sleep(0.3)
+            if job.state == "committing" and d.version == r.version:
+                continue  # the commit call is on its way
+            with contextlib.suppress(FleetError):
+                await self.add_device_url(d.url)
+
+    async def _client(self, d: DeviceRecord) -> Any:
+        if self.rpc_connect is None:
+            raise FleetError("this dashboard cannot open RPC connections")
+        return await self.rpc_connect(self.device_url(d))
+
+    async def _push(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
+        data = self.db.bundle_data(r.bundle)
+        client = await self._client(d)
+        job.total_bytes = len(data)
+
+        def progress(done: int, total: int) -> None:
+            job.done_bytes, job.total_bytes = done, total
+            job.changed_at = time.time()
+            self._event(r, job, "progress", message="writing")
+
+        try:
+            res = await ota_update(client, data, chunk_size=PUSH_CHUNK, window=PUSH_WINDOW, resume=False,
+                                   commit_timeout_s=r.commit_timeout_s, on_progress=progress)  # fmt: skip
+            client = res.client
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+        job.done_bytes = len(data)
+        self._event(r, job, "applied", message="applied, rebooting")
+
+    async def _ota_update(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
+        client = await self._client(d)
+        try:
+            await client.call("OTA.Update", {"url": self.bundle_url(r), "commit_timeout": r.commit_timeout_s},
+                              timeout_s=self.send_timeout_s)  # fmt: skip
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+        self._event(r, job, "applied", message="applied, rebooting")
+
+    async def _shadow(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
+        assert self.mqtt is not None
+        desired = {"ota": {"url": self.bundle_url(r), "commit_timeout": r.commit_timeout_s,
+                           "autocommit": r.autocommit}}  # fmt: skip
+        body = json.dumps({"state": {"desired": desired}, "clientToken": f"fleet-{r.id}"})
+        await self.mqtt.publish(ShadowTopics(d.id).update, body, qos=1)
+        if not d.online:
+            job.message = "desired.ota.url set; waiting for the device to come online"
+            self.changes += 1
+
+    def _device_online(self, d: DeviceRecord) -> None:
+        found = self._active_job(d.id)
+        if found is None:
+            return
+        r, job = found
+        if d.version == r.version:
+            if d.committed and job.state != "done":
+                self._event(r, job, "online_new", message="running the new version")
+                self._event(r, job, "committed", message="committed")
+            else:
+                self._event(r, job, "online_new", message="running the new version (uncommitted)")
+        elif job.state in ("rebooting", "committing", "done") and not d.reboot_pending and (
+            job.applied_boots < 0 or d.boots > job.applied_boots  # a new boot, not an old message
+        ):
+            self._event(r, job, "online_old", error=f"rolled back to {d.version}")
+
+    def _committing(self, r: Rollout, job: Job) -> None:
+        d = self.devices[job.device]
+        if d.committed:
+            self._event(r, job, "committed", message="committed")
+        elif not r.autocommit:
+            self._event(r, job, "uncommitted_ok", message="running uncommitted (no auto-commit)")
+        elif r.method != "shadow":
+            self._spawn(self._commit(r, job, d))
+        # shadow + autocommit: the device commits itself after its first shadow connection
+
+    async def _commit(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
+        try:
+            client = await self._client(d)
+            try:
+                await client.call("OTA.Commit", timeout_s=20)
+            except RemoteError as e:
+                if e.code != -1:  # -1: already committed
+                    raise
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.close()
+        except (OSError, MgrpcError, FleetError) as e:
+            self._event(r, job, "error", error=f"commit failed: {e}")
+            return
+        d.committed = True
+        self._touch(d)
+        self._event(r, job, "committed", message="committed")
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.tick()
+            except Exception:
+                log.exception("fleet tick failed")
+
+    def tick(self, now: float | None = None) -> None:
+        """Fail jobs that waited too long (called every second)."""
+        t = time.time() if now is None else now
+        for r in list(self.rollouts.values()):
+            if r.state != "running":
+                continue
+            for job in r.jobs.values():
+                limit: float | None = None
+                if (job.state in ("sending", "updating") and r.method in ("push", "url")) or job.state == "updating":
+                    limit = self.send_timeout_s
+                elif job.state in ("rebooting", "committing"):
+                    limit = r.commit_timeout_s + self.reboot_grace_s
+                if limit is not None and t - job.changed_at > limit:
+                    self._event(r, job, "timeout", error=f"no result within {limit:g} s ({job.state})")
+            r.startable()  # settles finished/halted
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything the page shows."""
+        rollouts = sorted(self.rollouts.values(), key=lambda r: r.created_at)[-10:]
+        for r in rollouts:
+            r.startable()
+        return {
+            "devices": [d.to_json() for d in sorted(self.devices.values(), key=lambda d: d.id)],
+            "bundles": [b.to_json() for b in self.db.bundles()],
+            "rollouts": [r.to_json() for r in reversed(rollouts)],
+            "broker": self.broker_url, "changes": self.changes,
+        }  # fmt: skip
+
+    def web_app(self) -> web.Application:
+        """The aiohttp application (routes in the module docstring)."""
+        app = web.Application(client_max_size=MAX_UPLOAD)
+        app.router.add_get("/", self._h_index)
+        app.router.add_static("/static/", STATIC_DIR)
+        app.router.add_get("/api/state", self._h_state)
+        app.router.add_post("/api/devices", self._h_add_device)
+        app.router.add_post("/api/devices/refresh", self._h_refresh)
+        app.router.add_post("/api/bundles", self._h_upload)
+        app.router.add_post("/api/rollouts", self._h_rollout)
+        app.router.add_get("/fw/{sha}.zip", self._h_fw)
+        app.router.add_get("/update", self._h_poll)
+        return app
+
+    async def _h_index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    async def _h_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.state())
+
+    @staticmethod
+    def _bad(message: str, status: int = 400) -> web.Response:
+        return web.json_response({"error": message}, status=status)
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        try:
+            obj = await request.json()
+        except ValueError:
+            raise FleetError("the request body is not JSON") from None
+        if not isinstance(obj, dict):
+            raise FleetError("a JSON object is expected")
+        return obj
+
+    async def _h_add_device(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._json(request)
+            d = await self.add_device_url(str(body.get("url", "")))
+        except FleetError as e:
+            return self._bad(str(e))
+        return web.json_response(d.to_json())
+
+    async def _h_refresh(self, request: web.Request) -> web.Response:
+        await self.refresh_url_devices()
+        return web.json_response({"ok": True})
+
+    async def _h_upload(self, request: web.Request) -> web.Response:
+        if not request.content_type.startswith("multipart/"):
+            return self._bad("upload the fw.zip as multipart/form-data")
+        reader = await request.multipart()
+        async for part in reader:
+            filename = getattr(part, "filename", None)
+            if filename and isinstance(part, BodyPartReader):
+                data = await part.read()
+                try:
+                    info = self.db.add_bundle(bytes(data), filename=str(filename))
+                except FleetError as e:
+                    return self._bad(str(e))
+                self.changes += 1
+                log.info("bundle %s uploaded: %s %s for %s", info.sha[:12], info.name, info.version, info.arch)
+                return web.json_response(info.to_json())
+        return self._bad("no file in the upload")
+
+    async def _h_rollout(self, request: web.Request) -> web.Response:
+        try:
+            b = await self._json(request)
+            devices = b.get("devices")
+            if not isinstance(devices, list) or not all(isinstance(x, str) for x in devices):
+                raise FleetError("devices must be a list of device ids")
+            r = self.start_rollout(
+                devices=devices, bundle=str(b.get("bundle", "")), method=str(b.get("method", "")),
+                commit_timeout_s=_int(b, "commit_timeout", 300), autocommit=bool(b.get("autocommit", True)),
+                stage_size=_int(b, "stage_size", 0), max_failures=_int(b, "max_failures", -1),
+                concurrency=_int(b, "concurrency", 0),
+            )  # fmt: skip
+        except FleetError as e:
+            return self._bad(str(e))
+        return web.json_response(r.to_json())
+
+    async def _h_fw(self, request: web.Request) -> web.Response:
+        sha = request.match_info["sha"]
+        try:
+            data = self.db.bundle_data(sha)
+        except (FleetError, OSError):
+            return web.Response(status=404, text="no such bundle\r\n")
+        return web.Response(body=data, content_type="application/zip")
+
+    async def _h_poll(self, request: web.Request) -> web.Response:
+        dev_id = (request.headers.get("X-MGOS-Device-ID") or "").split(" ", 1)[0]
+        found = self._active_job(dev_id) if dev_id else None
+        if found is None or found[0].method != "poll" or found[1].state not in ("sending", "updating"):
+            return web.Response(status=304)
+        r, job = found
+        job.message = "device polled; downloading"
+        self.changes += 1
+        return web.Response(body=self.db.bundle_data(r.bundle), content_type="application/zip")
+
+
+def _int(obj: dict[str, Any], key: str, default: int) -> int:
+    v = obj.get(key, default)
+    if v in (None, ""):
+        return default
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise FleetError(f"{key} must be an integer") from None

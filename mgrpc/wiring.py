@@ -1,0 +1,166 @@
+"""The wiring of the packages into running things: plain functions that the CLI, the tests and the
+benches share (this package is the only composition root).
+
+- :func:`virtual_device`: a :class:`services.device.VirtualDevice` whose listeners are the transports';
+- :func:`run_bridge`: a device reachable at one URL, served on others;
+- :func:`start_fleet` / :func:`start_fleet_device`: the fleet dashboard (and shadow service) on a
+  broker, and virtual devices attached to that broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["Fleet", "run_bridge", "start_fleet", "start_fleet_device", "virtual_device"]
+
+
+def virtual_device(**kw: Any) -> Any:
+    """A :class:`services.device.VirtualDevice` serving its ``listen`` URLs through :mod:`transports`."""
+    import transports
+    from services.device import VirtualDevice
+
+    kw.setdefault("listen_fn", transports.listen)
+    return VirtualDevice(**kw)
+
+
+async def run_bridge(to: str, listen: list[str], *, device_id: str | None = None, timeout_s: float = 20.0) -> Any:
+    """Start a bridge; returns ``(bridge_node, listeners)``. Close with ``bridge.close()``."""
+    import transports
+    from rpc.bridge import BridgeNode
+
+    if device_id is None:
+        async with await transports.connect(to, timeout_s=timeout_s) as probe:
+            device_id = str((await probe.call("Sys.GetInfo"))["id"])
+    bridge = BridgeNode(device_id, lambda: transports.open_client(to))
+    listeners: list[Any] = []
+    try:
+        await bridge.start()
+        for url in listen:
+            listeners.append(await transports.listen(url, bridge))
+    except BaseException:
+        # A bad --listen URL must not leave the other listeners and the upstream link running.
+        for lst in listeners:
+            await lst.close()
+        await bridge.close()
+        raise
+    return bridge, listeners
+
+
+@dataclass
+class Fleet:
+    """A running dashboard (and shadow service): what :func:`start_fleet` returns."""
+
+    app: Any  # mgrpc.fleet.FleetApp
+    url: str
+    runner: Any
+    conn: Any | None
+    shadow: Any | None
+    db: Any
+    devices: list[Any] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """Stop devices, the dashboard, the shadow service and the MQTT connection."""
+        for dev in self.devices:
+            with contextlib.suppress(Exception):
+                await dev.stop()
+        await self.app.close()
+        await self.runner.cleanup()
+        if self.shadow is not None:
+            await self.shadow.close()
+        if self.conn is not None:
+            await self.conn.close()
+        self.db.close()
+
+
+async def start_fleet(
+    *, broker: str, db_path: str | Path, listen: str = "http://127.0.0.1:0", public_url: str = "",
+    shadow: bool = True, **app_kw: Any,
+) -> Fleet:  # fmt: skip
+    """Start the dashboard (and the shadow service) on ``listen``; port 0 picks a free port."""
+    from aiohttp import web
+
+    import transports
+    from mgrpc.fleet import FleetApp, FleetDB
+    from mgrpc.shadow_server import ShadowServer, ShadowStore
+    from transports.mqtt import open_connection
+
+    u = urlsplit(listen)
+    if u.scheme != "http" or not u.hostname:
+        raise ValueError(f"--listen must be http://HOST:PORT, not {listen!r}")
+    db = FleetDB(db_path)
+    conn = None
+    shadow_srv = None
+    broker_base = ""
+    runner: Any = None
+    try:
+        if broker:
+            b = urlsplit(broker)
+            broker_base = f"{b.scheme}://{b.netloc}"
+            conn = await open_connection(broker_base, client_id=f"mgrpc-dashboard-{id(db) & 0xFFFFFF:06x}")
+            if shadow:
+                shadow_srv = await ShadowServer(conn, ShadowStore(db_path)).start()
+        fleet_app = FleetApp(db, mqtt=conn, rpc_connect=transports.connect, broker_url=broker_base, **app_kw)
+        runner = web.AppRunner(fleet_app.web_app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, u.hostname, u.port if u.port is not None else 80)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url = f"http://{u.hostname}:{port}"
+        fleet_app.public_url = (public_url or url).rstrip("/")
+        await fleet_app.start()
+    except BaseException:
+        if runner is not None:
+            await runner.cleanup()
+        if conn is not None:
+            await conn.close()
+        db.close()
+        raise
+    return Fleet(fleet_app, url, runner, conn, shadow_srv, db)
+
+
+async def start_fleet_device(
+    broker: str, dev_id: str, *, state_dir: str | Path | None = None, storage: Any = None,
+    autocommit: bool | None = None, polling: bool = False, start: bool = True, **dev_kw: Any,
+) -> Any:  # fmt: skip
+    """A virtual device attached to the broker: RPC over MQTT, presence, progress, shadow OTA.
+
+    ``storage`` (e.g. ``DeviceStorage.in_memory()``) avoids a flash file; ``polling`` runs
+    ota-http-client polling from its ``update.*`` config.
+    """
+    from services.device import VirtualDevice
+    from services.polling import attach_polling
+    from services.shadow import DeviceAgent
+    from transports.mqtt import MqttDeviceChannel, open_connection
+
+    b = urlsplit(broker)
+    agent_url = f"{b.scheme}://{b.netloc}/{dev_id}"
+    dev: Any = VirtualDevice(
+        id=dev_id, state_dir=state_dir or Path(tempfile.gettempdir()) / "mgrpc-fleet" / dev_id,
+        listen=[agent_url], storage=storage, **dev_kw,
+    )  # fmt: skip
+
+    async def connect(url: str) -> Any:
+        # A killed device process must show offline: the broker publishes this retained will.
+        will = (f"{dev_id}/status", json.dumps({"online": False, "id": dev_id}).encode(), 1, True)
+        return await open_connection(f"{b.scheme}://{b.netloc}", client_id=dev_id, will=will)
+
+    async def serve_rpc(conn: Any, node: Any) -> Any:
+        ch = MqttDeviceChannel(conn, dev_id, owns_connection=False)
+        node.add_channel(ch, default=True, address="*")
+        await ch.start()
+        return ch
+
+    agent = DeviceAgent(dev, agent_url=agent_url, connect=connect, serve_rpc=serve_rpc, autocommit=autocommit)
+    dev.listen_fn = agent.listen
+    dev.agent = agent
+    if polling:
+        dev.pollers = attach_polling(dev)
+    if start:
+        await dev.start()
+    return dev
