@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transports
-from rpc.otaclient import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ota_update
+from rpc.host.ota import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ota_update
 from services.device import VirtualDevice
 from transports.latency import LatencyProxy
 from updater.bundle import make_virtual_bundle

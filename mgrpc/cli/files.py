@@ -17,19 +17,9 @@ from typing import Any
 
 from mgrpc.cli._common import describe_error, err, run_with_client
 from rpc.errors import RemoteError, UsageError
-from rpc.otaclient import (
-    DEFAULT_CHUNK_SIZE,
-    OtaError,
-    config_get,
-    config_get_path,
-    config_set,
-    format_config_value,
-    fs_get,
-    fs_list,
-    fs_put,
-    fs_remove,
-    parse_assignments,
-)
+from rpc.host import DEFAULT_CHUNK_SIZE, OtaError
+from rpc.host.config import config_get, config_get_path, config_set, format_config_value, parse_assignments
+from rpc.host.files import fs_get, fs_list, fs_put, fs_remove
 
 __all__ = ["fetch_url", "register"]
 

@@ -22,7 +22,7 @@ from typing import Any
 from mgrpc.cli._common import connect_from_args, describe_error, duration_arg, err
 from mgrpc.cli.files import read_or_fetch
 from rpc.errors import MgrpcError, TransportError
-from rpc.otaclient import (
+from rpc.host.ota import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_WINDOW,
     MAX_WINDOW,

@@ -15,7 +15,7 @@ Routes (everything is served by this app; the page uses no CDN):
 
 Devices are seen over MQTT through the topics of :mod:`services.shadow` (``<id>/status``,
 ``<id>/ota/progress``, the shadow's ``update/accepted``). Methods: ``push`` = OTA.Begin/Write/End
-over RPC (:func:`rpc.otaclient.ota_update`); ``url`` = ``OTA.Update`` with this app's bundle URL;
+over RPC (:func:`rpc.host.ota.ota_update`); ``url`` = ``OTA.Update`` with this app's bundle URL;
 ``shadow`` = ``desired.ota = {url, commit_timeout, autocommit}`` in the device's shadow (offline
 devices pick it up when they connect); ``poll`` = served to the device's next poll of ``/update``.
 With ``autocommit`` the dashboard commits (``OTA.Commit``) once the device runs the new version,
@@ -45,7 +45,7 @@ from aiohttp import BodyPartReader, web
 from mgrpc.fleet.model import DeviceRecord, FleetDB, FleetError
 from mgrpc.fleet.rollout import METHODS, Job, Rollout
 from rpc.errors import MgrpcError, RemoteError
-from rpc.otaclient import ota_update
+from rpc.host.ota import ota_update
 from services.shadow import ShadowTopics
 
 __all__ = ["STATIC_DIR", "FleetApp"]

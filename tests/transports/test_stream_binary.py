@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import transports
 from rpc.framing import BadCrc, BinaryStreamDecoder, BinaryStreamEncoder, FrameBytes, Junk, Oversize
-from rpc.otaclient import ota_update
+from rpc.host.ota import ota_update
 from tests.device_helpers import start_device
 from transports.linkemu import LinkEmulator
 from updater.bundle import make_virtual_bundle

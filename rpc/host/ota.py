@@ -1,4 +1,4 @@
-"""Host-side OTA and device file transfer: the library behind ``mgrpc ota``, ``ls``, ``get``, ``put`` ...
+"""Host-side OTA: the library behind ``mgrpc ota`` (push a fw.zip, wait for the reboot, commit).
 
 :func:`ota_update` follows ``mos ota`` (spec/ota.md §2) by default, byte for byte on the wire:
 ``OTA.Status`` (state must be 0 or 2) → ``OTA.Begin {"timeout":600,"commit_timeout":300,"size":N}``
@@ -11,14 +11,14 @@ attempts with a new id and, after the last failure, ``OTA.End`` aborts the updat
   writes in arrival order and insists on contiguous offsets, so this is safe; on a failure the
   window is drained and ``OTA.Status`` says where the device stands (``bytes_written``), and writing
   continues from there. ``window=1`` is mos's stop-and-wait and retries the same offset, as mos does.
+  The rules are the sans-I/O :class:`rpc.host.window.WriteWindow`; this module does the calls.
 * **Resume.** If ``OTA.Status`` reports an update in progress (state 1) for a file of our size,
   ``OTA.Begin`` is skipped and writing continues at ``bytes_written`` (a client restart). A dropped
   connection during the writes is repaired with the ``reconnect`` callable (a fresh client), then
   the same ``OTA.Status`` question.
 
 :func:`wait_and_commit` waits for the device to come back after ``OTA.End`` rebooted it, checks it
-runs the bundle's version uncommitted, and calls ``OTA.Commit``. The ``fs_*`` and ``config_*``
-helpers are ``mos ls/get/put/rm/config-get/config-set``.
+runs the bundle's version uncommitted, and calls ``OTA.Commit``.
 
 This module imports only :mod:`rpc` (and the standard library): it must work against any device.
 """
@@ -26,24 +26,23 @@ This module imports only :mod:`rpc` (and the standard library): it must work aga
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import io
 import json
 import logging
-import math
 import os
 import time
 import zipfile
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from rpc.client import AsyncClient
-from rpc.errors import MgrpcError, RemoteError, RpcTimeout, TransportError, UsageError
+from rpc.errors import MgrpcError, RemoteError, TransportError, UsageError
 from rpc.frame import RawJSON
+from rpc.host._common import DEFAULT_CHUNK_SIZE, MessageFn, OtaError, ProgressFn, chunk_data, why
+from rpc.host.window import GiveUp, WriteWindow
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -52,47 +51,29 @@ __all__ = [
     "CommitResult",
     "OtaError",
     "OtaResult",
-    "apply_config_values",
     "boot_state",
-    "chunk_data",
-    "config_get",
-    "config_get_path",
-    "config_set",
     "default_begin_args",
-    "format_config_value",
-    "fs_get",
-    "fs_list",
-    "fs_put",
-    "fs_remove",
     "load_firmware",
     "manifest_version",
     "ota_commit",
     "ota_revert",
     "ota_update",
-    "parse_assignments",
     "read_manifest",
     "wait_and_commit",
 ]
 
 log = logging.getLogger("mgrpc.ota")
 
-DEFAULT_CHUNK_SIZE = 512
 # Writes kept in flight by default, chosen with bench/ota.py over a 20 ms round trip (512 B chunks):
 # window 8 ~6x the stop-and-wait bound (512 B / RTT), 16 ~10-12x, 20 ~13-15x; more than 20 is not
 # allowed, so a device's 25-entry request queue is never exceeded (mos sends one at a time).
 DEFAULT_WINDOW = 20
 MAX_WINDOW = 20
 
-ProgressFn = Callable[[int, int], None]
-MessageFn = Callable[[str], None]
 ConnectFn = Callable[[], Awaitable[AsyncClient]]
 
 # OTA.Status "state" values (enum mgos_ota_state).
 STATE_IDLE, STATE_PROGRESS, STATE_ERROR, STATE_SUCCESS = 0, 1, 2, 3
-
-
-class OtaError(MgrpcError):
-    """An OTA or file operation failed; the message is the one ``mos`` prints (plus the cause)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +108,6 @@ class CommitResult:
 # ---------------------------------------------------------------------------------------------
 # firmware input
 # ---------------------------------------------------------------------------------------------
-
-
-def chunk_data(client: AsyncClient, chunk: bytes) -> str | bytes:
-    """Chunk data as the link carries it: base64 text on JSON links (as mos), raw bytes on binary ones."""
-    if client.channel.binary:
-        return chunk
-    return base64.b64encode(chunk).decode("ascii")
 
 
 def load_firmware(source: bytes | str | os.PathLike[str]) -> bytes:
@@ -194,12 +168,6 @@ def _begin_params(begin_args: Any, size: int, update_timeout_s: float, commit_ti
 
 def _begin_text(params: Any) -> str:
     return str(params) if isinstance(params, RawJSON) else json.dumps(params, separators=(",", ":"))
-
-
-def _why(e: BaseException) -> str:
-    if isinstance(e, RpcTimeout):
-        return "context deadline exceeded"
-    return str(e) or type(e).__name__
 
 
 def _is_link_error(e: BaseException, client: AsyncClient) -> bool:
@@ -284,9 +252,9 @@ class _Updater:
                 log.info("reconnect attempt %d failed: %s", i + 1, e)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
-        raise OtaError(f"connection lost and could not be re-opened: {_why(last) if last else 'no attempt'}")
+        raise OtaError(f"connection lost and could not be re-opened: {why(last) if last else 'no attempt'}")
 
-    async def device_position(self, fallback: int) -> int | None:
+    async def ask_position(self, fallback: int) -> int | None:
         """Where the device stands after a failed window (``bytes_written`` from OTA.Status).
 
         None when the device is no longer updating (it failed the update, or timed it out).
@@ -310,51 +278,46 @@ class _Updater:
         return fallback
 
     async def run_writes(self, start: int) -> None:
-        """Write ``data[start:]`` with up to ``window`` writes in flight."""
-        acked = start
-        pos = start
-        inflight: deque[tuple[int, int, asyncio.Task[None]]] = deque()
-        failures: dict[int, int] = {}
-        first_error: dict[int, BaseException] = {}  # the first cause says more than a later echo
-        self.progress(acked)
+        """Write ``data[start:]``, sending what the :class:`WriteWindow` allows and reporting the answers.
+
+        Answers are awaited in send order; after a failure every write already sent is awaited too
+        (each will be answered or time out anyway) before the device is asked where it stands.
+        """
+        w = WriteWindow(self.size, chunk_size=self.chunk_size, window=self.window, attempts=self.attempts, start=start)
+        inflight: deque[tuple[int, asyncio.Task[None]]] = deque()
+        self.progress(w.acked)
         try:
-            while acked < self.size:
-                while len(inflight) < self.window and pos < self.size:
-                    n = min(self.chunk_size, self.size - pos)
-                    inflight.append((pos, n, asyncio.ensure_future(self.write(pos, n))))
-                    pos += n
-                off, n, task = inflight[0]
+            while not w.done:
+                while (nxt := w.next_write()) is not None:
+                    inflight.append((nxt[0], asyncio.ensure_future(self.write(*nxt))))
+                off, task = inflight.popleft()
                 try:
                     await task
                 except (MgrpcError, OSError) as e:
-                    # Drain: every write already sent will be answered (or time out) anyway.
-                    known_end = acked
-                    rest = list(inflight)[1:]
+                    rest = list(inflight)
                     inflight.clear()
-                    results = await asyncio.gather(*(t for _, _, t in rest), return_exceptions=True)
-                    for (o2, n2, _), r in zip(rest, results, strict=True):
-                        if r is None:  # offsets are contiguous: a later success means all before it landed
-                            known_end = max(known_end, o2 + n2)
-                    failures[off] = failures.get(off, 0) + 1
-                    first_error.setdefault(off, e)
+                    results = await asyncio.gather(*(t for _, t in rest), return_exceptions=True)
+                    step = w.failed(off, e)
+                    for (o2, _), r in zip(rest, results, strict=True):
+                        step = w.ack(o2) if r is None else w.failed(o2, r)
+                    assert step is not None  # nothing is in flight: the round is over
                     self.retries += 1
-                    log.info("OTA.Write at %d failed (attempt %d): %s", off, failures[off], _why(e))
-                    if failures[off] >= self.attempts:
-                        raise _WriteFailed(off, first_error[off]) from e
-                    acked = pos = await self.recover(off, known_end, first_error[off])
-                    self.progress(acked)
+                    log.info("OTA.Write at %d failed (attempt %d): %s", off, step.attempt, why(e))
+                    if isinstance(step, GiveUp):
+                        raise _WriteFailed(step.offset, step.cause) from e
+                    w.device_position(await self.recover(step.offset, step.fallback, step.cause))
+                    self.progress(w.acked)
                     continue
-                inflight.popleft()
-                acked = off + n
-                self.progress(acked)
+                w.ack(off)
+                self.progress(w.acked)
         finally:
-            for _, _, t in inflight:
+            for _, t in inflight:
                 t.cancel()
             if inflight:
-                await asyncio.gather(*(t for _, _, t in inflight), return_exceptions=True)
+                await asyncio.gather(*(t for _, t in inflight), return_exceptions=True)
 
-    async def recover(self, failed_at: int, known_end: int, exc: BaseException) -> int:
-        """The offset to continue from after a failed write."""
+    async def recover(self, failed_at: int, fallback: int, exc: BaseException) -> int:
+        """The offset to continue from after a failed write (``fallback`` if the device cannot say)."""
         link_down = _is_link_error(exc, self.client)
         if link_down and self.reconnect is None:
             raise _WriteFailed(failed_at, exc) from exc
@@ -364,7 +327,7 @@ class _Updater:
             if self.window == 1 and not link_down:
                 return failed_at  # mos: the same offset again, with a new id
             try:
-                where = await self.device_position(max(known_end, failed_at))
+                where = await self.ask_position(fallback)
             except _LinkDown:
                 link_down = True
                 continue
@@ -436,7 +399,7 @@ async def ota_update(
     try:
         st = await up.status()
     except (MgrpcError, OSError) as e:
-        raise OtaError(f"unable to get current OTA status: {_why(e)}") from e
+        raise OtaError(f"unable to get current OTA status: {why(e)}") from e
     state = st.get("state", STATE_IDLE)
     start = 0
     bw = st.get("bytes_written")
@@ -459,7 +422,7 @@ async def ota_update(
         try:
             await up.client.call("OTA.Begin", params, timeout_s=timeout_s)
         except (MgrpcError, OSError) as e:
-            raise OtaError(f"unable to start an update: {_why(e)}") from e
+            raise OtaError(f"unable to start an update: {why(e)}") from e
 
     try:
         await _write_and_end(up, start, timeout_s)
@@ -480,7 +443,7 @@ async def _write_and_end(up: _Updater, start: int, timeout_s: float) -> None:
         await up.run_writes(start)
     except _WriteFailed as wf:
         await _abort(up)
-        raise OtaError(f"write failed at offset {wf.offset}: {_why(wf.cause)}") from wf.cause
+        raise OtaError(f"write failed at offset {wf.offset}: {why(wf.cause)}") from wf.cause
     except OtaError:
         await _abort(up)
         raise
@@ -491,7 +454,7 @@ async def _write_and_end(up: _Updater, start: int, timeout_s: float) -> None:
     except RemoteError as e:
         raise OtaError(str(e)) from e
     except (MgrpcError, OSError) as e:
-        raise OtaError(f"OTA.End failed: {_why(e)}") from e
+        raise OtaError(f"OTA.End failed: {why(e)}") from e
 
 
 async def _abort(up: _Updater) -> None:
@@ -569,7 +532,7 @@ async def wait_and_commit(
         except OtaError:
             raise
         except (MgrpcError, OSError) as e:  # TimeoutError is an OSError
-            last = f"no answer ({_why(e)})"
+            last = f"no answer ({why(e)})"
         finally:
             if client is not None:
                 try:
@@ -595,265 +558,3 @@ async def ota_commit(client: AsyncClient, *, timeout_s: float | None = None) -> 
 async def ota_revert(client: AsyncClient, *, timeout_s: float | None = None) -> None:
     """``OTA.Revert``: go back to the previous firmware (the device reboots)."""
     await client.call("OTA.Revert", timeout_s=timeout_s)
-
-
-# ---------------------------------------------------------------------------------------------
-# files (mos ls / get / put / rm)
-# ---------------------------------------------------------------------------------------------
-
-
-async def fs_list(
-    client: AsyncClient, path: str = "/", *, long: bool = False, timeout_s: float | None = None
-) -> list[tuple[str, int | None]]:
-    """``FS.List {"path"}`` (or ``FS.ListExt`` with sizes when ``long``), sorted by name as mos does."""
-    method = "FS.ListExt" if long else "FS.List"
-    res = await client.call(method, {"path": path}, timeout_s=timeout_s)
-    if not isinstance(res, list):
-        raise OtaError(f"{method} returned {type(res).__name__}, expected a list")
-    out: list[tuple[str, int | None]] = []
-    for item in res:
-        if isinstance(item, str):
-            out.append((item, None))
-        elif isinstance(item, dict) and isinstance(item.get("name"), str):
-            size = item.get("size")
-            out.append((item["name"], size if isinstance(size, int) else None))
-    out.sort(key=lambda t: t[0])
-    return out
-
-
-async def _with_attempts(what: str, attempts: int, op: Callable[[], Awaitable[Any]]) -> Any:
-    last: BaseException | None = None
-    for i in range(max(1, attempts)):
-        try:
-            return await op()
-        except (MgrpcError, OSError) as e:
-            last = e
-            log.warning("%s failed (attempt %d of %d): %s", what, i + 1, attempts, _why(e))
-    assert last is not None
-    raise last
-
-
-async def fs_get(
-    client: AsyncClient,
-    filename: str,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    attempts: int = 3,
-    timeout_s: float | None = None,
-    on_chunk: Callable[[bytes], None] | None = None,
-) -> bytes:
-    """Read a device file with ``FS.Get {"filename","len","offset"}`` until ``left`` is 0."""
-    out = bytearray()
-    offset = 0
-    while True:
-        params = {"filename": filename, "len": chunk_size, "offset": offset}
-
-        async def get(params: dict[str, Any] = params) -> Any:
-            return await client.call("FS.Get", params, timeout_s=timeout_s)
-
-        res = await _with_attempts(f"FS.Get {filename} @ {offset}", attempts, get)
-        if not isinstance(res, dict) or not isinstance(res.get("data"), str):
-            raise OtaError(f"FS.Get returned no data at offset {offset}")
-        try:
-            chunk = base64.b64decode(res["data"], validate=True)
-        except ValueError as e:
-            raise OtaError(f"FS.Get returned invalid base64 at offset {offset}: {e}") from e
-        out += chunk
-        offset += len(chunk)
-        if on_chunk is not None:
-            on_chunk(chunk)
-        left = res.get("left", 0)
-        if not left:
-            return bytes(out)
-        if not chunk:
-            raise OtaError(f"FS.Get made no progress at offset {offset} ({left} bytes left)")
-
-
-async def fs_put(
-    client: AsyncClient,
-    data: bytes,
-    filename: str,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    attempts: int = 3,
-    timeout_s: float | None = None,
-    on_progress: ProgressFn | None = None,
-) -> None:
-    """Write a device file with ``FS.Put {"filename","offset","append","data"}`` in chunks (mos order).
-
-    The first chunk creates/truncates the file (``append: false``), the rest append. An empty
-    ``data`` still sends one empty chunk so the file exists and is empty.
-    """
-    if chunk_size <= 0:
-        raise UsageError("chunk size must be positive")
-    offsets = range(0, len(data), chunk_size) if data else range(1)
-    for offset in offsets:
-        chunk = data[offset : offset + chunk_size]
-        params = {
-            "filename": filename, "offset": offset, "append": offset > 0,
-            "data": chunk_data(client, chunk),
-        }  # fmt: skip
-
-        async def put(params: dict[str, Any] = params) -> Any:
-            return await client.call("FS.Put", params, timeout_s=timeout_s)
-
-        await _with_attempts(f"FS.Put {filename} @ {offset}", attempts, put)
-        if on_progress is not None:
-            on_progress(offset + len(chunk), len(data))
-
-
-async def fs_remove(client: AsyncClient, filename: str, *, timeout_s: float | None = None) -> None:
-    """``FS.Remove {"filename"}``."""
-    await client.call("FS.Remove", {"filename": filename}, timeout_s=timeout_s)
-
-
-# ---------------------------------------------------------------------------------------------
-# config (mos config-get / config-set)
-# ---------------------------------------------------------------------------------------------
-
-
-async def config_get(client: AsyncClient, *, level: int = 0, attempts: int = 3, timeout_s: float | None = None) -> Any:
-    """The whole device config: ``Config.Get`` (``{"level": n}`` when a level is asked for)."""
-    params = {"level": level} if level > 0 else None
-
-    async def get() -> Any:
-        return await client.call("Config.Get", params, timeout_s=timeout_s)
-
-    return await _with_attempts("Config.Get", attempts, get)
-
-
-def config_get_path(conf: Any, path: str) -> Any:
-    """The value at dotted ``path`` (``""`` = all); :class:`OtaError` if there is none."""
-    if not path:
-        return conf
-    node = conf
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise OtaError(f'no config value at path "{path}"')
-        node = node[part]
-    return node
-
-
-def format_config_value(v: Any) -> str:
-    """A config value as ``mos config-get`` prints it: strings raw, numbers plain, objects indented."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isfinite(v):
-            text = format(Decimal(repr(v)), "f")  # Go's FormatFloat(v, 'f', -1): shortest, no exponent
-            return text[:-2] if text.endswith(".0") else text
-        return repr(v)
-    from rpc.jsonfmt import go_indent
-
-    # Go marshals a map with its keys sorted.
-    return go_indent(json.dumps(v, ensure_ascii=False, sort_keys=True))
-
-
-def _convert(path: str, old: Any, text: str) -> Any:
-    if isinstance(old, bool):
-        if text in ("true", "false"):
-            return text == "true"
-        raise OtaError(f'can\'t convert "{text}" to a boolean')
-    if isinstance(old, int | float):
-        try:
-            f = float(text)
-        except ValueError:
-            raise OtaError(f'invalid number "{text}" for {path}') from None
-        if isinstance(old, int) and f.is_integer() and "." not in text and "e" not in text.lower():
-            return int(text)
-        return f
-    if isinstance(old, str):
-        return text
-    if isinstance(old, dict):
-        raise OtaError(f'only strings, numbers and booleans can be set, but path "{path}" refers to an object')
-    raise OtaError(f"unknown value type at {path}: {type(old).__name__}")
-
-
-def apply_config_values(conf: Any, values: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """Typed ``path=value`` changes against the current config; returns the nested diff to send.
-
-    A value takes the type of the current one (mos): numbers parsed, booleans ``true``/``false``.
-    """
-    diff: dict[str, Any] = {}
-    for path, text in values:
-        parts = path.split(".")
-        old = config_get_path(conf, path)
-        new = _convert(path, old, text)
-        node = diff
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = new
-    return diff
-
-
-def parse_assignments(args: Sequence[str]) -> list[tuple[str, str]]:
-    """``k=v`` arguments as pairs; :class:`UsageError` for one without ``=``."""
-    out = []
-    for a in args:
-        k, sep, v = a.partition("=")
-        if not sep or not k:
-            raise UsageError(f"invalid argument {a!r}: expected path.to.value=value")
-        out.append((k, v))
-    return out
-
-
-async def config_set(
-    client: AsyncClient,
-    values: Sequence[tuple[str, str]],
-    *,
-    level: int = 0,
-    save: bool = True,
-    reboot: bool = True,
-    try_once: bool = False,
-    attempts: int = 3,
-    timeout_s: float | None = None,
-    on_message: MessageFn | None = None,
-) -> dict[str, Any]:
-    """``mos config-set``: read the config, apply typed changes, ``Config.Set`` the diff.
-
-    Sends ``{"config": diff, "level"?, "save"?, "reboot"?, "try_once"?}`` (Go ``omitempty``: false
-    and 0 left out). If the device did not save (older firmware answers no ``saved``), calls
-    ``Config.Save {"reboot","try_once"}`` as mos does. Returns the diff sent.
-    """
-
-    def say(text: str) -> None:
-        if on_message is not None:
-            on_message(text)
-
-    if not values:
-        raise UsageError("at least one path.to.value=value pair should be given")
-    say("Getting configuration...")
-    conf = await config_get(client, level=level, attempts=attempts, timeout_s=timeout_s)
-    diff = apply_config_values(conf, values)
-    params: dict[str, Any] = {"config": diff}
-    if level > 0:
-        params["level"] = level
-    if save:
-        params["save"] = True
-    if reboot:
-        params["reboot"] = True
-    if try_once:
-        params["try_once"] = True
-    say(f"Setting new configuration (level {level})..." if level > 0 else "Setting new configuration...")
-
-    async def set_() -> Any:
-        return await client.call("Config.Set", params, timeout_s=timeout_s)
-
-    res = await _with_attempts("Config.Set", attempts, set_)
-    saved = isinstance(res, dict) and bool(res.get("saved"))
-    if save and not saved:
-        say("Saving and rebooting..." if reboot else "Saving...")
-
-        async def save_() -> Any:
-            return await client.call("Config.Save", {"reboot": reboot, "try_once": try_once}, timeout_s=10.0)
-
-        await _with_attempts("Config.Save", 3, save_)
-    if save and try_once:
-        say("Note: --try-once is set, config is valid for one reboot only")
-    if save and reboot:
-        await asyncio.sleep(0.2)  # as mos: let the reply leave before the device reboots
-    return diff

@@ -1,171 +1,19 @@
-"""rpc.otaclient: the mos ota sequence, pipelining, resume, retries, failure messages, file helpers.
+"""rpc.host.ota: the mos ota sequence, pipelining, resume, retries, failure messages.
 
-Most tests run against a small fake OTA device (a Node following the OTA.* contract) so faults can
-be injected exactly; the end-to-end tests at the bottom use the real virtual device over loop:// and
-ws://.
+Most tests run against a small fake OTA device (conftest.FakeOta) so faults can be injected exactly;
+the end-to-end tests at the bottom use the real virtual device over loop:// and ws://.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import itertools
-from typing import Any
 
 import pytest
 
 import transports
 from rpc.client import AsyncClient
-from rpc.errors import HandlerError
-from rpc.jsonfmt import member_text
-from rpc.node import Context, Node
-from rpc.otaclient import (
-    OtaError,
-    apply_config_values,
-    config_set,
-    format_config_value,
-    fs_get,
-    fs_list,
-    fs_put,
-    manifest_version,
-    ota_update,
-    read_manifest,
-    wait_and_commit,
-)
-
-_names = itertools.count()
-
-
-class FakeOta:
-    """A device following the OTA.* contract, with hooks to inject faults."""
-
-    def __init__(self) -> None:
-        self.node = Node(id="esp32_FAKE")
-        self.state = 0
-        self.size = 0
-        self.data = bytearray()
-        self.last: tuple[int, bytes] | None = None
-        self.calls: list[str] = []
-        self.begin_params_text: list[str | None] = []
-        self.drop_reply_once: set[int] = set()  # accept the write at this offset but never answer
-        self.fail_write: dict[int, int] = {}  # offset -> how many times to refuse it
-        self.fail_status = False
-        self.fail_begin = False
-        self.end_error: str | None = None
-        self.max_pending_seen = 0
-        self.client: AsyncClient | None = None
-        self.ended = 0
-        self.files: dict[str, bytes] = {}
-        self.fs_params: list[str] = []
-        self.config: dict[str, Any] = {"wifi": {"sta": {"ssid": "x", "enable": False}}, "debug": {"level": 2}}
-        n = self.node
-        n.add_handler("OTA.Status", self.status)
-        n.add_handler("OTA.Begin", self.begin)
-        n.add_handler("OTA.Write", self.write)
-        n.add_handler("OTA.End", self.end)
-        n.add_handler("FS.Put", self.fs_put)
-        n.add_handler("FS.Get", self.fs_get)
-        n.add_handler("FS.List", lambda ctx, p: sorted(self.files, reverse=True))
-        n.add_handler("Config.Get", lambda ctx, p: self.config)
-        n.add_handler("Config.Set", self.config_set)
-
-    def _log(self, ctx: Context) -> None:
-        self.calls.append(ctx.method)
-
-    def status(self, ctx: Context, params: Any) -> Any:
-        self._log(ctx)
-        if self.fail_status:
-            raise HandlerError(-1, "status broken")
-        return {"state": self.state, "msg": "x", "is_committed": True, "commit_timeout": 0, "partition": 0,
-                "progress_percent": 0, "bytes_written": len(self.data), "size": self.size}  # fmt: skip
-
-    def begin(self, ctx: Context, params: Any) -> Any:
-        self._log(ctx)
-        raw = ctx.frame.raw.decode() if ctx.frame.raw else ""
-        self.begin_params_text.append(member_text(raw, "params"))
-        if self.fail_begin or self.state == 1:
-            raise HandlerError(-1, "Update already in progress")
-        self.state, self.size, self.data, self.last = 1, params["size"], bytearray(), None
-        return None
-
-    def write(self, ctx: Context, params: Any) -> Any:
-        self._log(ctx)
-        if self.client is not None:
-            self.max_pending_seen = max(self.max_pending_seen, self.client.node.pending_count)
-        if self.state != 1:
-            raise HandlerError(-1, "No update in progress")
-        off, chunk = params["offset"], base64.b64decode(params["data"])
-        if self.fail_write.get(off, 0) > 0:
-            self.fail_write[off] -= 1
-            raise HandlerError(-1, "flash write error")
-        if (off, chunk) == self.last:
-            return None
-        if off != len(self.data):
-            raise HandlerError(-1, f"Expected offset {len(self.data)}, got {off}")
-        self.data += chunk
-        self.last = (off, chunk)
-        if off in self.drop_reply_once:
-            self.drop_reply_once.discard(off)
-            return asyncio.get_running_loop().create_future()  # never answered
-        return None
-
-    def end(self, ctx: Context, params: Any) -> Any:
-        self._log(ctx)
-        self.ended += 1
-        if self.state != 1:
-            raise HandlerError(-1, "No update in progress")
-        if len(self.data) < self.size:
-            self.state = 0
-            raise HandlerError(-1, "Update aborted")
-        if self.end_error:
-            self.state = 2
-            raise HandlerError(-1, self.end_error)
-        self.state = 3
-        return None
-
-    def fs_put(self, ctx: Context, params: Any) -> Any:
-        raw = ctx.frame.raw.decode() if ctx.frame.raw else ""
-        self.fs_params.append(member_text(raw, "params") or "")
-        name = params["filename"]
-        chunk = base64.b64decode(params["data"])
-        self.files[name] = (self.files.get(name, b"") if params["append"] else b"") + chunk
-        return None
-
-    def fs_get(self, ctx: Context, params: Any) -> Any:
-        raw = ctx.frame.raw.decode() if ctx.frame.raw else ""
-        self.fs_params.append(member_text(raw, "params") or "")
-        data = self.files[params["filename"]]
-        off, n = params["offset"], params["len"]
-        chunk = data[off : off + n]
-        return {"data": base64.b64encode(chunk).decode(), "left": len(data) - off - len(chunk)}
-
-    def config_set(self, ctx: Context, params: Any) -> Any:
-        raw = ctx.frame.raw.decode() if ctx.frame.raw else ""
-        self.fs_params.append(member_text(raw, "params") or "")
-        return {"saved": True}
-
-
-@pytest.fixture
-async def fake():
-    dev = FakeOta()
-    url = f"loop://fakeota{next(_names)}"
-    lst = await transports.listen(url, dev.node)
-    dev.url = url  # type: ignore[attr-defined]
-
-    async def connect() -> AsyncClient:
-        c = await transports.connect(url, timeout_s=5.0)
-        dev.client = c
-        return c
-
-    dev.connect = connect  # type: ignore[attr-defined]
-    yield dev
-    await lst.close()
-    await dev.node.close()
-
-
-def firmware(n: int = 5000) -> bytes:
-    return bytes((i * 7 + i // 256) % 256 for i in range(n))
-
+from rpc.host.ota import OtaError, manifest_version, ota_update, read_manifest, wait_and_commit
+from tests.rpc.host.fakeota import firmware, names
 
 # -- the sequence ---------------------------------------------------------------------------------
 
@@ -415,51 +263,6 @@ async def test_resume_after_client_restart(fake):
     assert bytes(fake.data) == fw and fake.state == 3
 
 
-# -- files and config -----------------------------------------------------------------------------
-
-
-async def test_fs_put_get_list_roundtrip(fake):
-    client = await fake.connect()
-    data = bytes(range(256)) * 5
-    await fs_put(client, data, "blob.bin", chunk_size=500)
-    assert fake.fs_params[0] == '{"filename":"blob.bin","offset":0,"append":false,"data":"' + base64.b64encode(data[:500]).decode() + '"}'
-    assert len(fake.fs_params) == 3 and fake.files["blob.bin"] == data
-    fake.fs_params.clear()
-    got = await fs_get(client, "blob.bin", chunk_size=512)
-    assert got == data
-    assert fake.fs_params[0] == '{"filename":"blob.bin","len":512,"offset":0}' and len(fake.fs_params) == 3
-    await fs_put(client, b"", "empty.txt")
-    assert fake.files["empty.txt"] == b""
-    assert [n for n, _ in await fs_list(client)] == ["blob.bin", "empty.txt"]
-    await client.close()
-
-
-async def test_config_set_sends_typed_diff(fake):
-    client = await fake.connect()
-    msgs: list[str] = []
-    diff = await config_set(client, [("wifi.sta.enable", "true"), ("debug.level", "3")], reboot=False, on_message=msgs.append)
-    await client.close()
-    assert diff == {"wifi": {"sta": {"enable": True}}, "debug": {"level": 3}}
-    assert fake.fs_params == ['{"config":{"wifi":{"sta":{"enable":true}},"debug":{"level":3}},"save":true}']
-    assert msgs == ["Getting configuration...", "Setting new configuration..."]
-
-
-def test_config_values_typing_and_errors():
-    conf = {"a": {"b": 1, "s": "x", "f": 1.5, "t": True}}
-    assert apply_config_values(conf, [("a.s", "42")]) == {"a": {"s": "42"}}
-    assert apply_config_values(conf, [("a.f", "2")]) == {"a": {"f": 2.0}}
-    with pytest.raises(OtaError, match=r'no config value at path "a\.zz"'):
-        apply_config_values(conf, [("a.zz", "1")])
-    with pytest.raises(OtaError, match="can't convert"):
-        apply_config_values(conf, [("a.t", "yes")])
-    with pytest.raises(OtaError, match="refers to an object"):
-        apply_config_values(conf, [("a", "1")])
-    assert format_config_value(True) == "true"
-    assert format_config_value(1e21) == "1000000000000000000000"
-    assert format_config_value(0.5) == "0.5"
-    assert format_config_value({"b": 1, "a": "<"}) == '{\n  "a": "\\u003c",\n  "b": 1\n}'
-
-
 def test_manifest_from_bundle():
     from updater.bundle import make_virtual_bundle
 
@@ -476,7 +279,7 @@ def test_manifest_from_bundle():
 async def vdev(request, tmp_path):
     from services.device import VirtualDevice
 
-    url = f"loop://vdev{next(_names)}" if request.param == "loop" else "ws://127.0.0.1:0/rpc"
+    url = f"loop://vdev{next(names)}" if request.param == "loop" else "ws://127.0.0.1:0/rpc"
     dev = VirtualDevice(id="esp32_E2E", state_dir=tmp_path / "dev", listen=[url], listen_fn=transports.listen)
     await dev.start()
     yield dev
