@@ -36,7 +36,7 @@ from typing import Any
 from rpc.errors import HandlerError
 from rpc.node import Context, Node
 from services.firmware import Firmware
-from updater.context import UpdaterContext
+from updater.context import UpdaterContext, UpdaterState
 from updater.errors import UpdaterError
 
 __all__ = ["OtaService", "OtaState", "add_ota_service"]
@@ -123,25 +123,64 @@ class OtaService:
 
     def write(self, data: bytes) -> int:
         """Feed bytes into the running update; returns the updater's result (<0 = failed)."""
-        u = self._require()
+        u = self.require_update()
         res = u.ctx.process(data)
         u.written += len(data)
         self._progress()
         if res < 0:
-            self._end(OtaState.ERROR, u.ctx.status_message)
+            self._stop(OtaState.ERROR, u.ctx.status_message)
         return res
 
     def finish(self) -> int:
         """Finalize; on success schedule the reboot into the new slot."""
-        u = self._require()
+        u = self.require_update()
         res = u.ctx.finish()
         if res < 0:
-            self._end(OtaState.ERROR, u.ctx.status_message)
+            self._stop(OtaState.ERROR, u.ctx.status_message)
             return res
-        self._end(OtaState.SUCCESS, u.ctx.status_message)
+        self._stop(OtaState.SUCCESS, u.ctx.status_message)
         if u.ctx.reboot_required:
             self.fw.reboot(0.1)
         return res
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        """The ``OTA.Write`` rules: ``data`` must continue the update exactly where it stands.
+
+        An exact repeat of the last accepted chunk (same offset, same data) is acknowledged again
+        without writing (a client retries a write whose reply was lost). Any other offset than the
+        bytes accepted so far is -1 ``Expected offset N, got M``; data beyond the size announced in
+        ``OTA.Begin`` is -1 too; neither touches the update. An updater failure (bad bundle) ends
+        the update (state 2) and is raised with the updater's code and message.
+        """
+        u = self.require_update()
+        if offset == u.last_offset and data == u.last_data and offset >= 0:
+            return  # exact repeat of the last chunk: its reply was lost, nothing to do
+        if offset != u.written:
+            raise HandlerError(-1, f"Expected offset {u.written}, got {offset}")
+        if u.size is not None and u.written + len(data) > u.size:
+            raise HandlerError(-1, f"Data beyond the announced size {u.size}")
+        res = self.write(data)
+        if res < 0:
+            raise HandlerError(res, u.ctx.status_message)
+        u.last_offset, u.last_data = offset, data
+
+    def end(self) -> None:
+        """The ``OTA.End`` rules: finalize a complete update, abort an incomplete one.
+
+        Before all announced bytes arrived (or with the archive unfinished) the update is aborted
+        (back to idle, the running slot untouched) and -1 ``Update aborted: ...`` raised; a failed
+        finalization is raised with the updater's code and message; success reboots into the new slot.
+        """
+        u = self.require_update()
+        short = u.size is not None and u.written < u.size
+        if short or u.ctx.state != UpdaterState.WRITE_FINISHED:
+            self.abort("Update aborted")
+            if short:
+                raise HandlerError(-1, f"Update aborted: {u.written} of {u.size} bytes received")
+            raise HandlerError(-1, f"Update aborted: the archive is incomplete after {u.written} bytes")
+        res = self.finish()
+        if res < 0:
+            raise HandlerError(res, u.ctx.status_message)
 
     def commit(self) -> bool:
         """Commit the running firmware (OTA.Commit, GET /update/commit); False if it already was.
@@ -157,9 +196,10 @@ class OtaService:
         """Give up the running update; the boot config and running slot are untouched."""
         if self.update is not None and self.state == OtaState.PROGRESS:
             self.update.ctx.abort(message)
-            self._end(OtaState.IDLE, message)
+            self._stop(OtaState.IDLE, message)
 
-    def _require(self) -> _Update:
+    def require_update(self) -> _Update:
+        """The update in progress; -1 ``No update in progress`` when there is none."""
         if self.update is None or self.state != OtaState.PROGRESS:
             raise HandlerError(-1, "No update in progress")
         return self.update
@@ -169,7 +209,7 @@ class OtaService:
         self.msg = msg
         self._notify()
 
-    def _end(self, state: int, msg: str) -> None:
+    def _stop(self, state: int, msg: str) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -270,32 +310,13 @@ def add_ota_service(
         return None
 
     def write(ctx: Context, params: Any) -> Any:
-        u = svc._require()
+        svc.require_update()  # "No update in progress" comes before any complaint about the params
         p = params if isinstance(params, dict) else {}
-        offset = _int(p, "offset", -1)
-        data = decode_data(p.get("data"), code=-1)
-        if offset == u.last_offset and data == u.last_data and offset >= 0:
-            return None  # exact repeat of the last chunk: its reply was lost, nothing to do
-        if offset != u.written:
-            raise HandlerError(-1, f"Expected offset {u.written}, got {offset}")
-        if u.size is not None and u.written + len(data) > u.size:
-            raise HandlerError(-1, f"Data beyond the announced size {u.size}")
-        res = svc.write(data)
-        if res < 0:
-            raise HandlerError(res, u.ctx.status_message)
-        u.last_offset, u.last_data = offset, data
+        svc.write_at(_int(p, "offset", -1), decode_data(p.get("data"), code=-1))
         return None
 
     def end(ctx: Context, params: Any) -> Any:
-        u = svc._require()
-        if (u.size is not None and u.written < u.size) or not _write_finished(u.ctx):
-            svc.abort("Update aborted")
-            if u.size is not None and u.written < u.size:
-                raise HandlerError(-1, f"Update aborted: {u.written} of {u.size} bytes received")
-            raise HandlerError(-1, f"Update aborted: the archive is incomplete after {u.written} bytes")
-        res = svc.finish()
-        if res < 0:
-            raise HandlerError(res, u.ctx.status_message)
+        svc.end()
         return None
 
     async def update(ctx: Context, params: Any) -> Any:
@@ -373,8 +394,3 @@ def add_ota_service(
     )  # fmt: skip
     return svc
 
-
-def _write_finished(ctx: UpdaterContext) -> bool:
-    from updater.context import UpdaterState
-
-    return ctx.state in (UpdaterState.WRITE_FINISHED,)
