@@ -46,7 +46,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
-import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -64,6 +63,7 @@ log = logging.getLogger("mgrpc.updater.context")
 WRITE_CHUNK_SIZE = 512  # MGOS_UPDATER_DATA_CHUNK_SIZE
 MAX_MANIFEST_SIZE = 64 * 1024  # the device holds the manifest in RAM
 PROGRESS_EVERY_BYTES = 50_000
+_RUN_BYTES = 128 * WRITE_CHUNK_SIZE  # at most this much is handed to the flash in one run
 
 MSG_APPLIED = "Update applied, finalizing"
 MSG_SAME_VERSION = "Version is the same as current"
@@ -137,57 +137,76 @@ def part_target(part: Part) -> str | None:
 
 
 class _PartWriter:
-    """Streams one part into a partition: lazy sector erase, 512-byte programs, running digests."""
+    """Streams one part into a partition: lazy sector erase, 512-byte programs, running digests.
 
-    def __init__(self, flash: Flash, partition: Partition, part: Part) -> None:
+    The CRC-32 is not computed here: the zip parser computes it over the same bytes and hands it over
+    with the entry's end (:meth:`set_crc32`). SHA-1 runs only when the manifest gives ``cs_sha1``;
+    SHA-256 always for the app (the boot config keeps it), for other parts only with ``cs_sha256``.
+    """
+
+    def __init__(self, flash: Flash, partition: Partition, part: Part, *, kind: str) -> None:
         self.flash = flash
         self.partition = partition
         self.part = part
         self.written = 0  # bytes accepted (programmed or buffered)
         self._flushed = 0  # bytes programmed
-        self._erased_to = 0  # partition-relative end of the erased area
+        self._erased_to = partition.offset  # absolute end of the erased area
         self._buf = bytearray()
         self.crc32 = 0
-        self.sha1 = hashlib.sha1()
-        self.sha256 = hashlib.sha256()
+        self.sha1 = hashlib.sha1() if part.cs_sha1 is not None else None
+        self.sha256 = hashlib.sha256() if kind == "app" or part.cs_sha256 is not None else None
 
     def feed(self, data: bytes) -> None:
-        if self.written + len(data) > self.partition.size:
+        n = len(data)
+        if self.written + n > self.partition.size:
             raise UpdaterError("Image too big")
-        self.written += len(data)
-        self.crc32 = zlib.crc32(data, self.crc32)
-        self.sha1.update(data)
-        self.sha256.update(data)
-        self._buf += data
-        full = len(self._buf) - len(self._buf) % WRITE_CHUNK_SIZE
-        if full:
-            self._program(bytes(self._buf[:full]))
-            del self._buf[:full]
+        self.written += n
+        if self.sha1 is not None:
+            self.sha1.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
+        start = 0
+        if self._buf:
+            # Complete the pending program first.
+            start = min(n, WRITE_CHUNK_SIZE - len(self._buf))
+            self._buf += data[:start]
+            if len(self._buf) < WRITE_CHUNK_SIZE:
+                return
+            self._program(bytes(self._buf))
+            self._buf.clear()
+        stop = n - (n - start) % WRITE_CHUNK_SIZE
+        if (start, stop) == (0, n) and n <= _RUN_BYTES:
+            self._program(data)
+        else:
+            # Slices of a bounded size: a big piece is not copied whole.
+            for off in range(start, stop, _RUN_BYTES):
+                self._program(data[off : min(off + _RUN_BYTES, stop)])
+        if stop < n:
+            self._buf += data[stop:]
 
     def close(self) -> None:
         if self._buf:
             self._program(bytes(self._buf))
             self._buf.clear()
 
+    def set_crc32(self, crc32: int) -> None:
+        """The CRC-32 of the part's data, as the zip parser computed it."""
+        self.crc32 = crc32
+
     def _program(self, data: bytes) -> None:
-        sector = self.flash.sector_size
-        for off in range(0, len(data), WRITE_CHUNK_SIZE):
-            piece = data[off : off + WRITE_CHUNK_SIZE]
-            rel = self._flushed
-            end = rel + len(piece)
-            while self._erased_to < end:
-                self.flash.erase_sector((self.partition.offset + self._erased_to) // sector)
-                self._erased_to += sector
-            if piece.count(0xFF) != len(piece):
-                self.flash.write(self.partition.offset + rel, piece)
-            self._flushed = end
+        # One call per run; the flash still counts (and can cut) every erase and 512-byte program.
+        self._erased_to = self.flash.write_run(
+            self.partition.offset + self._flushed, data, chunk_size=WRITE_CHUNK_SIZE, erased_to=self._erased_to
+        )
+        self._flushed += len(data)
 
     def verify(self) -> None:
         if self.part.size is not None and self.written != self.part.size:
             raise UpdaterError("Invalid size")
-        if self.part.cs_sha1 is not None and self.sha1.hexdigest() != self.part.cs_sha1:
+        if self.sha1 is not None and self.sha1.hexdigest() != self.part.cs_sha1:
             raise UpdaterError("Digest mismatch")
-        if self.part.cs_sha256 is not None and self.sha256.hexdigest() != self.part.cs_sha256:
+        sha256 = self.sha256
+        if self.part.cs_sha256 is not None and sha256 is not None and sha256.hexdigest() != self.part.cs_sha256:
             raise UpdaterError("Digest mismatch")
 
 
@@ -298,7 +317,7 @@ class UpdaterContext:
             state = SlotState(
                 app_len=app.written,
                 app_crc32=app.crc32,
-                app_sha256=app.sha256.digest(),
+                app_sha256=app.sha256.digest() if app.sha256 is not None else b"",
                 version=self.manifest.version if self.manifest else "",
                 build_id=self.manifest.build_id if self.manifest else "",
             )
@@ -438,7 +457,7 @@ class UpdaterContext:
         if part.size is not None and ev.size != part.size:
             raise UpdaterError("Invalid size")
         log.info("writing %s (%d bytes) to %s", ev.name, ev.size, partition.name)
-        self._writer = _PartWriter(self.storage.flash, partition, part)
+        self._writer = _PartWriter(self.storage.flash, partition, part, kind=kind)
         self._writer_kind = kind
         return UpdaterState.WAITING_FILE
 
@@ -451,6 +470,7 @@ class UpdaterContext:
         writer = self._writer
         assert writer is not None
         writer.close()
+        writer.set_crc32(ev.crc32)
         writer.verify()
         self._done[self._writer_kind] = writer
         self._writer = None

@@ -109,10 +109,14 @@ class EntryData:
 
 @dataclass(frozen=True)
 class EntryEnd:
-    """The current entry's data is complete (and its CRC verified unless ``skipped``)."""
+    """The current entry's data is complete (and its CRC verified unless ``skipped``).
+
+    ``crc32`` is the CRC-32 of the data delivered (0 for a skipped entry), whatever the header says.
+    """
 
     name: str
     skipped: bool = False
+    crc32: int = 0
 
 
 @dataclass(frozen=True)
@@ -484,7 +488,7 @@ class ZipStreamParser:
         self._entry = None
         self._inflater = None
         self._state = _State.BOUNDARY
-        return EntryEnd(entry.name, skipped=self._skipped)
+        return EntryEnd(entry.name, skipped=self._skipped, crc32=0 if self._skipped else self._crc & 0xFFFFFFFF)
 
     def _step_archive_end(self) -> Event | None:
         self._consumed += self._buf.drop(len(self._buf))

@@ -251,20 +251,21 @@ def test_flash_failure_is_write_failed() -> None:
 
     st = device()
     before = protected(st)
-    real_write = st.flash.write
+    real_write_run = st.flash.write_run
     calls = {"n": 0}
 
-    def failing_write(addr: int, data: bytes) -> None:
+    def failing_write_run(addr: int, data: bytes, *, chunk_size: int, erased_to: int) -> int:
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise FlashError("simulated program failure")
-        real_write(addr, data)
+        return real_write_run(addr, data, chunk_size=chunk_size, erased_to=erased_to)
 
-    st.flash.write = failing_write  # type: ignore[method-assign]
+    st.flash.write_run = failing_write_run  # type: ignore[method-assign]
     ctx = UpdaterContext(st, arch="esp32")
     assert ctx.process(valid()) < 0
     assert (ctx.status_message, ctx.result) == ("Write failed", -11)
-    st.flash.write = real_write  # type: ignore[method-assign]
+    assert calls["n"] == 2
+    st.flash.write_run = real_write_run  # type: ignore[method-assign]
     assert ctx.finish() < 0
     assert protected(st) == before
 

@@ -124,11 +124,19 @@ def test_chunking_gives_identical_flash() -> None:
 def test_only_inactive_slot_written_before_finish() -> None:
     st = device()
     writes: list[tuple[int, int]] = []
-    real_write, real_erase = st.flash.write, st.flash.erase_sector
+    real_write, real_erase, real_run = st.flash.write, st.flash.erase_sector, st.flash.write_run
+    sector = st.flash.sector_size
 
     def write(addr: int, data: bytes) -> None:
         writes.append((addr, len(data)))
         real_write(addr, data)
+
+    def write_run(addr: int, data: bytes, *, chunk_size: int, erased_to: int) -> int:
+        # The run programs [addr, addr+len) and may erase from erased_to to the end of its last sector.
+        end = addr + len(data)
+        lo = min(addr, erased_to)
+        writes.append((lo, -(-end // sector) * sector - lo))
+        return real_run(addr, data, chunk_size=chunk_size, erased_to=erased_to)
 
     def erase_sector(index: int) -> None:
         writes.append((index * st.flash.sector_size, st.flash.sector_size))
@@ -136,8 +144,13 @@ def test_only_inactive_slot_written_before_finish() -> None:
 
     st.flash.write = write  # type: ignore[method-assign]
     st.flash.erase_sector = erase_sector  # type: ignore[method-assign]
+    st.flash.write_run = write_run  # type: ignore[method-assign]
+    before = st.flash.snapshot()
     ctx = UpdaterContext(st, arch="esp32")
     assert ctx.process(new_bundle()) == 0
+    after = st.flash.snapshot()
+    changed = [i for i in range(0, len(after), sector) if after[i : i + sector] != before[i : i + sector]]
+    assert changed and all(any(p.offset <= i < p.end for p in (LAYOUT.app[1], LAYOUT.fs[1])) for i in changed)
     allowed = [LAYOUT.app[1], LAYOUT.fs[1]]
     assert writes
     for addr, n in writes:

@@ -191,3 +191,82 @@ def test_closed_file_flash_refuses_access(tmp_path: Path) -> None:
     f.close()  # idempotent
     with pytest.raises(FlashError, match="closed"):
         f.read(0, 1)
+
+
+def _run_op_by_op(flash: Flash, addr: int, data: bytes, chunk: int, erased_to: int) -> int:
+    """The reference for write_run: the driver loop done with single erase/write calls."""
+    for off in range(0, len(data), chunk):
+        piece = data[off : off + chunk]
+        stop = addr + off + len(piece)
+        while erased_to < stop:
+            flash.erase_sector(erased_to // flash.sector_size)
+            erased_to += flash.sector_size
+        if piece.count(0xFF) != len(piece):
+            flash.write(addr + off, piece)
+    return erased_to
+
+
+def _run_cases() -> list[tuple[str, bytes, int, int, int]]:
+    rng = random.Random(7)
+    noise = rng.randbytes(3 * SECTOR + 40)
+    blanks = noise[:64] + b"\xff" * 96 + noise[:300] + b"\xff" * 20  # a blank chunk and a blank tail
+    return [
+        # (name, data, addr, erased_to, pre-programmed byte below erased_to or -1)
+        ("fresh", noise, SECTOR, SECTOR, -1),
+        ("blank chunks", blanks, SECTOR, SECTOR, -1),
+        ("continues an erased sector", noise[:500], SECTOR + 64, 2 * SECTOR, -1),
+        ("gap below the run", noise[:200], 3 * SECTOR + 32, SECTOR, -1),
+        ("needs an erase", noise[:500], SECTOR + 64, 2 * SECTOR, SECTOR + 100),
+    ]
+
+
+def _prepared(case: tuple[str, bytes, int, int, int]) -> Flash:
+    """Old content everywhere; the sectors from addr's up to erased_to erased, with the bytes below
+    addr in them programmed (an earlier run), and optionally one more byte programmed."""
+    _, _, addr, erased_to, programmed = case
+    f = Flash(None, size=8 * SECTOR, sector_size=SECTOR)
+    f.restore(random.Random(1).randbytes(f.size))
+    first = addr - addr % SECTOR
+    for index in range(first // SECTOR, erased_to // SECTOR):
+        f.erase_sector(index)
+    if first < addr < erased_to:
+        f.write(first, b"\x00" * (addr - first))
+    if programmed >= 0:
+        f.write(programmed, b"\x00")
+    f.stats.reset()
+    return f
+
+
+@pytest.mark.parametrize("case", _run_cases(), ids=lambda c: c[0])
+@pytest.mark.parametrize("torn", [False, "keep", "random"])
+def test_write_run_is_the_same_operations(case: tuple[str, bytes, int, int, int], torn: str) -> None:
+    """write_run leaves the bytes, counters and power-cut outcomes of the op-by-op loop, at every cut."""
+    _, data, addr, erased_to, _ = case
+    chunk = 32
+
+    def outcome(f: Flash, fn: object) -> tuple[object, ...]:
+        try:
+            result: object = fn(f, addr, data, chunk, erased_to)  # type: ignore[operator]
+        except (FlashError, PowerCut) as exc:
+            result = type(exc).__name__
+        return (result, f.snapshot(), f.stats.erases, f.stats.writes, f.stats.bytes_written, f.powered)
+
+    def by_run(f: Flash, a: int, d: bytes, c: int, e: int) -> int:
+        return f.write_run(a, d, chunk_size=c, erased_to=e)
+
+    reference = outcome(_prepared(case), _run_op_by_op)
+    assert outcome(_prepared(case), by_run) == reference
+    total_ops = reference[2] + reference[3]  # type: ignore[operator]
+    assert total_ops > 0
+    for at in range(total_ops + 1):
+        expected_f, got_f = _prepared(case), _prepared(case)
+        expected_f.arm_power_cut(at_op=at, torn=torn, rng=random.Random(at))  # type: ignore[arg-type]
+        got_f.arm_power_cut(at_op=at, torn=torn, rng=random.Random(at))  # type: ignore[arg-type]
+        assert outcome(got_f, by_run) == outcome(expected_f, _run_op_by_op), at
+
+
+def test_write_run_refuses_an_unaligned_erase_mark(flash: Flash) -> None:
+    with pytest.raises(ValueError, match="sector boundary"):
+        flash.write_run(0, b"\x00", chunk_size=16, erased_to=5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        flash.write_run(0, b"\x00", chunk_size=0, erased_to=0)

@@ -220,7 +220,7 @@ def test_skip_current_discards_and_skips_crc() -> None:
     ]
     assert evs[1] == EntryEnd("a.bin", skipped=True)
     assert evs[3] == EntryData(b"world")
-    assert evs[4] == EntryEnd("b.bin", skipped=False)
+    assert evs[4] == EntryEnd("b.bin", skipped=False, crc32=zlib.crc32(b"world"))
 
 
 def test_skip_in_the_middle_of_data() -> None:
