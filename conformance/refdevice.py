@@ -26,6 +26,8 @@ from rpc.channel import Channel
 from rpc.errors import HandlerError
 from rpc.frame import Frame, RawJSON
 from rpc.node import Context, Node
+from updater.errors import UpdaterError
+from updater.manifest import manifest_object
 
 __all__ = ["DEVICE_ID", "FakeOta", "Recorder", "make_node", "sys_getinfo_text"]
 
@@ -198,13 +200,13 @@ def _check_bundle(data: bytes, arch: str) -> dict[str, Any]:
             if info.compress_type != zipfile.ZIP_STORED:
                 raise HandlerError(-1, "Cannot handle compressed .zip")
             zf.read(info)  # checks the CRC
-        manifest = json.loads(zf.read(infos[0]))
+        manifest = manifest_object(zf.read(infos[0]))
     except HandlerError:
         raise
+    except UpdaterError:
+        raise HandlerError(-1, "Failed to parse manifest") from None
     except (zipfile.BadZipFile, ValueError, KeyError, OSError):
         raise HandlerError(-1, "Malformed archive") from None
-    if not isinstance(manifest, dict):
-        raise HandlerError(-1, "Failed to parse manifest")
     if any(k not in manifest for k in ("platform", "version", "build_id", "parts")):
         raise HandlerError(-1, "Required manifest field missing")
     if not str(manifest["platform"]).lower().startswith(arch.lower()):

@@ -21,11 +21,13 @@ one-space indent, fixed member order, ``omitempty`` fields dropped, Go's HTML-sa
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import posixpath
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,9 @@ __all__ = [
     "Part",
     "dumps_manifest",
     "go_json",
+    "manifest_object",
+    "manifest_version",
+    "read_manifest",
 ]
 
 log = logging.getLogger("mgrpc.updater.manifest")
@@ -187,6 +192,50 @@ class Manifest:
     def to_bytes(self) -> bytes:
         """The manifest serialised the way mos writes it (see :func:`dumps_manifest`)."""
         return dumps_manifest(self.obj)
+
+
+# -- reading a bundle's manifest (host side: no field checks, every key kept) ------------------
+
+
+def manifest_object(data: bytes, what: str = MANIFEST_FILE_NAME) -> dict[str, Any]:
+    """manifest.json bytes as a JSON object, unchecked (the device's checks are :meth:`Manifest.parse`).
+
+    Raises :class:`UpdaterError` ``failed to parse <what>: ...`` for bad JSON or a non-object.
+    """
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise UpdaterError(f"failed to parse {what}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise UpdaterError(f"failed to parse {what}: not a JSON object")
+    return obj
+
+
+def read_manifest(bundle: bytes | zipfile.ZipFile) -> dict[str, Any]:
+    """The ``manifest.json`` object of a fw.zip (bytes or an open zip), via :func:`manifest_object`.
+
+    The entry is found by name, at the top level or in a directory (the shallowest wins), so a
+    bundle zipped with its folder is read too. Raises :class:`UpdaterError`: ``not a zip archive``,
+    ``no manifest.json in the zip``, ``failed to parse manifest.json``.
+    """
+    try:
+        zf = bundle if isinstance(bundle, zipfile.ZipFile) else zipfile.ZipFile(io.BytesIO(bundle))
+        names = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == MANIFEST_FILE_NAME]
+        if not names:
+            raise UpdaterError(f"no {MANIFEST_FILE_NAME} in the zip")
+        data = zf.read(min(names, key=lambda n: n.count("/")))
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise UpdaterError(f"not a zip archive: {exc}") from None
+    return manifest_object(data)
+
+
+def manifest_version(bundle: bytes | zipfile.ZipFile) -> str | None:
+    """The bundle's ``version`` (None if it is not a readable bundle or has no string version)."""
+    try:
+        v = read_manifest(bundle).get("version")
+    except UpdaterError:
+        return None
+    return v if isinstance(v, str) else None
 
 
 # -- mos-style serialisation ------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import time
 import zipfile
 from typing import Any
@@ -24,6 +23,8 @@ from conformance.rawjson import show
 from conformance.session import Session
 from rpc.errors import MgrpcError
 from rpc.frame import Frame
+from updater.errors import UpdaterError
+from updater.manifest import read_manifest
 
 __all__ = ["bundle_manifest", "corrupt_bundle", "generate_bundle"]
 
@@ -49,12 +50,9 @@ def generate_bundle(arch: str, version: str, *, app_size: int = 16 << 10) -> byt
 def bundle_manifest(bundle: bytes) -> dict[str, Any]:
     """The ``manifest.json`` of a bundle ({} if it cannot be read)."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(bundle))
-        first = zf.infolist()[0]
-        doc = json.loads(zf.read(first))
-    except (zipfile.BadZipFile, IndexError, ValueError, KeyError):
+        return read_manifest(bundle)
+    except UpdaterError:
         return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def corrupt_bundle(bundle: bytes) -> bytes:

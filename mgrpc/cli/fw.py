@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from updater.errors import UpdaterError
+from updater.manifest import manifest_object, read_manifest
 
 __all__ = ["parse_part_spec", "parse_prop_value", "register"]
 
@@ -229,14 +230,15 @@ def _base_bundle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
         try:
             with zipfile.ZipFile(args.input) as z:
                 blobs = {posixpath.basename(n): z.read(n) for n in z.namelist() if not n.endswith("/")}
+                try:
+                    obj = read_manifest(z)
+                except UpdaterError as exc:
+                    raise UpdaterError(f"{args.input}: {exc}") from None
         except (OSError, zipfile.BadZipFile) as exc:
             raise UpdaterError(f"failed to read input bundle {args.input}: {exc}") from None
-        if "manifest.json" not in blobs:
-            raise UpdaterError(f"{args.input}: no manifest.json in the archive")
-        obj = _json_object(blobs["manifest.json"], f"{args.input}: manifest.json")
     if args.manifest:
         try:
-            obj = _json_object(Path(args.manifest).read_bytes(), args.manifest)
+            obj = manifest_object(Path(args.manifest).read_bytes(), args.manifest)
         except OSError as exc:
             raise UpdaterError(f"error reading manifest {args.manifest}: {exc.strerror}") from None
     parts: dict[str, Any] = {}
@@ -260,16 +262,6 @@ def _base_bundle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
                 raise UpdaterError(f"{pname}: {src} not found in the archive")
         parts[pname] = BundlePart(pname, data, pobj)
     return obj, parts
-
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except ValueError as exc:
-        raise UpdaterError(f"failed to parse {what}: {exc}") from None
-    if not isinstance(obj, dict):
-        raise UpdaterError(f"failed to parse {what}: not a JSON object")
-    return obj
 
 
 @contextlib.contextmanager

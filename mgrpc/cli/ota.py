@@ -27,10 +27,10 @@ from rpc.host.ota import (
     DEFAULT_WINDOW,
     MAX_WINDOW,
     OtaError,
-    manifest_version,
     ota_update,
     wait_and_commit,
 )
+from updater.manifest import manifest_version
 
 __all__ = ["MosProgress", "register"]
 

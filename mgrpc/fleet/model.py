@@ -7,16 +7,16 @@ SHA-256 so an upload of the same file is the same bundle.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sqlite3
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mgrpc.fleet.rollout import Rollout
+from updater.errors import UpdaterError
+from updater.manifest import read_manifest
 
 __all__ = ["BundleInfo", "DeviceRecord", "FleetDB", "FleetError", "bundle_info"]
 
@@ -76,16 +76,10 @@ class BundleInfo:
 def bundle_info(data: bytes, *, filename: str = "fw.zip") -> BundleInfo:
     """Read a fw.zip's manifest; :class:`FleetError` if it is not a firmware bundle."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        names = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == "manifest.json"]
-        if not names:
-            raise FleetError("not a firmware bundle: no manifest.json in the zip")
-        manifest = json.loads(zf.read(min(names, key=lambda n: n.count("/"))))
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        if isinstance(e, FleetError):
-            raise
+        manifest = read_manifest(data)
+    except UpdaterError as e:
         raise FleetError(f"not a firmware bundle: {e}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("version"), str):
+    if not isinstance(manifest.get("version"), str):
         raise FleetError("not a firmware bundle: the manifest has no version")
     return BundleInfo(
         sha=hashlib.sha256(data).hexdigest(), size=len(data), name=filename,

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import os
 import time
-import zipfile
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,11 +52,9 @@ __all__ = [
     "boot_state",
     "default_begin_args",
     "load_firmware",
-    "manifest_version",
     "ota_commit",
     "ota_revert",
     "ota_update",
-    "read_manifest",
     "wait_and_commit",
 ]
 
@@ -119,34 +115,6 @@ def load_firmware(source: bytes | str | os.PathLike[str]) -> bytes:
             return f.read()
     except OSError as e:
         raise OtaError(f"unable to read firmware file {os.fspath(source)!r}: {e.strerror or e}") from e
-
-
-def read_manifest(data: bytes) -> dict[str, Any]:
-    """The ``manifest.json`` of a fw.zip (top level or one directory down), parsed."""
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as e:
-        raise OtaError(f"not a firmware bundle (zip): {e}") from e
-    names = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == "manifest.json"]
-    if not names:
-        raise OtaError("firmware bundle has no manifest.json")
-    name = min(names, key=lambda n: n.count("/"))
-    try:
-        obj = json.loads(zf.read(name))
-    except (ValueError, zipfile.BadZipFile, OSError) as e:
-        raise OtaError(f"invalid manifest.json in the firmware bundle: {e}") from e
-    if not isinstance(obj, dict):
-        raise OtaError("invalid manifest.json in the firmware bundle: not an object")
-    return obj
-
-
-def manifest_version(data: bytes) -> str | None:
-    """The bundle's ``version`` (None if the data is not a readable bundle)."""
-    try:
-        v = read_manifest(data).get("version")
-    except OtaError:
-        return None
-    return v if isinstance(v, str) else None
 
 
 def default_begin_args(size: int, *, update_timeout_s: float = 600, commit_timeout_s: float = 300) -> dict[str, int]:

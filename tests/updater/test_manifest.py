@@ -254,3 +254,13 @@ def test_go_json_escapes_and_compact() -> None:
     assert go_json([1, {"x": True}], indent=" ") == '[\n 1,\n {\n  "x": true\n }\n]'
     with pytest.raises(TypeError):
         go_json(object())
+
+
+def test_manifest_from_bundle():
+    from updater.bundle import make_virtual_bundle
+    from updater.manifest import manifest_version, read_manifest
+
+    fw = make_virtual_bundle("esp32", "4.5.6", app_size=4096)
+    assert manifest_version(fw) == "4.5.6"
+    assert read_manifest(fw)["platform"] == "esp32"
+    assert manifest_version(b"not a zip") is None

@@ -12,7 +12,7 @@ import pytest
 
 import transports
 from rpc.client import AsyncClient
-from rpc.host.ota import OtaError, manifest_version, ota_update, read_manifest, wait_and_commit
+from rpc.host.ota import OtaError, ota_update, wait_and_commit
 from tests.rpc.host.fakeota import firmware, names
 
 # -- the sequence ---------------------------------------------------------------------------------
@@ -261,15 +261,6 @@ async def test_resume_after_client_restart(fake):
     assert f"Resuming the update in progress at offset {had} of 30000..." in msgs
     assert fake.calls.count("OTA.Begin") == 1
     assert bytes(fake.data) == fw and fake.state == 3
-
-
-def test_manifest_from_bundle():
-    from updater.bundle import make_virtual_bundle
-
-    fw = make_virtual_bundle("esp32", "4.5.6", app_size=4096)
-    assert manifest_version(fw) == "4.5.6"
-    assert read_manifest(fw)["platform"] == "esp32"
-    assert manifest_version(b"not a zip") is None
 
 
 # -- end to end against the virtual device ---------------------------------------------------------
