@@ -182,7 +182,7 @@ async def _serve(
         lst = await transports.listen(url, node)
         stack.push_async_callback(lst.close)
     elif scheme == "mqtt":
-        from transports.mqtt import open_connection
+        from transports.mqttconn import open_connection
 
         broker = await _Broker().start()
         stack.push_async_callback(broker.stop)

@@ -3,7 +3,7 @@
 
 :class:`ShadowStore` is the sans-I/O core: ``handle(topic, payload)`` returns the messages to
 publish (and persists the document); :class:`ShadowServer` wires it to an injected MQTT
-connection (e.g. ``transports.mqtt.MqttConnection``). Replies are QoS 1, not retained.
+connection (e.g. ``transports.mqttconn.MqttConnection``). Replies are QoS 1, not retained.
 Deletion: ``$aws/things/<id>/shadow/delete`` removes the document (the next update starts it at
 version 1).
 """

@@ -88,7 +88,7 @@ async def start_fleet(
     import transports
     from mgrpc.fleet import FleetApp, FleetDB
     from mgrpc.shadow_server import ShadowServer, ShadowStore
-    from transports.mqtt import open_connection
+    from transports.mqttconn import open_connection
 
     u = urlsplit(listen)
     if u.scheme != "http" or not u.hostname:
@@ -136,7 +136,8 @@ async def start_fleet_device(
     from services.device import VirtualDevice
     from services.polling import attach_polling
     from services.shadow import DeviceAgent
-    from transports.mqtt import MqttDeviceChannel, open_connection
+    from transports.mqtt import MqttDeviceChannel
+    from transports.mqttconn import open_connection
 
     b = urlsplit(broker)
     agent_url = f"{b.scheme}://{b.netloc}/{dev_id}"

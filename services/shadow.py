@@ -43,7 +43,7 @@ device that comes back on its old firmware after a rollback reports ``code = -1`
 ``Rolled back: <reason>``. The saved URL is not retried.
 
 Layering: the MQTT connection is injected (anything with the methods of :class:`MqttLike`, e.g.
-``transports.mqtt.MqttConnection``); this module never imports :mod:`transports`.
+``transports.mqttconn.MqttConnection``); this module never imports :mod:`transports`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class ShadowError(ValueError):
 
 
 class MqttLike(Protocol):
-    """What the shadow code needs from an MQTT connection (``transports.mqtt.MqttConnection`` has it)."""
+    """What the shadow code needs from an MQTT connection (``transports.mqttconn.MqttConnection`` has it)."""
 
     async def subscribe(self, topic_filter: str, callback: Any = None, *, qos: int | None = None,
                         timeout_s: float = 10.0) -> None:

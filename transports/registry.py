@@ -73,6 +73,15 @@ class TransportURL:
         """``host:port`` (port omitted when absent)."""
         return f"{self.host}:{self.port}" if self.port is not None else self.host
 
+    def host_port(self, *, default_host: str | None = None) -> tuple[str, int]:
+        """``(host, port)`` for a socket; :class:`UsageError` naming the form when either is missing."""
+        host = self.host or default_host
+        if not host or self.port is None:
+            raise UsageError(
+                f"{self.scheme}:// needs host:port, e.g. {self.scheme}://127.0.0.1:8910 (got {self.raw!r})"
+            )
+        return host, self.port
+
     def option(self, name: str, default: str | None = None) -> str | None:
         """A ``?query`` option's value."""
         return self.query.get(name, default)

@@ -46,7 +46,7 @@ from rpc.frame import DEFAULT_MAX_FRAME_SIZE, Frame
 from rpc.framing import HANDSHAKE, HANDSHAKE_ACK, FlowControl, Handshake
 from rpc.node import Node
 from transports.registry import TransportURL
-from transports.tcp import JunkHandler, StreamClientChannel, StreamDeviceChannel, stream_codec
+from transports.stream import JunkHandler, StreamClientChannel, StreamDeviceChannel, stream_codec
 
 __all__ = [
     "EXTRA",

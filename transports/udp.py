@@ -20,7 +20,6 @@ from rpc.errors import ChannelClosed, TransportError, UsageError
 from rpc.frame import Frame
 from rpc.node import Node
 from transports.registry import TransportURL
-from transports.tcp import _host_port
 
 __all__ = [
     "EXTRA",
@@ -194,7 +193,7 @@ class UdpListener:
 
 async def open_client(url: TransportURL, **opts: Any) -> Channel:
     """Open a UDP socket connected to ``host:port``."""
-    host, port = _host_port(url)
+    host, port = url.host_port()
     codec = _codec(url, opts, JsonCodec(html_escape=True))  # Go json.Marshal escapes <, >, &
     loop = asyncio.get_running_loop()
     proto = _Protocol()
@@ -210,7 +209,7 @@ async def open_client(url: TransportURL, **opts: Any) -> Channel:
 
 async def listen(url: TransportURL, node: Node, **opts: Any) -> UdpListener:
     """Serve ``node`` on ``udp://host:port`` (port 0 picks a free one; see ``.url``)."""
-    host, port = _host_port(url, default_host="127.0.0.1")
+    host, port = url.host_port(default_host="127.0.0.1")
     codec = _codec(url, opts, JsonCodec())  # as the client side: a codec name other than json is an error
     try:
         max_peers = int(opts.pop("max_peers", url.option("max_peers", "64")))

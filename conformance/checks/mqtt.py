@@ -31,7 +31,7 @@ class _Mqtt:
 
     async def __aenter__(self) -> _Mqtt:
         try:
-            from transports.mqtt import open_connection
+            from transports.mqttconn import open_connection
         except ImportError:
             raise CheckSkipped("needs paho-mqtt (pip install 'mgrpc[mqtt]')") from None
         base = self.s.url.split("?", 1)[0]

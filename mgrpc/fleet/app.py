@@ -24,7 +24,7 @@ ends ``done`` (new version running, committed unless autocommit is off), ``rolle
 device came back on another version) or ``failed``.
 
 Injected from the composition root (this package never imports :mod:`transports`): ``mqtt`` (a
-connection like ``transports.mqtt.MqttConnection``) and ``rpc_connect(url)`` (e.g.
+connection like ``transports.mqttconn.MqttConnection``) and ``rpc_connect(url)`` (e.g.
 ``transports.connect``, returning an :class:`rpc.client.AsyncClient`).
 """
 

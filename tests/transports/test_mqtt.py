@@ -26,6 +26,7 @@ from transports import connect, listen, parse_url, registry
 mqtt = pytest.importorskip("paho.mqtt.client")
 
 from transports import mqtt as tmqtt  # noqa: E402 - after the importorskip on purpose
+from transports import mqttconn  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -475,11 +476,11 @@ async def test_tls_client_certificate(mosquitto_broker: Callable[..., Mosquitto]
 
 
 def test_url_defaults_and_options() -> None:
-    cfg = tmqtt.BrokerConfig.from_url(parse_url("mqtt://u:p%40ss@broker/esp32_0A1B2C"))
+    cfg = mqttconn.BrokerConfig.from_url(parse_url("mqtt://u:p%40ss@broker/esp32_0A1B2C"))
     assert (cfg.host, cfg.port, cfg.tls, cfg.user, cfg.password, cfg.qos) == ("broker", 1883, False, "u", "p@ss", 1)
-    cfg = tmqtt.BrokerConfig.from_url("mqtts://broker/dev?ca=/x/ca.pem&qos=0&client_id=me&keepalive=5")
+    cfg = mqttconn.BrokerConfig.from_url("mqtts://broker/dev?ca=/x/ca.pem&qos=0&client_id=me&keepalive=5")
     assert (cfg.port, cfg.tls, cfg.ca, cfg.qos, cfg.client_id, cfg.keepalive_s) == (8883, True, "/x/ca.pem", 0, "me", 5)
-    assert tmqtt.BrokerConfig.from_url("mqtt://broker:1999/d").port == 1999
+    assert mqttconn.BrokerConfig.from_url("mqtt://broker:1999/d").port == 1999
 
 
 @pytest.mark.parametrize(
@@ -512,10 +513,10 @@ async def test_bad_device_id_is_a_usage_error() -> None:
 def test_missing_paho_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "paho.mqtt.client", None)
     with pytest.raises(TransportError) as ei:
-        tmqtt._paho()
+        mqttconn._paho()
     assert "mgrpc[mqtt]" in str(ei.value)
     with pytest.raises(TransportError, match=r"mgrpc\[mqtt\]"):
-        tmqtt.MqttConnection(tmqtt.BrokerConfig("b", 1))
+        mqttconn.MqttConnection(mqttconn.BrokerConfig("b", 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,12 +524,12 @@ def test_missing_paho_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_connection_publish_subscribe(broker: Mosquitto) -> None:
-    conn = await tmqtt.open_connection(broker.url())
+    conn = await mqttconn.open_connection(broker.url())
     try:
         got: list[tuple[str, bytes]] = []
         twice: list[str] = []
 
-        def cb(msg: tmqtt.MqttMessage) -> None:
+        def cb(msg: mqttconn.MqttMessage) -> None:
             got.append((msg.topic, msg.payload))
 
         await conn.subscribe("fleet/+/state", cb)
@@ -576,14 +577,14 @@ async def test_last_will_published_when_a_process_is_killed(broker: Mosquitto) -
     import signal
     import sys
 
-    from transports.mqtt import open_connection
+    from transports.mqttconn import open_connection
 
     watcher = await open_connection(f"mqtt://127.0.0.1:{broker.port}", client_id="watcher")
     seen: asyncio.Queue[bytes] = asyncio.Queue()
     await watcher.subscribe("victim/status", lambda msg: seen.put_nowait(bytes(msg.payload)))
     script = (
         "import asyncio, json\n"
-        "from transports.mqtt import open_connection\n"
+        "from transports.mqttconn import open_connection\n"
         "async def main():\n"
         f"    c = await open_connection('mqtt://127.0.0.1:{broker.port}', client_id='victim',\n"
         "        will=('victim/status', json.dumps({'online': False, 'id': 'victim'}).encode(), 1, True))\n"
