@@ -6,6 +6,7 @@ functions and a :class:`services.firmware.Firmware` describing its platform.
 """
 
 from services.config import DeviceConfig, add_config_service
+from services.errors import ServiceError
 from services.firmware import DeviceFS, Firmware, MemoryFS
 from services.fs import add_fs_service
 from services.ota import OtaService, add_ota_service
@@ -17,6 +18,7 @@ __all__ = [
     "Firmware",
     "MemoryFS",
     "OtaService",
+    "ServiceError",
     "add_config_service",
     "add_fs_service",
     "add_ota_service",

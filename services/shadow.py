@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rpc.node import Node
+from services.errors import ServiceError
 from services.ota import OtaService, OtaState
 from services.ota_http import fetch_update
 
@@ -82,7 +83,7 @@ STATE_FILE = "ota_shadow.json"
 DEFAULT_COMMIT_TIMEOUT_S = 300  # ota-shadow's default: 5 min, then the device rolls back
 
 
-class ShadowError(ValueError):
+class ShadowError(ServiceError, ValueError):
     """A shadow request that cannot be applied (``code`` is the rejection code: 400, 404, 409)."""
 
     def __init__(self, code: int, message: str) -> None:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mgrpc.errors import AppError
 from mgrpc.fleet.rollout import Rollout
 from updater.errors import UpdaterError
 from updater.manifest import read_manifest
@@ -21,7 +22,7 @@ from updater.manifest import read_manifest
 __all__ = ["BundleInfo", "DeviceRecord", "FleetDB", "FleetError", "bundle_info"]
 
 
-class FleetError(ValueError):
+class FleetError(AppError, ValueError):
     """Bad input to the fleet (a bundle that is not a fw.zip, an unknown device or bundle, ...)."""
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mgrpc.errors import AppError
+
 __all__ = [
     "FAILED_STATES",
     "METHODS",
@@ -71,7 +73,7 @@ TERMINAL_STATES = frozenset({"done", "failed", "rolled_back", "skipped"})
 FAILED_STATES = frozenset({"failed", "rolled_back"})
 
 
-class InvalidTransition(ValueError):
+class InvalidTransition(AppError, ValueError):
     """A job was asked to make a move the table does not allow."""
 
 
