@@ -185,14 +185,6 @@ class Frame:
             return cls(id=id, src=src, dst=dst, method=method, args=params, **kw)
         return cls(id=id, src=src, dst=dst, method=method, params=params, **kw)
 
-    def reply(self, result: Any = None, *, src: str = "") -> Frame:
-        """The success response to this request: ``dst`` = our ``src``, ``tag`` copied."""
-        return Frame(id=self.id, src=src or self.dst, dst=self.src, tag=self.tag, result=result)
-
-    def reply_error(self, code: int, message: str | None = None, *, src: str = "") -> Frame:
-        """The error response to this request."""
-        return Frame(id=self.id, src=src or self.dst, dst=self.src, tag=self.tag, error=ErrorInfo(code, message))
-
     # -- parsing ----------------------------------------------------------------------------------
     @classmethod
     def parse(cls, data: bytes | bytearray | memoryview | str, *, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> Frame:
@@ -220,10 +212,6 @@ class Frame:
     def encode(self, style: Style = "mos", *, html_escape: bool = False) -> bytes:
         """The frame as UTF-8 bytes in the given style (no trailing newline)."""
         return self.to_json(style, html_escape=html_escape).encode("utf-8")
-
-    def to_obj(self) -> dict[str, Any]:
-        """All present members as a plain dict (mos order, extras last)."""
-        return json.loads(_encode_mos(self, False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -291,11 +291,6 @@ class MosStreamDecoder(_Decoder):
             self._emit(Junk(bytes(self._buf)))
             self._buf.clear()
 
-    @property
-    def in_frame(self) -> bool:
-        """True while a frame has started but not ended."""
-        return self._state is not _MosState.HUNT
-
     def _parse(self, data: bytes) -> None:
         if data:
             self._buf += data

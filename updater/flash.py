@@ -168,10 +168,6 @@ class Flash:
             raise ValueError(f"torn must be False, 'keep' or 'random', not {torn!r}")
         self._cut = _Cut(self.stats.ops + at_op, torn, rng or random.Random(at_op))
 
-    def disarm(self) -> None:
-        """Forget an armed power cut."""
-        self._cut = None
-
     def power_on(self) -> None:
         """Bring the flash back after a power cut (the content is whatever the cut left)."""
         self._dead = False

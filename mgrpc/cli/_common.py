@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from rpc.errors import MgrpcError, RemoteError, RpcTimeout, TransportError, UsageError
 
 __all__ = [
-    "configure_logging", "connect_from_args", "err", "parse_duration", "port_from_args", "run_async",
+    "configure_logging", "connect_from_args", "err", "parse_duration", "port_from_args",
     "run_with_client",
 ]
 
@@ -111,15 +111,6 @@ async def connect_from_args(args: Any, **opts: Any) -> Any:
         compat_args=bool(getattr(args, "mgrpc_compat_args", False)),
         **opts,
     )
-
-
-def run_async(main: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine function to completion on a fresh event loop."""
-    return asyncio.run(_call(main))
-
-
-async def _call(main: Callable[[], Awaitable[T]]) -> T:
-    return await main()
 
 
 def describe_error(e: BaseException) -> str:
