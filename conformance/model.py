@@ -42,11 +42,12 @@ class ConformanceError(Exception):
 class CheckFailed(ConformanceError, AssertionError):
     """The peer broke the rule a check enforces; ``seen`` and ``expected`` say how."""
 
-    def __init__(self, message: str, *, seen: Any = "", expected: Any = "") -> None:
+    def __init__(self, message: str, *, seen: Any = "", expected: Any = "", sent: Any = "") -> None:
         super().__init__(message)
         self.message = message
         self.seen = _text(seen)
         self.expected = _text(expected)
+        self.sent = _text(sent)
 
 
 class CheckSkipped(ConformanceError):
@@ -59,10 +60,11 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def expect(condition: bool, message: str, *, seen: Any = "", expected: Any = "") -> None:
-    """Raise :class:`CheckFailed` unless ``condition`` holds."""
+def expect(condition: bool, message: str, *, seen: Any = "", expected: Any = "", sent: Any = "") -> None:
+    """Raise :class:`CheckFailed` unless ``condition`` holds (``sent``: what provoked it, if not the
+    last frame the session sent)."""
     if not condition:
-        raise CheckFailed(message, seen=seen, expected=expected)
+        raise CheckFailed(message, seen=seen, expected=expected, sent=sent)
 
 
 class Outcome(enum.StrEnum):
@@ -80,7 +82,11 @@ class CheckSpec:
 
     ``name`` is ``<group>.<short name>``; ``section`` the spec section (``frame.md §1.2``);
     ``destructive`` checks (OTA, reboot, config writes) only run when asked for; ``only_schemes``
-    limits a check to some URL schemes, ``not_schemes`` excludes some.
+    limits a check to some URL schemes, ``not_schemes`` excludes some. ``needs`` names the methods
+    the check calls: when the device's ``RPC.List`` lacks one, the check is skipped ("not offered").
+    ``upsets``: the check sends what may leave the device or its channel in a bad state (oversized
+    frames, junk), so the runner reconnects and waits for the device to answer before the next one.
+    ``budget`` scales the check's deadline (a multiple of the per-check deadline).
     """
 
     name: str
@@ -92,6 +98,9 @@ class CheckSpec:
     only_schemes: frozenset[str] = frozenset()
     not_schemes: frozenset[str] = frozenset()
     order: int = 0
+    needs: frozenset[str] = frozenset()
+    upsets: bool = False
+    budget: float = 1.0
 
     def applies_to(self, scheme: str) -> bool:
         """True if the check is meaningful over ``scheme``."""
@@ -114,6 +123,7 @@ class CheckResult:
     expected: str = ""
     duration_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    sent: str = ""
 
     @property
     def ok(self) -> bool:
@@ -131,6 +141,7 @@ class CheckResult:
             "message": self.message,
             "seen": self.seen,
             "expected": self.expected,
+            "sent": self.sent,
             "duration_s": round(self.duration_s, 4),
         }
 
@@ -156,8 +167,15 @@ def check(
     destructive: bool = False,
     only: Iterable[str] = (),
     not_on: Iterable[str] = (),
+    needs: Iterable[str] = (),
+    upsets: bool = False,
+    budget: float = 1.0,
 ) -> Callable[[CheckFunc], CheckFunc]:
-    """Register a check function under ``name`` (``group.short``), in definition order."""
+    """Register a check function under ``name`` (``group.short``), in definition order.
+
+    See :class:`CheckSpec` for ``needs`` (methods that must be in ``RPC.List``), ``upsets`` and
+    ``budget``.
+    """
 
     def deco(func: CheckFunc) -> CheckFunc:
         global _counter
@@ -166,7 +184,18 @@ def check(
         group = name.split(".", 1)[0]
         _counter += 1
         CHECKS[name] = CheckSpec(
-            name, group, section, title, func, destructive, frozenset(only), frozenset(not_on), _counter
+            name,
+            group,
+            section,
+            title,
+            func,
+            destructive,
+            frozenset(only),
+            frozenset(not_on),
+            _counter,
+            frozenset(needs),
+            upsets,
+            budget,
         )
         return func
 

@@ -40,26 +40,43 @@ def id_key(fid: Any) -> Any:
 class Probe:
     """Records every frame a channel delivers and sends frames exactly as built."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, *, sent_ids: set[Any] | None = None) -> None:
         self.channel = channel
         self.frames: list[Frame] = []
         self.closed = False
+        # Ids of every request sent (shared by the probes of one session): a reply carrying one of
+        # them answers *that* request, never another check's (a late or duplicated reply).
+        self.sent_ids: set[Any] = sent_ids if sent_ids is not None else set()
+        self.last_sent: bytes = b""
         self._changed = asyncio.Event()
         channel.attach(self)
 
     @classmethod
-    async def open(cls, url: str, **opts: Any) -> Probe:
-        """Open the host side of ``url`` (any registered transport) and start receiving."""
+    async def open(
+        cls, url: str, *, open_timeout_s: float | None = None, sent_ids: set[Any] | None = None, **opts: Any
+    ) -> Probe:
+        """Open the host side of ``url`` (any registered transport) and start receiving.
+
+        ``open_timeout_s`` bounds connecting and starting (a silent peer raises ``TransportError``).
+        """
         import transports
 
-        channel = await transports.open_client(url, **opts)
-        probe = cls(channel)
+        async def opening() -> Probe:
+            channel = await transports.open_client(url, **opts)
+            probe = cls(channel, sent_ids=sent_ids)
+            try:
+                await channel.start()
+            except BaseException:
+                await probe.close()
+                raise
+            return probe
+
+        if open_timeout_s is None:
+            return await opening()
         try:
-            await channel.start()
-        except BaseException:
-            await probe.close()
-            raise
-        return probe
+            return await asyncio.wait_for(opening(), open_timeout_s)
+        except TimeoutError:
+            raise TransportError(f"could not open {url} within {open_timeout_s:g} s") from None
 
     # -- ChannelSink --------------------------------------------------------------------------------
     def frame_received(self, channel: Channel, frame: Frame) -> None:
@@ -78,13 +95,26 @@ class Probe:
         """A fresh id in mos's range (2^40 .. 2^41-1)."""
         return random.getrandbits(40) | (1 << 40)
 
-    async def send(self, frame: Frame) -> int:
-        """Send ``frame`` as built; returns the index in :attr:`frames` where its answers will start."""
+    async def send(self, frame: Frame, *, timeout_s: float | None = None) -> int:
+        """Send ``frame`` as built; returns the index in :attr:`frames` where its answers will start.
+
+        ``timeout_s`` bounds the send (an HTTP "send" waits for the reply); past it
+        :class:`TimeoutError` is raised and the channel should be reopened.
+        """
         if self.closed:
             raise TransportError("the probe's channel is closed")
         mark = len(self.frames)
+        if frame.id is not None:
+            self.sent_ids.add(id_key(frame.id))
         try:
-            await self.channel.send(frame)
+            self.last_sent = frame.encode("mos")
+        except Exception:  # a deliberately odd frame the encoder refuses: the report just lacks it
+            self.last_sent = b""
+        try:
+            if timeout_s is None:
+                await self.channel.send(frame)
+            else:
+                await asyncio.wait_for(self.channel.send(frame), timeout_s)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -133,10 +163,19 @@ class Probe:
         return await self.exchange(frame, timeout_s=timeout_s)
 
     async def exchange(self, frame: Frame, *, timeout_s: float = 5.0) -> Frame | None:
-        """Send ``frame`` (which must carry an id) and wait for the response matching its id."""
+        """Send ``frame`` (which must carry an id) and wait for the response matching its id.
+
+        None when no response came within ``timeout_s`` (sending included).
+        """
         key = id_key(frame.id)
-        mark = await self.send(frame)
-        return await self.wait_for(lambda f: f.is_response and id_key(f.id) == key, start=mark, timeout_s=timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            mark = await self.send(frame, timeout_s=timeout_s)
+        except TimeoutError:
+            return None
+        left = max(0.0, deadline - loop.time())
+        return await self.wait_for(lambda f: f.is_response and id_key(f.id) == key, start=mark, timeout_s=left)
 
     async def close(self) -> None:
         """Close the channel."""

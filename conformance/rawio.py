@@ -28,6 +28,7 @@ class RawStream:
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.closed = False
+        self.on_write: Callable[[bytes], None] | None = None  # told every write (failure reports)
         self._changed = asyncio.Event()
 
     def _fed(self, data: bytes) -> None:
@@ -84,6 +85,8 @@ class _TtyStream(RawStream):
         self._fed(data)
 
     async def write(self, data: bytes) -> None:
+        if self.on_write is not None:
+            self.on_write(data)
         view = memoryview(data)
         while view:
             try:
@@ -144,6 +147,8 @@ class _TcpStream(RawStream):
             self._fed(b"")
 
     async def write(self, data: bytes) -> None:
+        if self.on_write is not None:
+            self.on_write(data)
         self.writer.write(data)
         await self.writer.drain()
 

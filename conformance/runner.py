@@ -25,14 +25,14 @@ from conformance.model import (
     Outcome,
     checks_for,
 )
-from conformance.session import Options, Session
+from conformance.session import Options, PreflightError, Session
 from rpc.errors import MgrpcError
 
-__all__ = ["Report", "run", "run_check", "to_json", "to_junit_xml"]
+__all__ = ["PREFLIGHT_SECTION", "Report", "check_deadline", "run", "run_check", "to_json", "to_junit_xml"]
 
 log = logging.getLogger("mgrpc.conformance")
 
-CHECK_TIMEOUT_S = 120.0
+PREFLIGHT_SECTION = "transports.md §0; frame.md §4, §6"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +67,22 @@ def _result(spec: CheckSpec, outcome: Outcome, t0: float, **kw: Any) -> CheckRes
     return CheckResult(spec.name, spec.group, spec.section, spec.title, outcome, duration_s=time.monotonic() - t0, **kw)
 
 
-async def run_check(spec: CheckSpec, session: Session, *, timeout_s: float = CHECK_TIMEOUT_S) -> CheckResult:
-    """Run one check and turn its ending into a :class:`CheckResult`."""
+def check_deadline(spec: CheckSpec, options: Options) -> float:
+    """The deadline of one check: the per-check deadline times its budget; reboots get their own time."""
+    base = options.check_deadline_s * spec.budget
+    if spec.destructive:
+        base += 3 * options.reboot_timeout_s
+    return base
+
+
+async def run_check(spec: CheckSpec, session: Session, *, timeout_s: float | None = None) -> CheckResult:
+    """Run one check and turn its ending into a :class:`CheckResult`.
+
+    ``timeout_s`` (default :func:`check_deadline`) bounds it: a check still waiting then FAILs with
+    "no answer within N s" (silence is a verdict, not a hang).
+    """
     t0 = time.monotonic()
+    limit = check_deadline(spec, session.options) if timeout_s is None else timeout_s
     if spec.destructive and not session.options.destructive:
         return _result(
             spec,
@@ -79,14 +92,36 @@ async def run_check(spec: CheckSpec, session: Session, *, timeout_s: float = CHE
         )
     if not spec.applies_to(session.scheme):
         return _result(spec, Outcome.SKIP, t0, message=f"not applicable over {session.scheme}://")
+    missing = sorted(m for m in spec.needs if not session.offers(m))
+    if missing:
+        return _result(
+            spec, Outcome.SKIP, t0, message=f"not offered: {', '.join(missing)} is not in the device's RPC.List"
+        )
+    session.begin_check()
     try:
-        note = await asyncio.wait_for(spec.func(session), timeout_s)
+        note = await asyncio.wait_for(spec.func(session), limit)
     except CheckFailed as e:
-        return _result(spec, Outcome.FAIL, t0, message=e.message, seen=e.seen, expected=e.expected)
+        return _result(
+            spec,
+            Outcome.FAIL,
+            t0,
+            message=e.message,
+            seen=e.seen,
+            expected=e.expected,
+            sent=e.sent or session.sent_text(),
+        )
     except CheckSkipped as e:
         return _result(spec, Outcome.SKIP, t0, message=str(e))
     except TimeoutError:
-        return _result(spec, Outcome.ERROR, t0, message=f"check did not finish within {timeout_s:g} s")
+        return _result(
+            spec,
+            Outcome.FAIL,
+            t0,
+            message=f"no answer within {limit:g} s (the check's deadline)",
+            seen="no answer",
+            expected="an answer (or a clear refusal) in time",
+            sent=session.sent_text(),
+        )
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
@@ -96,8 +131,12 @@ async def run_check(spec: CheckSpec, session: Session, *, timeout_s: float = CHE
     except Exception as e:
         log.debug("check %s raised", spec.name, exc_info=True)
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
-        return _result(spec, Outcome.ERROR, t0, message=tb)
+        return _result(spec, Outcome.ERROR, t0, message=tb, sent=session.sent_text())
     return _result(spec, Outcome.PASS, t0, message=note or "")
+
+
+def _preflight_result(url: str, outcome: Outcome, message: str) -> CheckResult:
+    return CheckResult("preflight", "preflight", PREFLIGHT_SECTION, "open the port; RPC.List", outcome, message)
 
 
 async def run(
@@ -105,26 +144,68 @@ async def run(
     *,
     options: Options | None = None,
     only: Iterable[str] | None = None,
-    check_timeout_s: float = CHECK_TIMEOUT_S,
+    check_timeout_s: float | None = None,
 ) -> Report:
-    """Run the device checks (``only``: group or check names) against ``url``."""
+    """Run the device checks (``only``: group or check names) against ``url``.
+
+    One preflight first opens the port and reads ``RPC.List`` (checks of methods not listed SKIP);
+    a 401 without ``--rpc-creds`` or a silent device stops the run with one clear result. Each check
+    has its own deadline (``check_timeout_s`` overrides :func:`check_deadline`), the run
+    ``options.deadline_s``; checks that may upset the device are followed by a reconnect.
+    """
     t0 = time.monotonic()
     specs = [s for s in checks_for(list(only) if only else None) if s.group != "client"]
     session = Session(url, options)
+    opts = session.options
+    end = None if opts.deadline_s is None else t0 + opts.deadline_s
     results: list[CheckResult] = []
+    meta: dict[str, Any] = {}
     try:
         try:
-            await session.probe()
+            pre = session.preflight()
+            meta["preflight"] = await (asyncio.wait_for(pre, opts.deadline_s) if opts.deadline_s else pre)
+        except PreflightError as e:
+            results.append(_preflight_result(url, Outcome.FAIL, str(e)))
+            return Report(url, tuple(results), time.monotonic() - t0, meta=meta)
         except (MgrpcError, OSError) as e:
             # Nothing can be checked; one clear error instead of one per check.
             msg = f"cannot open {url}: {e}"
-            results.append(CheckResult("connect", "connect", "transports.md §0", "open the port", Outcome.ERROR, msg))
-            return Report(url, tuple(results), time.monotonic() - t0)
+            results.append(CheckResult("connect", "connect", PREFLIGHT_SECTION, "open the port", Outcome.ERROR, msg))
+            return Report(url, tuple(results), time.monotonic() - t0, meta=meta)
         for spec in specs:
-            results.append(await run_check(spec, session, timeout_s=check_timeout_s))
+            limit = check_timeout_s if check_timeout_s is not None else check_deadline(spec, opts)
+            if end is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    results.append(
+                        CheckResult(
+                            spec.name,
+                            spec.group,
+                            spec.section,
+                            spec.title,
+                            Outcome.ERROR,
+                            f"not run: the run's deadline ({opts.deadline_s:g} s, --deadline) had passed",
+                        )
+                    )
+                    continue
+                limit = min(limit, left)
+            result = await run_check(spec, session, timeout_s=limit)
+            results.append(result)
+            if result.outcome in (Outcome.PASS, Outcome.FAIL, Outcome.ERROR) and (
+                spec.upsets or result.outcome is not Outcome.PASS
+            ):
+                await _recover(session)
     finally:
         await session.close()
-    return Report(url, tuple(results), time.monotonic() - t0)
+    return Report(url, tuple(results), time.monotonic() - t0, meta=meta)
+
+
+async def _recover(session: Session) -> None:
+    """Reconnect and wait until the device answers again (bounded; a dead device fails later checks)."""
+    try:
+        await session.recover()
+    except (CheckFailed, MgrpcError, OSError) as e:
+        log.info("device did not answer after the check: %s", e)
 
 
 def to_json(report: Report) -> str:
@@ -164,7 +245,7 @@ def to_junit_xml(report: Report) -> str:
             )
             props = ET.SubElement(case, "properties")
             ET.SubElement(props, "property", name="section", value=r.section)
-            detail = f"{r.message}\nseen: {r.seen}\nexpected: {r.expected}\nspec: {r.section}"
+            detail = f"{r.message}\nsent: {r.sent}\nseen: {r.seen}\nexpected: {r.expected}\nspec: {r.section}"
             if r.outcome is Outcome.FAIL:
                 ET.SubElement(case, "failure", message=r.message).text = detail
             elif r.outcome is Outcome.ERROR:

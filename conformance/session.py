@@ -8,13 +8,22 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from conformance.model import CheckFailed, CheckSkipped
+from conformance.model import CheckFailed, CheckSkipped, ConformanceError
 from conformance.probe import Probe, id_key
 from rpc.auth import Credentials, make_auth
-from rpc.errors import MgrpcError
+from rpc.errors import AuthError, MgrpcError
 from rpc.frame import ABSENT, Frame
 
-__all__ = ["Options", "Session"]
+__all__ = ["AUTH_REQUIRED", "Options", "PreflightError", "Session"]
+
+AUTH_REQUIRED = "the device requires authentication: pass --rpc-creds"
+# A device that answers nothing at all is judged once, by the preflight, not by every check.
+_SILENT = "the device does not answer RPC.List"
+
+
+class PreflightError(ConformanceError, ConnectionError):
+    """The run cannot start: the device demands credentials we do not have, or does not answer."""
+
 
 log = logging.getLogger("mgrpc.conformance")
 
@@ -26,11 +35,16 @@ class Options:
     ``timeout_s`` bounds each expected reply; ``quiet_s`` is how long to keep listening after a
     barrier before concluding that a frame got no reply; ``destructive`` allows OTA/reboot checks;
     ``ota_bundle`` is a fw.zip for the device (``ota_generate`` builds one for its ``arch``).
+    ``check_timeout_s`` is each check's own deadline (default: 3 reply timeouts, so it scales with
+    ``timeout_s`` on slow links); ``deadline_s`` bounds the whole run (None: no bound).
+    ``max_frame_size`` is used only when the device does not report ``rpc.max_frame_size``.
     """
 
     timeout_s: float = 5.0
     quiet_s: float = 0.3
     max_frame_size: int = 4096
+    check_timeout_s: float | None = None
+    deadline_s: float | None = None
     creds: Credentials | None = None
     auth_method: str = "Sys.GetInfo"
     destructive: bool = False
@@ -40,6 +54,11 @@ class Options:
     reboot_timeout_s: float = 30.0
     device_id: str | None = None
     transport_opts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def check_deadline_s(self) -> float:
+        """One check's deadline (before its ``budget`` factor)."""
+        return self.check_timeout_s if self.check_timeout_s is not None else max(3 * self.timeout_s, 3.0)
 
 
 class Session:
@@ -55,6 +74,10 @@ class Session:
         self._probe: Probe | None = None
         self._device_id: str | None = self.options.device_id
         self.facts: dict[str, Any] = {}
+        self.sent_ids: set[Any] = set()  # every request id sent this run (late replies are recognised)
+        self.offered: frozenset[str] | None = None  # RPC.List (lower-case), None if unknown
+        self.last_sent: str = ""  # what the running check sent last (shown when it fails)
+        self._extra_opts: dict[str, Any] = {}
 
     # -- the probe ----------------------------------------------------------------------------------
     async def probe(self) -> Probe:
@@ -62,11 +85,108 @@ class Session:
         if self._probe is None or self._probe.closed:
             if self._probe is not None:
                 await self._probe.close()
-            opts = dict(self.options.transport_opts)
+            opts = {**self.options.transport_opts, **self._extra_opts}
             if self.options.creds is not None and self._transport_wants_creds():
                 opts.setdefault("creds", self.options.creds)  # HTTP digest is answered by the transport
-            self._probe = await Probe.open(self.url, **opts)
+            self._probe = await Probe.open(
+                self.url, open_timeout_s=self.options.timeout_s * 2, sent_ids=self.sent_ids, **opts
+            )
         return self._probe
+
+    def note_sent(self, data: Any) -> None:
+        """Record what a check sent on its own connection (shown if the check fails)."""
+        from conformance.rawjson import show
+
+        self.last_sent = show(data)
+
+    def sent_text(self) -> str:
+        """What the running check sent last (its own note, else the probe's last frame)."""
+        if self.last_sent:
+            return self.last_sent
+        if self._probe is not None and self._probe.last_sent:
+            from conformance.rawjson import show
+
+            return show(self._probe.last_sent)
+        return ""
+
+    def begin_check(self) -> None:
+        """Forget what the previous check sent."""
+        self.last_sent = ""
+        if self._probe is not None:
+            self._probe.last_sent = b""
+
+    def offers(self, method: str) -> bool:
+        """True if the device lists ``method`` in ``RPC.List`` (or the list is unknown)."""
+        return self.offered is None or method.lower() in self.offered
+
+    def require(self, *methods: str) -> None:
+        """Skip the running check unless the device offers every one of ``methods``."""
+        missing = [m for m in methods if not self.offers(m)]
+        if missing:
+            raise CheckSkipped(f"not offered: {', '.join(missing)} is not in the device's RPC.List")
+
+    # -- preflight ----------------------------------------------------------------------------------
+    async def preflight(self) -> str:
+        """Open the port and learn what the device offers (``RPC.List``); returns a short note.
+
+        Raises :class:`PreflightError` when the device asks for credentials that were not given
+        (a 401 challenge), or answers nothing at all; ``MgrpcError``/``OSError`` when the port
+        cannot be opened.
+        """
+        p = await self.probe()
+        note = ""
+        try:
+            resp = await p.request("RPC.List", id=Probe.new_id(), timeout_s=self.options.timeout_s)
+        except AuthError:  # HTTP: the transport saw 401 with no credentials to answer it
+            raise PreflightError(AUTH_REQUIRED) from None
+        except MgrpcError:
+            resp = None
+        if resp is None:
+            if self.scheme == "serial":
+                # Perhaps a device that ignores mos's handshake: go on without it (serial.handshake
+                # judges that); frames alone must still be answered.
+                log.info("no answer over serial; probing again without the handshake")
+                self._extra_opts["handshake"] = "off"
+            await self.reopen()
+            resp = await (await self.probe()).request("RPC.List", timeout_s=self.options.timeout_s)
+        if resp is None:
+            raise PreflightError(f"{_SILENT} within {self.options.timeout_s:g} s (is {self.url} right?)")
+        err = resp.error
+        if err is not None and err.code == 401:
+            if self.options.creds is None:
+                raise PreflightError(AUTH_REQUIRED)
+            resp = await self.request("RPC.List")
+            err = resp.error
+            if err is not None and err.code == 401:
+                raise PreflightError("the device refused the credentials given with --rpc-creds")
+        if err is None and isinstance(resp.result, list) and all(isinstance(m, str) for m in resp.result):
+            self.offered = frozenset(m.lower() for m in resp.result)
+            note = f"{len(resp.result)} methods offered"
+        else:
+            note = "RPC.List gave no method list; every check runs"
+        return note
+
+    async def recover(self) -> None:
+        """After a check that may have upset the device: a fresh channel, and the device answering."""
+        await self.wait_up(timeout_s=max(self.options.check_deadline_s, 2 * self.options.timeout_s))
+
+    async def frame_limit(self) -> int:
+        """``rpc.max_frame_size`` as the device reports it (``Config.Get``), else the option."""
+        if "max_frame_size" not in self.facts:
+            value = await self.config_value("rpc.max_frame_size")
+            self.facts["max_frame_size"] = value if isinstance(value, int) and value > 0 else None
+        got = self.facts["max_frame_size"]
+        return int(got) if got else self.options.max_frame_size
+
+    async def config_value(self, key: str) -> Any:
+        """``Config.Get {key}`` of the device (None if it has no Config service or no such key)."""
+        if not self.offers("Config.Get"):
+            return None
+        try:
+            resp = await self.request("Config.Get", {"key": key})
+        except CheckFailed:
+            return None
+        return None if resp.error is not None else resp.result
 
     def _transport_wants_creds(self) -> bool:
         from transports.registry import load
@@ -138,7 +258,12 @@ class Session:
         first = await self.probe()
         first_mark = len(first.frames)
         try:
-            await first.send(frame)
+            await first.send(frame, timeout_s=self.options.timeout_s)
+        except TimeoutError:
+            # The send itself got no answer in time (HTTP keeps the request open for a frame that
+            # gets no reply): silence, which is what the caller checks. The channel is spent.
+            log.info("no answer to the frame that must not be answered within %s s", self.options.timeout_s)
+            await self.reopen()
         except (MgrpcError, OSError) as e:
             # The transport reports the device refused the frame (HTTP answers a dropped frame with
             # 400 "Invalid request"): no frame came back, which is what the caller checks.
@@ -146,21 +271,24 @@ class Session:
             await self.reopen()
         barrier_id = Probe.new_id()
 
+        own = id_key(frame.id) if frame.id is not None else None
+
         def collected(p: Probe, mark: int) -> list[Frame]:
             got = list(first.frames[first_mark:])
             if p is not first:
                 got += p.frames[mark:]
-            return [f for f in got if not (f.is_response and id_key(f.id) == barrier_id)]
+            # Late or repeated replies to earlier requests (ours, by id) are not answers to this frame.
+            return [f for f in got if not (f.is_response and id_key(f.id) != own and id_key(f.id) in self.sent_ids)]
 
         p = await self.probe()  # a new one if the device closed the channel
         mark = first_mark if p is first else len(p.frames)
         reply: Frame | None = None
         try:
-            await p.send(Frame(id=barrier_id, src="mos", method="RPC.Ping"))
+            await p.send(Frame(id=barrier_id, src="mos", method="RPC.Ping"), timeout_s=self.options.timeout_s)
             reply = await p.wait_for(
                 lambda f: f.is_response and id_key(f.id) == barrier_id, start=mark, timeout_s=self.options.timeout_s
             )
-        except MgrpcError:
+        except (MgrpcError, TimeoutError):
             reply = None
         if reply is None and p.closed:
             # Closed while we waited: make sure the device still answers on a new channel.

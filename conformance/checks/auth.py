@@ -43,6 +43,7 @@ async def _challenge(s: Session, fid: int) -> tuple[Frame, dict[str, object]]:
 async def _auth_challenge(s: Session) -> str | None:
     if s.options.creds is None:
         raise CheckSkipped("no credentials given (--rpc-creds)")
+    s.require(s.options.auth_method)
     _, doc = await _challenge(s, Probe.new_id())
     expect(
         list(doc) == list(CHALLENGE_KEYS),
@@ -76,6 +77,7 @@ async def _auth_digest_retry(s: Session) -> str | None:
     creds = s.options.creds
     if creds is None:
         raise CheckSkipped("no credentials given (--rpc-creds)")
+    s.require(s.options.auth_method)
     fid = Probe.new_id()
     _, doc = await _challenge(s, fid)
     p = await s.probe()

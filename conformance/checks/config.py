@@ -24,7 +24,12 @@ async def _get(s: Session, key: str | None = None) -> Any:
     return resp.result
 
 
-@check("config.get", section="tool.md §6; frame.md §7.2, §7.4", title="Config.Get: whole config and {key: device.id}")
+@check(
+    "config.get",
+    section="tool.md §6; frame.md §7.2, §7.4",
+    title="Config.Get: whole config and {key: device.id}",
+    needs=["Config.Get"],
+)
 async def _config_get(s: Session) -> str | None:
     whole = await _get(s)
     expect(
@@ -46,6 +51,7 @@ async def _config_get(s: Session) -> str | None:
     section="tool.md §6",
     title="Config.Set changes a value (restored afterwards, not saved)",
     destructive=True,
+    needs=["Config.Get", "Config.Set"],
 )
 async def _config_set(s: Session) -> str | None:
     old = await _get(s, "debug.level")

@@ -11,9 +11,10 @@ import string
 
 from conformance.golden import load
 from conformance.model import CheckFailed, check, expect
-from conformance.probe import Probe
+from conformance.probe import Probe, id_key
 from conformance.rawjson import member_order, member_text, show
 from conformance.session import Session
+from rpc.errors import MgrpcError
 from rpc.frame import ABSENT, Frame
 
 MQTT = ("mqtt", "mqtts")
@@ -123,7 +124,9 @@ async def _tag_copied(s: Session) -> str | None:
     return None
 
 
-@check("frame.wrong_dst_dropped", section="frame.md §3", title="wrong dst dropped without reply", not_on=MQTT)
+@check(
+    "frame.wrong_dst_dropped", section="frame.md §3", title="wrong dst dropped without reply", not_on=MQTT, upsets=True
+)
 async def _wrong_dst_dropped(s: Session) -> str | None:
     fid = Probe.new_id()
     frame = Frame(id=fid, src="mos", dst=_token("not-this-device-"), method="RPC.Ping")
@@ -138,7 +141,7 @@ async def _wrong_dst_dropped(s: Session) -> str | None:
     return None
 
 
-@check("frame.notification_silent", section="frame.md §1", title="request without id gets no reply")
+@check("frame.notification_silent", section="frame.md §1", title="request without id gets no reply", upsets=True)
 async def _notification_silent(s: Session) -> str | None:
     frame = Frame(src="mos", method="RPC.Ping", tag=_token("n-"))
     got = await s.exchange_silent(frame)
@@ -152,7 +155,7 @@ async def _notification_silent(s: Session) -> str | None:
     return None
 
 
-@check("frame.args_accepted", section="frame.md §1", title="legacy args accepted like params")
+@check("frame.args_accepted", section="frame.md §1", title="legacy args accepted like params", needs=["RPC.Describe"])
 async def _args_accepted(s: Session) -> str | None:
     resp = await s.request("RPC.Describe", args={"name": "RPC.Ping"})
     got = resp.result.get("name") if isinstance(resp.result, dict) else None
@@ -165,7 +168,7 @@ async def _args_accepted(s: Session) -> str | None:
     return None
 
 
-@check("frame.params_wins", section="frame.md §1", title="params wins over args")
+@check("frame.params_wins", section="frame.md §1", title="params wins over args", needs=["RPC.Describe"])
 async def _params_wins(s: Session) -> str | None:
     resp = await s.request("RPC.Describe", {"name": "RPC.List"}, args={"name": "RPC.Ping"})
     got = resp.result.get("name") if isinstance(resp.result, dict) else None
@@ -218,34 +221,101 @@ async def _unknown_members_ignored(s: Session) -> str | None:
     return None
 
 
+# What a device can receive in one message besides rpc.max_frame_size: Mongoose OS reads every HTTP
+# and WebSocket connection into a buffer of 3 KiB (MGOS_RECV_MBUF_LIMIT, compiled in, not in the
+# config), and MQTT messages into mqtt.recv_mbuf_limit (config; default 3072); a bigger message never
+# completes. The request that must be answered is kept under both, with room for headers and topic.
+HTTP_SERVER_RECV_LIMIT = 3072
+HEADROOM = 384
+
+
+async def _receive_budget(s: Session, limit: int) -> tuple[int, str]:
+    """How big a frame the device can certainly take on this transport, and where the bound comes from."""
+    if s.scheme in STREAMS:
+        return limit, f"rpc.max_frame_size {limit}"
+    if s.scheme in MQTT:
+        mbuf = await s.config_value("mqtt.recv_mbuf_limit")
+        mbuf = mbuf if isinstance(mbuf, int) and mbuf > 0 else HTTP_SERVER_RECV_LIMIT
+        if mbuf < limit:
+            return mbuf, f"mqtt.recv_mbuf_limit {mbuf}"
+        return limit, f"rpc.max_frame_size {limit}"
+    if s.scheme in ("ws", "wss", "http", "https") and limit > HTTP_SERVER_RECV_LIMIT:
+        return HTTP_SERVER_RECV_LIMIT, f"the HTTP server's receive buffer ({HTTP_SERVER_RECV_LIMIT})"
+    return limit, f"rpc.max_frame_size {limit}"
+
+
 @check(
     "frame.max_frame_size",
     section="frame.md §2; transports.md §1.2 (rpc.max_frame_size)",
-    title="frames up to the limit answered, oversize dropped, device survives",
+    title="frames under the device's limits answered, oversize dropped, device survives",
+    upsets=True,
+    budget=2.0,
 )
 async def _max_frame_size(s: Session) -> str | None:
-    limit = s.options.max_frame_size
+    limit = await s.frame_limit()
+    budget, why = await _receive_budget(s, limit)
     p = await s.probe()
     small = Frame(id=Probe.new_id(), src="mos", method="RPC.Ping", params={"pad": ""})
-    pad = max(0, limit - 256 - len(small.encode("mos")))
+    pad = max(0, budget - HEADROOM - len(small.encode("mos")))
     fits = small.replace(params={"pad": "x" * pad})
+    n_fits = len(fits.encode("mos"))
     resp = await p.exchange(fits, timeout_s=s.options.timeout_s)
     expect(
         resp is not None and resp.ok,
-        f"a {len(fits.encode('mos'))}-byte frame (under the limit) must be answered",
+        f"a {n_fits}-byte frame (under {why}) must be answered",
         seen="no response" if resp is None else show(_raw(resp)),
         expected="a result",
+        sent=f"RPC.Ping with a {n_fits}-byte frame",
     )
     big = Frame(id=Probe.new_id(), src="mos", method="RPC.Ping", params={"pad": "y" * (2 * limit)})
-    got = await s.exchange_silent(big)
-    answers = [f for f in got if f.is_response and str(f.id) == str(big.id) and f.ok]
-    if answers and s.scheme not in STREAMS:
-        # The spec names the limit for stream (UART) input only; other channels may buffer more.
-        return f"a {len(big.encode('mos'))}-byte frame was processed (no limit on {s.scheme}://; device survived)"
+    n_big = len(big.encode("mos"))
+    if s.scheme in STREAMS:
+        # The spec bounds stream (UART) input: the frame is discarded and the channel stays usable.
+        got = await s.exchange_silent(big)
+        answers = [f for f in got if f.is_response and str(f.id) == str(big.id) and f.ok]
+        expect(
+            not answers,
+            f"a {n_big}-byte frame (over rpc.max_frame_size {limit}) must not be processed",
+            seen=show(_raw(answers[0])) if answers else "",
+            expected="dropped (or an error)",
+            sent=f"RPC.Ping with a {n_big}-byte frame",
+        )
+        return f"limit {limit} ({'from the device' if s.facts.get('max_frame_size') else 'option'})"
+    # Elsewhere the spec sets no rule for an oversized message (a device may answer, drop it, reset
+    # or stall the connection); what is required is that the device answers again afterwards.
+    fate = await _oversize_fate(s, big)
+    await s.reopen()
+    again = await (await s.probe()).request("RPC.Ping", timeout_s=s.options.timeout_s)
     expect(
-        not answers,
-        f"a {len(big.encode('mos'))}-byte frame (over {limit}) must not be processed",
-        seen=show(_raw(answers[0])) if answers else "",
-        expected="dropped (or an error)",
+        again is not None,
+        f"after a {n_big}-byte frame the device must answer again on a new connection",
+        seen="no response to RPC.Ping",
+        expected="a response",
+        sent=f"RPC.Ping with a {n_big}-byte frame, then RPC.Ping on a new connection",
     )
-    return None
+    return f"{n_fits} bytes answered ({why}); {n_big} bytes: {fate}; device answers after it"
+
+
+async def _oversize_fate(s: Session, big: Frame) -> str:
+    """Send ``big`` and a barrier on the same channel; say what became of it."""
+    p = await s.probe()
+    try:
+        mark = await p.send(big, timeout_s=s.options.timeout_s)
+    except TimeoutError:
+        return "no answer (the request stayed open)"
+    except (MgrpcError, OSError) as e:
+        return f"refused ({e})"
+    key = id_key(big.id)
+    got = await p.wait_for(lambda f: f.is_response and id_key(f.id) == key, start=mark, timeout_s=s.options.quiet_s)
+    if got is not None:
+        return "answered" if got.ok else f"error {got.error.code if got.error else ''}"
+    if p.closed:
+        return "connection closed"
+    try:
+        barrier = await p.request("RPC.Ping", timeout_s=s.options.timeout_s)
+    except (MgrpcError, OSError):
+        barrier = None
+    if barrier is None:
+        return "the connection stopped answering"
+    late = [f for f in p.frames[mark:] if f.is_response and id_key(f.id) == key]
+    return "answered" if late else "dropped"

@@ -219,7 +219,15 @@ async def _install(s: Session, bundle: bytes) -> tuple[dict[str, Any], dict[str,
 # -- non-destructive -----------------------------------------------------------------------------
 
 
-@check("ota.status", section="ota.md §1.1", title="OTA.Status: {state: 0..3, ...}, idle when no update runs")
+UPDATE = ("OTA.Status", "OTA.GetBootState", "OTA.Begin", "OTA.Write", "OTA.End")
+
+
+@check(
+    "ota.status",
+    section="ota.md §1.1",
+    title="OTA.Status: {state: 0..3, ...}, idle when no update runs",
+    needs=["OTA.Status"],
+)
 async def _ota_status(s: Session) -> str | None:
     st = await _status(s)
     expect(
@@ -235,6 +243,7 @@ async def _ota_status(s: Session) -> str | None:
     "ota.boot_state",
     section="ota.md §1.9",
     title="OTA.GetBootState: active_slot, is_committed, revert_slot, commit_timeout",
+    needs=["OTA.GetBootState"],
 )
 async def _ota_boot_state(s: Session) -> str | None:
     bs = await _boot_state(s)
@@ -256,6 +265,7 @@ async def _ota_boot_state(s: Session) -> str | None:
     section="ota.md §1.3",
     title="state progress during an update; exact repeat of a chunk accepted (mos retries)",
     destructive=True,
+    needs=UPDATE,
 )
 async def _ota_write_duplicate(s: Session) -> str | None:
     bundle = await _bundle(s)
@@ -287,7 +297,7 @@ async def _ota_write_duplicate(s: Session) -> str | None:
     return None
 
 
-@check("ota.write_gap", section="ota.md §1.3", title="OTA.Write with a gap rejected", destructive=True)
+@check("ota.write_gap", section="ota.md §1.3", title="OTA.Write with a gap rejected", destructive=True, needs=UPDATE)
 async def _ota_write_gap(s: Session) -> str | None:
     bundle = await _bundle(s)
     before = await _ready(s)
@@ -316,6 +326,7 @@ async def _ota_write_gap(s: Session) -> str | None:
     section="ota.md §1.4",
     title="OTA.End before all bytes: aborted, back to idle, slot untouched",
     destructive=True,
+    needs=UPDATE,
 )
 async def _ota_abort(s: Session) -> str | None:
     bundle = await _bundle(s)
@@ -360,6 +371,7 @@ async def _ota_abort(s: Session) -> str | None:
     section="ota.md §1.3-§1.4; updater.md §1",
     title="corrupt bundle rejected, running slot untouched",
     destructive=True,
+    needs=UPDATE,
 )
 async def _ota_bad_bundle(s: Session) -> str | None:
     bundle = corrupt_bundle(await _bundle(s))
@@ -395,6 +407,7 @@ async def _ota_bad_bundle(s: Session) -> str | None:
     section="ota.md §1.2-§1.4, §2; tool.md §4",
     title="Status/Begin/Write/End, reboot into the new slot uncommitted",
     destructive=True,
+    needs=UPDATE,
 )
 async def _ota_update(s: Session) -> str | None:
     bundle = await _bundle(s)
@@ -432,7 +445,13 @@ async def _ota_update(s: Session) -> str | None:
     return f"slot {before['active_slot']} -> {after['active_slot']}, fw_version {info.get('fw_version')}"
 
 
-@check("ota.begin_uncommitted", section="ota.md §1.2", title="OTA.Begin refused while uncommitted", destructive=True)
+@check(
+    "ota.begin_uncommitted",
+    section="ota.md §1.2",
+    title="OTA.Begin refused while uncommitted",
+    destructive=True,
+    needs=UPDATE,
+)
 async def _ota_begin_uncommitted(s: Session) -> str | None:
     bs = await _boot_state(s)
     if bs["is_committed"]:
@@ -449,7 +468,13 @@ async def _ota_begin_uncommitted(s: Session) -> str | None:
     return None
 
 
-@check("ota.commit", section="ota.md §1.6", title="OTA.Commit commits once; again is -1", destructive=True)
+@check(
+    "ota.commit",
+    section="ota.md §1.6",
+    title="OTA.Commit commits once; again is -1",
+    destructive=True,
+    needs=(*UPDATE, "OTA.Commit"),
+)
 async def _ota_commit(s: Session) -> str | None:
     bs = await _boot_state(s)
     if bs["is_committed"]:
@@ -478,7 +503,13 @@ async def _ota_commit(s: Session) -> str | None:
     return None
 
 
-@check("ota.revert", section="ota.md §1.7", title="OTA.Revert boots the previous slot, committed", destructive=True)
+@check(
+    "ota.revert",
+    section="ota.md §1.7",
+    title="OTA.Revert boots the previous slot, committed",
+    destructive=True,
+    needs=(*UPDATE, "OTA.Revert"),
+)
 async def _ota_revert(s: Session) -> str | None:
     bundle = await _bundle(s, "b")
     before, _, info_before = await _install(s, bundle)

@@ -59,7 +59,7 @@ async def _rpc_list(s: Session) -> str | None:
     return f"{len(res)} methods"
 
 
-@check("rpc.describe", section="frame.md §4", title="RPC.Describe: name/args_fmt, 400 and 404")
+@check("rpc.describe", section="frame.md §4", title="RPC.Describe: name/args_fmt, 400 and 404", needs=["RPC.Describe"])
 async def _rpc_describe(s: Session) -> str | None:
     resp = await s.request("RPC.Describe", {"name": "RPC.Describe"})
     res = resp.result
@@ -142,7 +142,12 @@ async def _sys_getinfo(s: Session) -> str | None:
     return f"{res['app']} {res['fw_version']} ({res['arch']})"
 
 
-@check("sys.reboot_bad_delay", section="frame.md §4", title="Sys.Reboot with delay_ms < 0: 400 invalid delay value")
+@check(
+    "sys.reboot_bad_delay",
+    section="frame.md §4",
+    title="Sys.Reboot with delay_ms < 0: 400 invalid delay value",
+    needs=["Sys.Reboot"],
+)
 async def _sys_reboot_bad_delay(s: Session) -> str | None:
     resp = await s.request("Sys.Reboot", {"delay_ms": -1})
     err = resp.error
@@ -155,7 +160,13 @@ async def _sys_reboot_bad_delay(s: Session) -> str | None:
     return None
 
 
-@check("sys.reboot", section="frame.md §4", title="Sys.Reboot answers null, then the device restarts", destructive=True)
+@check(
+    "sys.reboot",
+    section="frame.md §4",
+    title="Sys.Reboot answers null, then the device restarts",
+    destructive=True,
+    needs=["Sys.Reboot", "Sys.GetInfo"],
+)
 async def _sys_reboot(s: Session) -> str | None:
     before = await s.get_info(fresh=True)
     resp = await s.request("Sys.Reboot", {"delay_ms": 100})

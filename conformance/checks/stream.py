@@ -9,6 +9,7 @@ fresh channel, so there the reply style must follow the request exactly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -39,6 +40,12 @@ async def _open(s: Session) -> RawStream:
             raise CheckSkipped("tcp:// URL without a port")
         return await open_raw_tcp(s.parsed.host or "127.0.0.1", s.parsed.port)
     raise CheckSkipped(f"not a stream transport: {s.scheme}")
+
+
+async def _opened(s: Session) -> RawStream:
+    raw = await _open(s)
+    raw.on_write = s.note_sent
+    return raw
 
 
 def _request(method: str = "RPC.Ping") -> tuple[int, bytes]:
@@ -85,13 +92,30 @@ async def _reply(s: Session, raw: RawStream, fid: int) -> _Reply:
 
 
 async def _answered(s: Session, raw: RawStream, data: bytes, fid: int) -> bool:
-    """Write ``data``; then a barrier request; True if ``fid`` got a reply before the barrier's."""
-    await raw.write(data)
-    bid, barrier = _request()
-    await raw.write(barrier + crc32_hex(barrier).encode() + b"\n")
-    await _reply(s, raw, bid)
-    import asyncio
+    """Write ``data``; then barrier requests until one is answered; True if ``fid`` got a reply.
 
+    A barrier read together with a discarded frame may be discarded with it (a byte >= 0x80 empties
+    the device's whole input buffer, transports.md §1.2 (1)), so barriers are repeated, each a new
+    write, until one is answered within the reply timeout.
+    """
+    await raw.write(data)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + s.options.timeout_s
+    ids: list[int] = []
+    while True:
+        await asyncio.sleep(0.05)  # a separate read on the device
+        bid, barrier = _request()
+        ids.append(bid)
+        await raw.write(barrier + crc32_hex(barrier).encode() + b"\n")
+        wait = min(0.5, max(0.0, deadline - loop.time()))
+        if await raw.wait_for(lambda b: any(_find(b, i) is not None for i in ids), timeout_s=wait):
+            break
+        if loop.time() >= deadline:
+            raise CheckFailed(
+                "no reply to the barrier request after the frame",
+                seen=show(bytes(raw.buffer)) or "nothing",
+                expected="a reply to RPC.Ping",
+            )
     await asyncio.sleep(s.options.quiet_s)
     return _find(bytes(raw.buffer), fid) is not None
 
@@ -118,7 +142,7 @@ def _check_crc(rep: _Reply) -> None:
     "serial.line_style", section="transports.md §1.1, §1.8", title="newline style: {json}crc\\n answered", only=SERIAL
 )
 async def _serial_line_style(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         fid, req = _request()
         await raw.write(req + crc32_hex(req).encode() + b"\n")
@@ -139,7 +163,7 @@ async def _serial_line_style(s: Session) -> str | None:
 
 @check("serial.crc_optional", section="transports.md §1.1-§1.2", title="frame without CRC accepted", only=SERIAL)
 async def _serial_crc_optional(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         fid, req = _request()
         await raw.write(req + b"\n")
@@ -151,7 +175,7 @@ async def _serial_crc_optional(s: Session) -> str | None:
 
 @check("serial.bad_crc_dropped", section="transports.md §1.2 (5)", title="frame with a wrong CRC dropped", only=SERIAL)
 async def _serial_bad_crc_dropped(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         fid, req = _request()
         bad = f"{int(crc32_hex(req), 16) ^ 0x5A5A5A5A:08x}".encode()
@@ -175,7 +199,7 @@ async def _serial_bad_crc_dropped(s: Session) -> str | None:
     only=SERIAL,
 )
 async def _serial_handshake(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         await raw.write(HANDSHAKE)
         ok = await raw.wait_for(lambda b: HANDSHAKE_REPLY in b, timeout_s=s.options.timeout_s)
@@ -198,7 +222,7 @@ async def _serial_handshake(s: Session) -> str | None:
     only=SERIAL,
 )
 async def _serial_mos_style(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         await raw.write(HANDSHAKE)
         await raw.wait_for(lambda b: HANDSHAKE_REPLY in b, timeout_s=s.options.timeout_s)
@@ -225,7 +249,7 @@ async def _serial_mos_style(s: Session) -> str | None:
     only=SERIAL,
 )
 async def _serial_crc_reply(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         fid, req = _request("Sys.GetInfo")
         await raw.write(b'\n"""' + req + crc32_hex(req).encode() + b'"""\n')
@@ -240,9 +264,10 @@ async def _serial_crc_reply(s: Session) -> str | None:
     section="transports.md §1.2 (3, 5), §1.7",
     title="junk, empty lines and \\n runs tolerated",
     only=SERIAL,
+    upsets=True,
 )
 async def _serial_junk_tolerance(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         fid, req = _request()
         await raw.write(b"\n\n  \nsome console junk\n\n\nxx" + req + crc32_hex(req).encode() + b"\n\n\n")
@@ -257,9 +282,10 @@ async def _serial_junk_tolerance(s: Session) -> str | None:
     section="transports.md §1.2 (1)",
     title="a byte >= 0x80 discards the buffered input",
     only=SERIAL,
+    upsets=True,
 )
 async def _serial_non_ascii_dropped(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         fid = Probe.new_id()
         req = ('{"src":"mos","id":%d,"method":"RPC.Ping","params":{"x":"\u00e9"}}' % fid).encode("utf-8")
@@ -275,7 +301,7 @@ async def _serial_non_ascii_dropped(s: Session) -> str | None:
 
 @check("tcp.mos_style", section="transports.md §7", title='\\n"""{json}"""\\n (no CRC) answered alike', only=TCP)
 async def _tcp_mos_style(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         fid, req = _request()
         await raw.write(b'\n"""' + req + b'"""\n')
@@ -293,7 +319,7 @@ async def _tcp_mos_style(s: Session) -> str | None:
 
 @check("tcp.line_style", section="transports.md §7, §1.2", title="newline-delimited frame answered", only=TCP)
 async def _tcp_line_style(s: Session) -> str | None:
-    raw = await _open(s)
+    raw = await _opened(s)
     try:
         fid, req = _request()
         await raw.write(b"junk line\n" + req + b"\n")

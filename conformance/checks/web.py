@@ -51,6 +51,7 @@ async def _http_once(
     s: Session, method: str, url: str, body: bytes | None, authorization: str
 ) -> tuple[int, dict[str, str], bytes]:
     aiohttp = _aiohttp()
+    s.note_sent(f"{method} {urlsplit(url).path or '/'}" + (f" {body.decode('utf-8', 'replace')}" if body else ""))
     timeout = aiohttp.ClientTimeout(total=s.options.timeout_s)
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if authorization:
@@ -118,7 +119,13 @@ async def _http_full_frame_error(s: Session) -> str | None:
     return None
 
 
-@check("http.rest_result", section="transports.md §3.2", title="POST /rpc/<Method>: body is the result", only=HTTP)
+@check(
+    "http.rest_result",
+    section="transports.md §3.2",
+    title="POST /rpc/<Method>: body is the result",
+    only=HTTP,
+    needs=["RPC.Describe", "Sys.GetInfo"],
+)
 async def _http_rest_result(s: Session) -> str | None:
     status, headers, body = await _http(s, "POST", _base(s) + "/RPC.Describe", b'{"name":"RPC.Ping"}')
     expect(status == 200, "REST success is 200", seen=status, expected=200)
@@ -145,6 +152,7 @@ async def _http_rest_result(s: Session) -> str | None:
     section="transports.md §3.2; frame.md §5",
     title="REST errors: 404 -> 404, others -> 500, error object body",
     only=HTTP,
+    needs=["RPC.Describe"],
 )
 async def _http_rest_status(s: Session) -> str | None:
     status, _, body = await _http(s, "POST", _base(s) + "/Conformance.NoSuch", b"{}")
@@ -271,6 +279,7 @@ async def _ws_text_frames(s: Session) -> str | None:
     http, ws = await _ws(s)
     try:
         fid = Probe.new_id()
+        s.note_sent(_frame(fid, "RPC.Ping"))
         await ws.send_str(_frame(fid, "RPC.Ping").decode())  # mos appends the encoder's \n
         msg = await _ws_reply(s, ws, fid)
         expect(
@@ -311,6 +320,7 @@ async def _ws_binary_accepted(s: Session) -> str | None:
     http, ws = await _ws(s, ("json-rpc",))
     try:
         fid = Probe.new_id()
+        s.note_sent(_frame(fid, "RPC.Ping").rstrip(b"\n"))
         await ws.send_bytes(_frame(fid, "RPC.Ping").rstrip(b"\n"))
         await _ws_reply(s, ws, fid)
     finally:

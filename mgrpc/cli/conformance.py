@@ -62,7 +62,31 @@ def register(sub: Any) -> None:
         default=0.3,
         help="seconds to keep listening for a reply that must not come (after a barrier)",
     )
-    p.add_argument("--max-frame-size", type=int, default=4096, help="the device's rpc.max_frame_size")
+    p.add_argument(
+        "--max-frame-size",
+        type=int,
+        default=4096,
+        help="rpc.max_frame_size to assume when the device does not report it (Config.Get)",
+    )
+    p.add_argument(
+        "--check-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="each check's own deadline (default: 3 x --reply-timeout)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="deadline of the whole run; checks not reached by then are reported as not run",
+    )
+    p.add_argument(
+        "--show-skips",
+        action="store_true",
+        help="list every skipped check (default: skips for other transports are folded per group)",
+    )
     p.add_argument("--device-id", help="the device's id (default: learned from its replies)")
     p.add_argument("--auth-method", default="Sys.GetInfo", help="method that needs auth (with --rpc-creds)")
     p.add_argument("--client", metavar="CMD", help="check a host tool: CMD with {url} for the device URL")
@@ -98,7 +122,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     except (UsageError, MgrpcError, OSError, ValueError) as e:
         err(f"Error: {e}")
         return 1
-    _print(console, report)
+    _print(console, report, show_skips=bool(getattr(args, "show_skips", False)))
     from conformance.runner import to_json, to_junit_xml
 
     if args.junit:
@@ -126,6 +150,8 @@ async def _run(args: argparse.Namespace) -> Any:
         timeout_s=args.reply_timeout,
         quiet_s=args.quiet_time,
         max_frame_size=args.max_frame_size,
+        check_timeout_s=args.check_timeout,
+        deadline_s=args.deadline,
         creds=parse_creds(creds_spec) if creds_spec else None,
         auth_method=args.auth_method,
         destructive=bool(args.destructive or args.ota or args.ota_generate),
@@ -155,7 +181,23 @@ async def _run(args: argparse.Namespace) -> Any:
 _STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "error": "bold magenta"}
 
 
-def _print(console: Any, report: Any) -> None:
+def _rows(results: list[Any], show_skips: bool) -> list[tuple[Any, str, list[str]]]:
+    """Rows to print: ``(result, "", [])`` per result, except that skips "not applicable over
+    <scheme>" become one ``(None, group, [names])`` row per group unless ``show_skips``."""
+    rows: list[tuple[Any, str, list[str]]] = []
+    folded: dict[str, list[str]] = {}
+    for r in results:
+        if not show_skips and r.outcome.value == "skip" and r.message.startswith("not applicable over"):
+            if r.group not in folded:
+                folded[r.group] = []
+                rows.append((None, r.group, folded[r.group]))
+            folded[r.group].append(r.name)
+            continue
+        rows.append((r, "", []))
+    return rows
+
+
+def _print(console: Any, report: Any, *, show_skips: bool = False) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -164,13 +206,18 @@ def _print(console: Any, report: Any) -> None:
     table.add_column("spec", no_wrap=True)
     table.add_column("result", no_wrap=True)
     table.add_column("seen / expected", overflow="fold")
-    for r in report.results:
+    for r, group, names in _rows(list(report.results), show_skips):
+        if r is None:
+            what = f"{len(names)} check(s) for another transport: " + ", ".join(n.split(".", 1)[-1] for n in names)
+            table.add_row(Text(f"{group}.*"), Text(""), Text("SKIP", style=_STYLE["skip"]), Text(what))
+            continue
+        detail = r.message
         if r.outcome.value in ("fail", "error"):
-            detail = r.message
+            if r.sent:
+                detail += f"\n  sent:     {r.sent}"
             if r.seen or r.expected:
                 detail += f"\n  seen:     {r.seen}\n  expected: {r.expected}"
-        else:
-            detail = r.message
+            detail += f"\n  spec:     {_cite(r.section)}"
         style = _STYLE.get(r.outcome.value, "")
         # Text, not markup: names like client.src[tcp] and JSON like ["a"] must print as they are.
         table.add_row(Text(r.name), Text(r.section), Text(r.outcome.value.upper(), style=style), Text(detail))
@@ -179,7 +226,16 @@ def _print(console: Any, report: Any) -> None:
         ", ".join(f"{report.count(o)} {o.value}" for o in type(report.results[0].outcome)) if report.results else ""
     )
     verdict = "[green]PASS[/]" if report.ok else "[bold red]FAIL[/]"
-    console.print(f"{verdict}  {counts}  ({report.duration_s:.1f} s)")
+    slowest = max(report.results, key=lambda r: r.duration_s, default=None)
+    longest = f", longest check {slowest.name} {slowest.duration_s:.1f} s" if slowest is not None else ""
+    console.print(f"{verdict}  {counts}  ({report.duration_s:.1f} s{longest})")
+
+
+def _cite(section: str) -> str:
+    """A section citation as a path in the repository: ``frames.md §1.2`` -> ``docs/protocol/frames.md §1.2``."""
+    import re
+
+    return re.sub(r"(?<![/\w])([a-z][\w-]*\.md)", r"docs/protocol/\1", section)
 
 
 def _list(console: Any) -> int:
