@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import posixpath
@@ -33,7 +32,6 @@ import re
 import sys
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -44,7 +42,6 @@ __all__ = ["parse_part_spec", "parse_prop_value", "register"]
 
 _OCTAL = re.compile(r"[+-]?0[0-7]+")
 _INT = re.compile(r"[+-]?(0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|[1-9][0-9_]*|0)")
-_READ_CHUNK = 1 << 20
 _MANIFEST_FIELDS = ("name", "platform", "description", "version", "build_id", "build_timestamp", "parts")
 
 
@@ -281,53 +278,6 @@ def _atomic_output(path: str) -> Iterator[BinaryIO]:
 # -- inspect ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Entry:
-    name: str
-    full_name: str
-    size: int
-    crc32: int
-    method: int
-    extra: bytes
-    sha1: Any = field(default_factory=hashlib.sha1)
-    sha256: Any = field(default_factory=hashlib.sha256)
-    got: int = 0
-    data: bytearray | None = None  # kept only for the manifest
-
-
-def _scan(path: str, *, allow_deflate: bool) -> list[_Entry]:
-    from updater.zipstream import ArchiveEnd, EntryData, EntryEnd, EntryStart, ZipStreamParser
-
-    parser = ZipStreamParser(allow_deflate=allow_deflate)
-    entries: list[_Entry] = []
-    cur: _Entry | None = None
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_READ_CHUNK)
-            if chunk:
-                parser.feed(chunk)
-            for ev in parser.events():
-                if isinstance(ev, EntryStart):
-                    cur = _Entry(ev.name, ev.full_name, ev.size, ev.crc32, ev.method, ev.extra)
-                    if not entries:
-                        cur.data = bytearray()
-                    entries.append(cur)
-                elif isinstance(ev, EntryData):
-                    assert cur is not None
-                    cur.sha1.update(ev.data)
-                    cur.sha256.update(ev.data)
-                    cur.got += len(ev.data)
-                    if cur.data is not None:
-                        cur.data += ev.data
-                elif isinstance(ev, EntryEnd):
-                    cur = None
-                elif isinstance(ev, ArchiveEnd):
-                    return entries
-            if not chunk:
-                parser.close()  # raises: the archive ended early
-                return entries
-
-
 def _parse_keys(values: list[str] | None) -> dict[int, str]:
     from updater.signing import MAX_KEYS, load_public_key_b64
 
@@ -344,88 +294,40 @@ def _parse_keys(values: list[str] | None) -> dict[int, str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Run ``mgrpc fw inspect``."""
-    from updater.manifest import MANIFEST_FILE_NAME, Manifest
-    from updater.signing import parse_sig_extra, verify_signatures
+    """Run ``mgrpc fw inspect`` (the checks are :func:`updater.inspection.inspect_bundle`; this prints)."""
+    from updater.inspection import inspect_bundle
+    from updater.manifest import MANIFEST_FILE_NAME
 
-    problems: list[str] = []
     try:
         keys = _parse_keys(args.key)
-        entries = _scan(args.file, allow_deflate=args.allow_compressed)
-        if not entries or entries[0].name != MANIFEST_FILE_NAME:
-            return _fail("manifest.json must be the first entry of the bundle")
-        first = entries[0]
-        assert first.data is not None
-        raw = bytes(first.data)
-        manifest = Manifest.parse(raw, require_build_id=args.require_build_id)
+        report = inspect_bundle(
+            args.file, arch=args.arch, keys=keys, sig_req_mask=args.sig_req_mask,
+            allow_deflate=args.allow_compressed, require_build_id=args.require_build_id,
+        )  # fmt: skip
     except UpdaterError as exc:
         return _fail(exc.message)
     except OSError as exc:
         return _fail(str(exc))
 
-    size = os.path.getsize(args.file)
-    _out(f"{args.file}: {len(entries)} entries, {size} bytes")
+    _out(f"{args.file}: {len(report.entries)} entries, {report.file_size} bytes")
     _out(f"{MANIFEST_FILE_NAME}:")
-    _out(raw.decode("utf-8", "replace"))
-    if args.arch:
-        try:
-            manifest.check_platform(args.arch)
-        except UpdaterError as exc:
-            problems.append(f"{exc.message}: bundle is for {manifest.platform!r}, not {args.arch!r}")
-    if not manifest.build_id:
+    _out(report.manifest_raw.decode("utf-8", "replace"))
+    if not report.manifest.build_id:
         _out("note: no build_id (devices older than mgrpc's rule refuse such bundles)")
-
     _out("entries:")
-    seen: set[str] = set()
-    for e in entries:
-        method = {0: "stored", 8: "deflated"}.get(e.method, f"method {e.method}")
-        line = f"  {e.full_name:<32} {e.size:>10}  crc {e.crc32:08x}  {method}"
-        if e is first:
+    for e in report.entries:
+        line = f"  {e.full_name:<32} {e.size:>10}  crc {e.crc32:08x}  {e.method_name}"
+        if e.role == "manifest":
             _out(line + "  (manifest)")
-            continue
-        part = manifest.part_for_file(e.name)
-        if part is None:
+        elif e.role == "part":
+            _out(line + f"  part {e.part}: " + ", ".join(e.checks))
+        else:
             _out(line + "  (no part: ignored by devices)")
-            continue
-        seen.add(part.name)
-        checks = []
-        if part.size is not None:
-            ok = part.size == e.got
-            checks.append(f"size {'ok' if ok else 'MISMATCH'}")
-            if not ok:
-                problems.append(f"part {part.name}: size {e.got} != manifest size {part.size}")
-        for label, want, got in (("sha1", part.cs_sha1, e.sha1), ("sha256", part.cs_sha256, e.sha256)):
-            if want is None:
-                continue
-            ok = got.hexdigest() == want
-            checks.append(f"{label} {'ok' if ok else 'MISMATCH'}")
-            if not ok:
-                problems.append(f"part {part.name}: {label} {got.hexdigest()} != manifest {want}")
-        if e.crc32:
-            checks.append("crc ok")  # the parser raised Invalid CRC otherwise
-        _out(line + f"  part {part.name}: " + ", ".join(checks))
-    for part in manifest.parts.values():
-        if part.src and part.name not in seen:
-            problems.append(f"part {part.name}: file {part.src_basename} is missing from the bundle")
-
-    try:
-        sigs = parse_sig_extra(first.extra)
-    except UpdaterError as exc:
-        problems.append(exc.message)
-        sigs = {}
-    slots = sorted(k for k in sigs if re.fullmatch(r"sig[0-7]", k))
-    _out("signatures: " + (", ".join(slots) if slots else "none"))
-    if keys:
-        mask = args.sig_req_mask if args.sig_req_mask is not None else sum(1 << i for i in keys)
-        try:
-            result = verify_signatures(raw, first.extra, keys, -1)
-            for i in sorted(keys):
-                _out(f"  sig{i} with key{i}: {'valid' if result >> i & 1 else 'NOT VALID'}")
-            verify_signatures(raw, first.extra, keys, mask)
-        except UpdaterError as exc:
-            problems.append(exc.message)
-    if problems:
-        for p in problems:
+    _out("signatures: " + (", ".join(report.signatures) if report.signatures else "none"))
+    for i, valid in (report.key_results or {}).items():
+        _out(f"  sig{i} with key{i}: {'valid' if valid else 'NOT VALID'}")
+    if report.problems:
+        for p in report.problems:
             print(f"Error: {p}", file=sys.stderr, flush=True)
         return 1
     _out("OK")
