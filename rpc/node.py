@@ -33,8 +33,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from rpc.auth import Authenticator, Credentials, make_auth
 from rpc.channel import Channel
 from rpc.errors import (
@@ -56,7 +54,17 @@ DEFAULT_ROUTE = "*"
 
 log = logging.getLogger("mgrpc.rpc")
 _frame_std = logging.getLogger("mgrpc.frame")
-_frame_log = structlog.get_logger("mgrpc.frame")
+_frame_log: Any = None  # structlog's logger, made when frame logging is first enabled
+
+
+def _log_frame(direction: str, channel: Channel, frame: Frame) -> None:
+    """One structured line per frame (debug level only: structlog is imported on first use)."""
+    global _frame_log
+    if _frame_log is None:
+        import structlog
+
+        _frame_log = structlog.get_logger("mgrpc.frame")
+    _frame_log.debug(direction, channel=channel.type, id=frame.id, method=frame.method or None)
 
 HandlerFunc = Callable[["Context", Any], Any]
 
@@ -297,7 +305,7 @@ class Node:
     def frame_received(self, channel: Channel, frame: Frame) -> None:
         """ChannelSink: route one incoming frame (never raises)."""
         if _frame_std.isEnabledFor(logging.DEBUG):
-            _frame_log.debug("rx", channel=channel.type, id=frame.id, method=frame.method or None)
+            _log_frame("rx", channel, frame)
         try:
             if frame.is_request:
                 self._handle_request(channel, frame)
@@ -440,7 +448,7 @@ class Node:
     # -- sending -----------------------------------------------------------------------------------
     def _send(self, channel: Channel, frame: Frame, *, fail_key: Any = None) -> None:
         if _frame_std.isEnabledFor(logging.DEBUG):
-            _frame_log.debug("tx", channel=channel.type, id=frame.id, method=frame.method or None)
+            _log_frame("tx", channel, frame)
         if channel.closed and channel is not self._local:
             if fail_key is not None:
                 self._fail(fail_key, ChannelClosed("channel is closed"))

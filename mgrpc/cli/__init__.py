@@ -16,21 +16,57 @@ from collections.abc import Sequence
 from mgrpc import __version__
 from mgrpc.cli._common import configure_logging, duration_arg
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMANDS", "COMMAND_TABLE", "build_parser", "command_in", "main"]
 
-# Command modules, each with ``register(subparsers)``.
-COMMANDS = (
-    "mgrpc.cli.call",
-    "mgrpc.cli.device",
-    "mgrpc.cli.fw",
-    "mgrpc.cli.ota",
-    "mgrpc.cli.files",
-    "mgrpc.cli.dashboard",
-    "mgrpc.cli.console",
-    "mgrpc.cli.demo",
-    "mgrpc.cli.bridge",
-    "mgrpc.cli.conformance",
-)
+# Every command: its module (which has ``register(subparsers)``) and the one-line help that
+# ``mgrpc --help`` shows. A run imports only the module of the command it runs, so the help line is
+# kept here too (tests/mgrpc check that it equals what the module registers).
+COMMAND_TABLE: dict[str, tuple[str, str]] = {
+    "call": ("mgrpc.cli.call", "call an RPC method and print its result"),
+    "device": ("mgrpc.cli.device", "run a virtual device (flash file, boot loader, OTA) serving RPC"),
+    "fw": ("mgrpc.cli.fw", "build, inspect and sign fw.zip bundles"),
+    "ota": ("mgrpc.cli.ota", "update the device firmware (OTA.Begin/Write/End), as `mos ota`"),
+    "ls": ("mgrpc.cli.files", "list files on the device (FS.List)"),
+    "get": ("mgrpc.cli.files", "print a device file on stdout (FS.Get)"),
+    "put": ("mgrpc.cli.files", "upload a file to the device (FS.Put)"),
+    "rm": ("mgrpc.cli.files", "remove a device file (FS.Remove)"),
+    "config-get": ("mgrpc.cli.files", "print device config (Config.Get)"),
+    "config-set": ("mgrpc.cli.files", "change device config (Config.Set; saves and reboots by default)"),
+    "commit": ("mgrpc.cli.files", "commit the running firmware (OTA.Commit)"),
+    "revert": ("mgrpc.cli.files", "revert to the previous firmware (OTA.Revert; the device reboots)"),
+    "boot-state": ("mgrpc.cli.files", "print the boot state (OTA.GetBootState)"),
+    "dashboard": (
+        "mgrpc.cli.dashboard",
+        "fleet web dashboard: devices over MQTT or by URL, staged OTA rollouts with live progress",
+    ),
+    "console": ("mgrpc.cli.console", "print the device's serial output (like `mos console`)"),
+    "demo": (
+        "mgrpc.cli.demo",
+        "end-to-end demo: update a virtual device over WebSocket, commit, then watch a rollback",
+    ),
+    "bridge": ("mgrpc.cli.bridge", "expose a device reachable on one transport (--to) on others (--listen)"),
+    "conformance": ("mgrpc.cli.conformance", "check a device or a client against the mgRPC wire protocol"),
+}
+
+# Command modules, each with ``register(subparsers)``, in help order.
+COMMANDS = tuple(dict.fromkeys(module for module, _ in COMMAND_TABLE.values()))
+
+# Global options that take a value (the command word is the first token that is neither one of
+# these, nor their value, nor another option).
+_VALUE_OPTIONS = ("--port", "--timeout", "--rpc-creds", "--baud-rate")
+
+
+def command_in(argv: Sequence[str]) -> str | None:
+    """The command word of a command line (None when there is none, e.g. ``mgrpc --help``)."""
+    it = iter(argv)
+    for token in it:
+        if token == "--":
+            return next(it, None)
+        if token in _VALUE_OPTIONS:
+            next(it, None)
+        elif not token.startswith("-") or token == "-":
+            return token
+    return None
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -60,8 +96,9 @@ def _add_global(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("-v", "--verbose", action="count", default=d(0), help="more logging (-vv: every frame)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser with every registered command."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``argv``, only the module of the command ``argv`` runs is imported
+    (the other commands get a placeholder that carries their help line). Without, every command."""
     parser = argparse.ArgumentParser(
         prog="mgrpc",
         description="Mongoose OS RPC (mgRPC) client, virtual device, OTA and conformance tool, "
@@ -78,14 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
+    if argv is None:
+        wanted = set(COMMANDS)
+    else:
+        command = command_in(argv)
+        wanted = {COMMAND_TABLE[command][0]} if command in COMMAND_TABLE else set()
+    done: set[str] = set()
+    for name, (modname, help_text) in COMMAND_TABLE.items():
+        if modname in wanted:
+            if modname not in done:
+                importlib.import_module(modname).register(sub)
+                done.add(modname)
+        else:
+            real_add(name, help=help_text)
+    # Modules listed in COMMANDS but not (yet) in the table (plug-ins, tests) register in full.
     for modname in COMMANDS:
-        importlib.import_module(modname).register(sub)
+        if modname not in done and (argv is None or modname not in {m for m, _ in COMMAND_TABLE.values()}):
+            importlib.import_module(modname).register(sub)
+            done.add(modname)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mgrpc`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

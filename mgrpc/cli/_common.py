@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import re
@@ -85,11 +84,17 @@ def err(*parts: object) -> None:
 
 
 def configure_logging(verbosity: int) -> None:
-    """stdlib logging at WARNING/INFO/DEBUG, with structlog rendering through it."""
-    import structlog
+    """stdlib logging at WARNING/INFO/DEBUG, with structlog rendering through it.
 
+    structlog only renders the per-frame debug lines, so at the default level it is not even imported
+    (it costs a CLI run more time than the call itself).
+    """
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if level > logging.DEBUG:
+        return
+    import structlog
+
     structlog.configure(
         processors=[structlog.processors.KeyValueRenderer(key_order=["event"])],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -145,6 +150,8 @@ def run_with_client(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int 
             return await fn(client)
         finally:
             await client.close()
+
+    import asyncio
 
     try:
         rc = asyncio.run(main())
