@@ -13,6 +13,13 @@ can serve it with ``listen`` exactly like a device (MQTT subscribes ``<id>/rpc``
   ``dst``, or, with an empty ``dst``, to every broadcast-enabled downstream channel;
 * a response from downstream (to a device-originated request) goes upstream.
 
+Dialects (docs/protocol/jsonrpc.md): a JSON-RPC 2.0 request or batch from downstream is served by the
+node's JSON-RPC dispatcher (jsonrpcserver), whose every method is "call it upstream": each request goes
+up as an mgRPC frame (src ``jsonrpc``, an id of ours) and its answer comes back as the JSON-RPC
+response (an mgRPC error code as a server error with ``data.mgrpc_code``, a 404 "no handler" as
+-32601). Upstream may itself speak JSON-RPC (``?dialect=jsonrpc`` on its URL): its channel's codec
+translates, so mgRPC requesters downstream reach a plain JSON-RPC 2.0 server.
+
 Upstream is (re)opened by an ``open_upstream`` coroutine function, with backoff from 0.5 s to 10 s;
 frames arriving while it is down wait in a queue of at most ``max_queue_length`` (oldest dropped,
 as a device's queue does). Downstream links come and go with their listeners.
@@ -27,9 +34,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rpc.channel import Channel
-from rpc.errors import MgrpcError
-from rpc.frame import Frame
-from rpc.node import Node, _id_key
+from rpc.errors import HandlerError, MgrpcError
+from rpc.frame import ABSENT, Frame
+from rpc.jsonrpc import METHOD_NOT_FOUND, JsonRpcFault, is_jsonrpc_frame
+from rpc.node import Context, Handler, Node, _id_key
 
 __all__ = ["BridgeNode"]
 
@@ -37,6 +45,7 @@ log = logging.getLogger("mgrpc.bridge")
 
 OpenUpstream = Callable[[], Awaitable[Channel]]
 MAX_ROUTES = 4096
+JSONRPC_SRC = "jsonrpc"  # the src of requests the bridge sends up for JSON-RPC requesters
 
 
 class BridgeNode(Node):
@@ -53,6 +62,10 @@ class BridgeNode(Node):
         self._up_ready = asyncio.Event()
         self._closing = False
         self.forwarded = 0
+        # JSON-RPC requests from downstream, each called upstream as an mgRPC request of ours.
+        self.call_timeout_s = 20.0
+        self._forward_handler = Handler("*", self._call_upstream, is_async=True)
+        self._calls: dict[Any, asyncio.Future[Frame]] = {}
 
     # -- upstream ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -112,12 +125,18 @@ class BridgeNode(Node):
             log.exception("error forwarding a frame")
 
     def _from_downstream(self, channel: Channel, frame: Frame) -> None:
+        if is_jsonrpc_frame(frame) and (frame.is_request or (frame.result is ABSENT and frame.error is None)):
+            self._spawn(self._answer_jsonrpc(channel, frame))  # served here, each call sent upstream
+            return
         if frame.src and channel.address is None:
             channel.address = frame.src
         if frame.is_request and frame.wants_reply:
             self._routes[(_id_key(frame.id), frame.src)] = channel
             while len(self._routes) > MAX_ROUTES:
                 self._routes.popitem(last=False)
+        self._to_upstream(frame)
+
+    def _to_upstream(self, frame: Frame) -> None:
         up = self.upstream
         if up is None or up.closed:
             self._queue.append(frame)
@@ -129,6 +148,11 @@ class BridgeNode(Node):
 
     def _from_upstream(self, frame: Frame) -> None:
         if frame.is_response:
+            call = self._calls.get(_id_key(frame.id))
+            if call is not None:  # the answer to a JSON-RPC request we sent up
+                if not call.done():
+                    call.set_result(frame)
+                return
             ch = self._routes.pop((_id_key(frame.id), frame.dst), None) or self._by_address(frame.dst)
             if ch is None:
                 log.info("no downstream link for response id=%r dst=%r", frame.id, frame.dst)
@@ -143,6 +167,44 @@ class BridgeNode(Node):
         for ch in list(self.channels):
             if ch.broadcast and not ch.closed:
                 self._forward(ch, frame)
+
+    # -- JSON-RPC 2.0 from downstream ---------------------------------------------------------------
+    def find_handler(self, method: str) -> Handler | None:
+        """Every method is served by calling it upstream (the device decides what exists)."""
+        return self._forward_handler
+
+    def jsonrpc_received(self, channel: Channel, data: bytes) -> None:
+        """A JSON-RPC batch (or unparsable JSON-RPC) from downstream is served; from upstream, dropped."""
+        if channel is self.upstream:
+            log.info("upstream sent a message that is not a frame; dropped")
+            return
+        super().jsonrpc_received(channel, data)
+
+    async def _call_upstream(self, ctx: Context, params: Any) -> Any:
+        if ctx.frame.nr:  # a notification: sent up without an id, nothing to wait for
+            self._to_upstream(Frame.request(ctx.method, ctx.frame.params, src=JSONRPC_SRC))
+            return None
+        fid = self.new_id()
+        key = _id_key(fid)
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._calls[key] = fut
+        try:
+            self._to_upstream(Frame.request(ctx.method, ctx.frame.params, id=fid, src=JSONRPC_SRC))
+            try:
+                resp = await asyncio.wait_for(fut, self.call_timeout_s)
+            except TimeoutError:
+                raise HandlerError(504, f"no reply from upstream within {self.call_timeout_s:g} s") from None
+        finally:
+            self._calls.pop(key, None)
+        err = resp.error
+        if err is not None and err.code != 0:
+            message = err.message or ""
+            if -32768 <= err.code <= -32000:  # upstream speaks JSON-RPC: its error as it is
+                raise JsonRpcFault(err.code, message)
+            if err.code == 404 and message.startswith(("No handler for", "Method [")):
+                raise JsonRpcFault(METHOD_NOT_FOUND, "Method not found", ctx.method)
+            raise HandlerError(err.code, message)
+        return None if resp.result is ABSENT else resp.result
 
     def _by_address(self, addr: str) -> Channel | None:
         if not addr:

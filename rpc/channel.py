@@ -18,7 +18,7 @@ from typing import Protocol
 from rpc.errors import FrameError
 from rpc.frame import DEFAULT_MAX_FRAME_SIZE, Frame, Style, parse_frame
 
-__all__ = ["Channel", "ChannelSink", "FrameCodec", "JsonCodec"]
+__all__ = ["Channel", "ChannelSink", "FrameCodec", "JsonCodec", "looks_like_jsonrpc"]
 
 log = logging.getLogger("mgrpc.channel")
 
@@ -31,6 +31,15 @@ class ChannelSink(Protocol):
 
     def channel_closed(self, channel: Channel) -> None:
         """``channel`` is gone (peer went away or it was closed)."""
+
+
+def looks_like_jsonrpc(data: bytes) -> bool:
+    """For a message that is *not* a valid mgRPC frame: is it meant as JSON-RPC 2.0?
+
+    A batch (a JSON array) or text naming a ``"jsonrpc"`` member is (docs/protocol/jsonrpc.md);
+    anything else stays mgRPC junk, dropped as a device drops it.
+    """
+    return data[:64].lstrip()[:1] == b"[" or b'"jsonrpc"' in data
 
 
 class FrameCodec(Protocol):
@@ -134,14 +143,28 @@ class Channel(abc.ABC):
             self._sink.frame_received(self, frame)
 
     def deliver_bytes(self, data: bytes) -> Frame | None:
-        """Decode one message and deliver it; bad input is logged and dropped. Returns the frame."""
+        """Decode one message and deliver it; bad input is logged and dropped. Returns the frame.
+
+        A message that is not a frame but looks like JSON-RPC 2.0 (a batch array, or JSON-RPC text
+        that does not parse) goes to the sink's ``jsonrpc_received``, which answers it.
+        """
         try:
             frame = self.codec.decode(data)
         except FrameError as e:
-            log.warning("%s: dropping bad frame: %s", self.type, e)
+            if not self.deliver_jsonrpc(data):
+                log.warning("%s: dropping bad frame: %s", self.type, e)
             return None
         self.deliver(frame)
         return frame
+
+    def deliver_jsonrpc(self, data: bytes) -> bool:
+        """Hand an undecodable message to the sink as JSON-RPC if it looks like it; True if handed."""
+        sink = self._sink
+        handler = getattr(sink, "jsonrpc_received", None)
+        if handler is None or self.codec.name != "json" or not looks_like_jsonrpc(data):
+            return False
+        handler(self, data)
+        return True
 
     def encode(self, frame: Frame) -> bytes:
         """Encode ``frame`` for this channel (codec and style)."""

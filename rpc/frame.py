@@ -381,6 +381,8 @@ def _encode_device(f: Frame) -> str:
 
 
 def _encode_jsonrpc(f: Frame) -> str:
+    if f.raw is not None:  # a reply built by the JSON-RPC dispatcher (one object or a batch array)
+        return f.raw.decode("utf-8")
     body = '{"jsonrpc":"2.0","id":' + json.dumps(f.id, ensure_ascii=False)
     if f.error is not None and f.error.code != 0:
         return body + ',"error":' + _dumps(f.error.to_json_obj(), _COMPACT) + "}"

@@ -396,6 +396,11 @@ class DeviceLinkModes:
     crc: bool = False  # a frame with a valid CRC was seen: frames are written with a CRC
 
 
+# A JSON-RPC 2.0 batch on a line: "[" then "{" (or "]"), and a closing "]" (console text such as
+# "[boot] {...}" does not match).
+_BATCH_RE = re.compile(rb"^\s*\[\s*[{\]].*\]\s*$", re.S)
+
+
 class DeviceStreamDecoder(_Decoder):
     """The rpc-uart receive algorithm (spec/transports.md §1.2).
 
@@ -474,6 +479,10 @@ class DeviceStreamDecoder(_Decoder):
         if body == b"\x04":
             self._emit(Handshake())
             return
+        if _BATCH_RE.match(body):
+            # Not rpc-uart: a JSON-RPC 2.0 batch (docs/protocol/jsonrpc.md §5) is one message, whole.
+            self._emit(FrameBytes(body.strip(), None))
+            return
         k = body.find(b"{")
         if k < 0:
             self._emit(Junk(body))
@@ -482,6 +491,11 @@ class DeviceStreamDecoder(_Decoder):
             self._emit(Junk(body[:k]))
         data = body[k:]
         j = data.rfind(b"}")
+        if j < 0:
+            # No closing brace: not JSON, and no CRC either (its absent payload must not "verify"
+            # and switch CRC mode on). Handed on whole so a JSON-RPC peer gets its parse error.
+            self._emit(FrameBytes(data, None))
+            return
         payload, meta = data[: j + 1], data[j + 1 :]
         crc_ok: bool | None = None
         if len(meta) >= 8:

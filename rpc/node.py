@@ -29,7 +29,7 @@ import json
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +43,18 @@ from rpc.errors import (
     RemoteError,
     RpcTimeout,
     TransportError,
+    UsageError,
 )
 from rpc.frame import ABSENT, ErrorInfo, Frame, RawJSON, Style
 from rpc.glob import glob_match, is_glob
+from rpc.jsonrpc import (
+    JSONRPC_EXTRA,
+    JsonRpcDispatcher,
+    JsonRpcReply,
+    ParamSpec,
+    is_jsonrpc_frame,
+    unavailable_reply,
+)
 
 __all__ = ["LOCAL_ADDR", "Context", "Handler", "Node"]
 
@@ -91,13 +100,15 @@ class Context:
 
 @dataclass(slots=True)
 class Handler:
-    """A registered method: glob pattern, function and its ``args_fmt`` (for ``RPC.Describe``)."""
+    """A registered method: glob pattern, function, its ``args_fmt`` (for ``RPC.Describe``) and,
+    if declared, its params (checked for JSON-RPC 2.0 requests, see :mod:`rpc.jsonrpc`)."""
 
     pattern: str
     func: HandlerFunc
     args_fmt: str = ""
     is_async: bool = False
     description: str = ""
+    params: ParamSpec | None = None
 
 
 @dataclass(slots=True)
@@ -179,6 +190,7 @@ class Node:
         # Extra HTTP endpoints served by HTTP transports next to /rpc (path prefix -> async handler
         # taking the transport's request object); the OTA service registers /update here.
         self.http_handlers: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self._jsonrpc: JsonRpcDispatcher | None = None
         if builtins:
             self._add_builtins()
 
@@ -193,18 +205,34 @@ class Node:
         return dst in self.ids
 
     # -- handlers ---------------------------------------------------------------------------------
-    def add_handler(self, pattern: str, func: HandlerFunc, *, args_fmt: str = "", description: str = "") -> Handler:
-        """Register ``func(ctx, params)`` for methods matching ``pattern``; newest registration wins."""
-        h = Handler(pattern, func, args_fmt, inspect.iscoroutinefunction(func), description)
+    def add_handler(
+        self,
+        pattern: str,
+        func: HandlerFunc,
+        *,
+        args_fmt: str = "",
+        description: str = "",
+        params: Sequence[str] | None = None,
+    ) -> Handler:
+        """Register ``func(ctx, params)`` for methods matching ``pattern``; newest registration wins.
+
+        ``params`` declares the handler's params by name, in order (``"offset?"`` is optional): a
+        JSON-RPC 2.0 request whose params do not fit is answered -32602, and by-position params
+        reach the handler as an object. mgRPC frames are not checked (a device does not check).
+        """
+        spec = ParamSpec.parse(params) if params is not None else None
+        h = Handler(pattern, func, args_fmt, inspect.iscoroutinefunction(func), description, spec)
         self._handlers.insert(0, h)
         self._lookup.clear()
         return h
 
-    def method(self, pattern: str, *, args_fmt: str = "") -> Callable[[HandlerFunc], HandlerFunc]:
+    def method(
+        self, pattern: str, *, args_fmt: str = "", params: Sequence[str] | None = None
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Decorator form of :meth:`add_handler`."""
 
         def deco(func: HandlerFunc) -> HandlerFunc:
-            self.add_handler(pattern, func, args_fmt=args_fmt)
+            self.add_handler(pattern, func, args_fmt=args_fmt, params=params)
             return func
 
         return deco
@@ -253,7 +281,7 @@ class Node:
             return {"channel_info": ctx.channel.info()}
 
         self.add_handler("RPC.List", rpc_list)
-        self.add_handler("RPC.Describe", rpc_describe, args_fmt="{name: %T}")
+        self.add_handler("RPC.Describe", rpc_describe, args_fmt="{name: %T}", params=("name",))
         self.add_handler("RPC.Ping", rpc_ping)
 
     # -- channels ---------------------------------------------------------------------------------
@@ -315,6 +343,9 @@ class Node:
             log.exception("error routing a frame on %s", channel.type)
 
     def _handle_request(self, channel: Channel, frame: Frame) -> None:
+        if frame.extra and is_jsonrpc_frame(frame):
+            self._spawn(self._answer_jsonrpc(channel, frame))
+            return
         if frame.dst and not self.is_local_id(frame.dst):
             if self.on_request is not None and self.on_request(channel, frame):
                 return
@@ -384,9 +415,6 @@ class Node:
     def _reply(self, channel: Channel, req: Frame, result: Any) -> None:
         if not req.wants_reply:
             return
-        if _is_jsonrpc(req):
-            self._send(channel, Frame(id=req.id, result=result, extra={"jsonrpc": "2.0"}))
-            return
         if self.style == "mos":
             reply = Frame(id=req.id, result=result)
         else:
@@ -396,11 +424,6 @@ class Node:
     def _reply_error(self, channel: Channel, req: Frame, code: int, message: str | None) -> None:
         if not req.wants_reply:
             return
-        if _is_jsonrpc(req):
-            jcode = -32601 if code == 404 and message and message.startswith("No handler") else code
-            err = ErrorInfo(jcode, message or "")
-            self._send(channel, Frame(id=req.id, error=err, extra={"jsonrpc": "2.0"}))
-            return
         if self.style == "mos":
             reply = Frame(id=req.id, error=ErrorInfo(code, message))
         else:
@@ -408,6 +431,10 @@ class Node:
         self._send(channel, reply)
 
     def _handle_response(self, channel: Channel, frame: Frame) -> None:
+        if frame.extra and frame.result is ABSENT and frame.error is None and is_jsonrpc_frame(frame):
+            # JSON-RPC without a method is neither a request nor a response: an invalid request.
+            self._spawn(self._answer_jsonrpc(channel, frame))
+            return
         if frame.dst and self.ids and not self.is_local_id(frame.dst) and channel is not self._local:
             if self.on_request is not None and self.on_request(channel, frame):
                 return
@@ -444,6 +471,33 @@ class Node:
             p.timer.cancel()
         if not p.future.done():
             p.future.set_result(frame)
+
+    # -- the JSON-RPC 2.0 dialect (rpc.jsonrpc) ----------------------------------------------------
+    def jsonrpc_received(self, channel: Channel, data: bytes) -> None:
+        """ChannelSink: a message that is not an mgRPC frame but looks like JSON-RPC (a batch, or
+        JSON-RPC text that does not parse); it is answered as JSON-RPC 2.0 requires."""
+        if self.max_frame_size and len(data) > self.max_frame_size:
+            log.warning("%s: dropping a JSON-RPC message of %d bytes (max %d)", channel.type, len(data),
+                        self.max_frame_size)  # fmt: skip
+            return
+        self._spawn(self._answer_jsonrpc(channel, data))
+
+    async def serve_jsonrpc(self, channel: Channel, data: bytes | str | Frame) -> JsonRpcReply:
+        """Answer one JSON-RPC 2.0 message (text, or a parsed frame) from ``channel`` through
+        jsonrpcserver, against this node's handlers, auth and ACL. Transports that hold the reply
+        themselves (HTTP) call this; the others get the reply sent on the channel."""
+        if self._jsonrpc is None:
+            try:
+                self._jsonrpc = JsonRpcDispatcher(self)
+            except UsageError as e:  # jsonrpcserver is not installed: say so, in JSON-RPC
+                log.warning("%s: JSON-RPC request not served: %s", channel.type, e)
+                return unavailable_reply(str(e))
+        return await self._jsonrpc.dispatch(channel, data)
+
+    async def _answer_jsonrpc(self, channel: Channel, data: bytes | Frame) -> None:
+        reply = await self.serve_jsonrpc(channel, data)
+        if reply.body is not None:
+            self._send(channel, Frame(extra=JSONRPC_EXTRA, raw=reply.body))
 
     # -- sending -----------------------------------------------------------------------------------
     def _send(self, channel: Channel, frame: Frame, *, fail_key: Any = None) -> None:
@@ -618,10 +672,6 @@ def _id_key(fid: Any) -> Any:
     if isinstance(fid, float) and fid.is_integer():
         return int(fid)
     return fid
-
-
-def _is_jsonrpc(frame: Frame) -> bool:
-    return bool(frame.extra) and frame.extra.get("jsonrpc") == "2.0"
 
 
 def _parse_challenge(message: str | None) -> dict[str, Any] | None:

@@ -10,7 +10,8 @@ Dispatch (one catch-all route):
 
 * ``/rpc`` and ``/rpc/...`` with ``Upgrade: websocket`` → the ws role (``503 WS is disabled`` if no
   ws listener is attached, as a device without rpc-ws);
-* other ``/rpc`` requests → the http role (``404`` if none);
+* other ``/rpc`` requests, and requests to ``/jsonrpc`` (JSON-RPC 2.0 only), → the http role (``404`` if
+  none);
 * any other path → the ``node.http_handlers`` entry with the longest matching path prefix;
 * else ``404 Not Found``.
 
@@ -35,6 +36,7 @@ from rpc.node import Node
 from transports.registry import TransportURL
 
 __all__ = [
+    "JSONRPC_PATH",
     "RPC_PATH",
     "RoleHandler",
     "SharedServer",
@@ -51,6 +53,7 @@ log = logging.getLogger("mgrpc.http.server")
 _access_log = logging.getLogger("mgrpc.http.access")
 
 RPC_PATH = "/rpc"
+JSONRPC_PATH = "/jsonrpc"
 # Big enough for a multipart firmware upload read with request.post(); /rpc bodies are checked
 # against the node's max_frame_size by the http transport itself.
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
@@ -148,6 +151,11 @@ class SharedServer:
                 return await role[0](request)
             if upgrade:
                 return web.Response(status=503, text="WS is disabled")
+            return web.Response(status=404, text="Not Found")
+        if path == JSONRPC_PATH:
+            role = self.roles.get("http")
+            if role is not None:
+                return await role[0](request)
             return web.Response(status=404, text="Not Found")
         handler = self._http_handler(path)
         if handler is not None:

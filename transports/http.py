@@ -27,6 +27,14 @@ not broadcast, info the peer's ``ip:port``):
   the reply is HTTP 401 with ``WWW-Authenticate: Digest qop="auth", realm=.., nonce=<hex time>,
   algorithm=..``.
 
+JSON-RPC 2.0 (docs/protocol/jsonrpc.md): ``POST /jsonrpc`` takes a JSON-RPC request or batch and is
+answered by the node's JSON-RPC dispatcher (:meth:`rpc.node.Node.serve_jsonrpc`, jsonrpcserver against the
+same handlers): status 200 with the response object or array, ``204`` when nothing is owed (notifications),
+``401`` with the digest challenge when the authenticator asks for credentials, ``405`` for a method other
+than POST (``OPTIONS`` is a CORS preflight), ``413`` with a -32600 object for a body over the node's frame
+size. On ``/rpc``, a body that is a JSON-RPC request (a ``"jsonrpc"`` member), a batch array, or JSON-RPC
+text that does not parse is answered the same way; anything else there is mgRPC as above.
+
 Other paths go to ``node.http_handlers`` (longest prefix), e.g. the OTA service's ``/update``.
 """
 
@@ -46,11 +54,13 @@ from aiohttp import web
 
 from rpc.auth import Authenticator, Credentials, http_challenge_header, http_digest_authorization, parse_digest_header
 from rpc.auth import verify_http_digest as _verify_digest
-from rpc.channel import Channel, FrameCodec
+from rpc.channel import Channel, FrameCodec, JsonCodec, looks_like_jsonrpc
 from rpc.errors import AuthError, ChannelClosed, FrameError, TransportError, UsageError
 from rpc.frame import ABSENT, Frame, RawJSON, value_text
+from rpc.jsonrpc import is_jsonrpc_frame
 from rpc.node import Node
 from transports._aioserver import (
+    JSONRPC_PATH,
     RPC_PATH,
     SharedServer,
     client_ssl_context,
@@ -82,6 +92,9 @@ log = logging.getLogger("mgrpc.http")
 
 _CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Headers": "*"}
 INVALID_REQUEST = b"Invalid request"
+_TOO_LARGE = (
+    b'{"jsonrpc":"2.0","error":{"code":-32600,"message":"Invalid request","data":"request too large"},"id":null}'
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +331,8 @@ class HttpListener:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request to ``/rpc`` or ``/rpc/<Method>``."""
         raw_path = request.rel_url.raw_path
+        if request.path == JSONRPC_PATH:
+            return await self._jsonrpc_endpoint(request)
         method_name = raw_path[len(RPC_PATH) + 1 :] if raw_path.startswith(RPC_PATH + "/") else ""
         if method_name:
             return await self._rest(request, method_name)
@@ -362,12 +377,22 @@ class HttpListener:
         if self._codec_name == "json":
             body = body.rstrip(b"\r\n\t ")  # mos's trailing newline is not part of the frame
 
+        codec = codec_from_url(self._url) if self._codec_name != "json" else None
+        decoder: FrameCodec = codec or JsonCodec()
+        if hasattr(decoder, "max_frame_size"):
+            decoder.max_frame_size = self.node.max_frame_size
+        try:
+            parsed: Frame | None = decoder.decode(body)
+        except FrameError as e:
+            if codec is None and looks_like_jsonrpc(body):
+                return await self._jsonrpc(request, body)  # a batch, or JSON-RPC that does not parse
+            log.info("HTTP %s: invalid frame: %s", peer_address(request), e)
+            parsed = None
+        if parsed is not None and is_jsonrpc_frame(parsed):
+            return await self._jsonrpc(request, body)
+
         def build(ch: HttpChannel) -> Frame | None:
-            try:
-                return ch.codec.decode(body)
-            except FrameError as e:
-                log.info("HTTP %s: invalid frame: %s", ch.peer, e)
-                return None
+            return parsed
 
         ch, frame, reply = await self._exchange(request, build)
         if frame is None:
@@ -380,6 +405,37 @@ class HttpListener:
             return self._unauthorized(request, reply.error.message)
         tail = b"\r\n" if self._codec_name == "json" else b""  # the device's CRLF, JSON only
         return _response(request, 200, ch.encode(reply) + tail)
+
+    async def _jsonrpc_endpoint(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return _response(request, 200)  # CORS preflight
+        if request.method != "POST":
+            return _response(request, 405, b"JSON-RPC 2.0 takes POST\r\n", content_type="text/plain",
+                             headers={"Allow": "POST, OPTIONS"})  # fmt: skip
+        if (request.content_length or 0) > self.node.max_frame_size + 2:
+            return _response(request, 413, _TOO_LARGE)
+        body = await request.read()
+        if len(body) > self.node.max_frame_size + 2:
+            return _response(request, 413, _TOO_LARGE)
+        return await self._jsonrpc(request, body)
+
+    async def _jsonrpc(self, request: web.BaseRequest, body: bytes) -> web.StreamResponse:
+        """Answer one JSON-RPC 2.0 message on a short-lived HTTP channel (ACL type ``HTTP``)."""
+        ch = HttpChannel(peer_address(request))
+        ch.user = self._user(request)
+        self.node.add_channel(ch)
+        self.channels.add(ch)
+        try:
+            reply = await self.node.serve_jsonrpc(ch, body)
+        finally:
+            self.channels.discard(ch)
+            ch.mark_closed()
+        challenge = reply.auth_challenge
+        if challenge is not None and ch.user is None:
+            return self._unauthorized(request, challenge)
+        if reply.body is None:
+            return _response(request, 204)  # notifications only: nothing is owed
+        return _response(request, 200, reply.body)
 
     async def _rest(self, request: web.Request, method_name: str) -> web.StreamResponse:
         if request.method == "OPTIONS":

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from rpc.channel import Channel
 from rpc.client import AsyncClient, Client
 from rpc.errors import TransportError, UsageError
+from rpc.jsonrpc import JsonRpcCodec, with_dialect
 from rpc.node import Node
 
 __all__ = [
@@ -51,8 +52,9 @@ SCHEMES: dict[str, tuple[str, str]] = {
     "loop": ("transports.loop", ""),
 }
 
-# Options every transport accepts: the frame codec between two mgrpc ends.
-COMMON_OPTIONS = frozenset({"codec"})
+# Options every transport accepts: the frame codec between two mgrpc ends, and (client side) the
+# dialect spoken to the peer: mgrpc (default) or jsonrpc (JSON-RPC 2.0, docs/protocol/jsonrpc.md).
+COMMON_OPTIONS = frozenset({"codec", "dialect"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,13 @@ async def open_client(url: str | TransportURL, **opts: Any) -> Channel:
     mod = load(u.scheme)
     _check_options(mod, u)
     channel: Channel = await mod.open_client(u, **opts)
+    dialect = u.option("dialect")
+    if dialect is not None and not isinstance(channel.codec, JsonRpcCodec):
+        try:
+            channel.codec = with_dialect(channel.codec, dialect)
+        except UsageError:
+            await channel.close()
+            raise
     return channel
 
 
@@ -179,6 +188,8 @@ async def listen(url: str | TransportURL, node: Node, **opts: Any) -> Listener:
     u = _parsed(url)
     mod = load(u.scheme)
     _check_options(mod, u)
+    if "dialect" in u.query:
+        raise UsageError("?dialect= is a client option; a device answers mgRPC and JSON-RPC 2.0 alike")
     listener: Listener = await mod.listen(u, node, **opts)
     # The bound URL keeps the options it was opened with, so it can be reopened as it was (a
     # rebooting device) and clients can use it as their --port (``?codec=msgpack`` must match).

@@ -36,6 +36,7 @@ from rpc.framing import (
     NonAscii,
     Oversize,
     StreamEvent,
+    stream_safe,
 )
 from transports.registry import TransportURL
 
@@ -152,7 +153,14 @@ class StreamClientChannel(Channel):
 
     # -- sending ----------------------------------------------------------------------------------
     def frame_bytes(self, frame: Frame) -> bytes:
-        """The exact bytes written for ``frame``."""
+        """The exact bytes written for ``frame``.
+
+        With ``?dialect=jsonrpc`` (a codec marked ``line_framed``) a message is one line of JSON, as
+        plain JSON-RPC 2.0 stream servers expect; replies are read with the same parser (its ``\n``
+        delimiter).
+        """
+        if getattr(self.codec, "line_framed", False):
+            return stream_safe(self.encode(frame).rstrip()) + b"\n"
         return self._enc.encode(self.encode(frame))
 
 

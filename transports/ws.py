@@ -121,6 +121,8 @@ async def _pump(ws: Any, channel: Channel, *, close_on_bad_frame: bool) -> None:
         try:
             frame = channel.codec.decode(data)
         except FrameError as e:
+            if not isinstance(e, FrameTooLarge) and channel.deliver_jsonrpc(data):
+                continue  # a JSON-RPC 2.0 batch, or JSON-RPC text that does not parse: answered
             log.warning("%s %s: bad frame: %s", channel.type, channel.info(), e)
             if close_on_bad_frame:
                 await ws.close(code=_CLOSE_TOO_BIG if isinstance(e, FrameTooLarge) else _CLOSE_BAD_DATA)

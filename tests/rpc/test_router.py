@@ -1,4 +1,4 @@
-"""Router rules of spec/frame.md §3 and §8, built-ins of §4, pending calls, JSON-RPC 2.0 dialect."""
+"""Router rules of spec/frame.md §3 and §8, built-ins of §4, pending calls (JSON-RPC 2.0: tests/rpc/test_jsonrpc.py)."""
 
 from __future__ import annotations
 
@@ -221,14 +221,6 @@ async def test_ordering_of_sync_handlers(dev: Node) -> None:
         ch.inject(json.dumps({"src": "m", "id": i, "method": "W", "params": i}).encode())
     await ch.settle()
     assert order == list(range(20))
-
-
-async def test_jsonrpc_dialect(dev: Node) -> None:
-    ch = dev.add_channel(RecordingChannel())
-    ch.inject(b'{"jsonrpc":"2.0","id":5,"method":"Sys.Echo","params":[1,2]}')
-    assert await ch.next_sent() == b'{"jsonrpc":"2.0","id":5,"result":[1,2]}'
-    ch.inject(b'{"jsonrpc":"2.0","id":"a","method":"Nope"}')
-    assert await ch.next_sent() == b'{"jsonrpc":"2.0","id":"a","error":{"code":-32601,"message":"No handler for Nope"}}'
 
 
 async def test_mos_style_node_answers_404_like_mos() -> None:
