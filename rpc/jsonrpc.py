@@ -242,7 +242,7 @@ class JsonRpcDispatcher:
         """Answer one JSON-RPC message (text, or a frame already parsed) that arrived on ``channel``."""
         try:
             if isinstance(data, Frame):
-                obj: Any = json.loads(data.raw) if data.raw is not None else data.to_obj()
+                obj: Any = json.loads(data.raw if data.raw is not None else data.to_json("mos"))
             else:
                 obj = json.loads(data)
         except (ValueError, RecursionError) as e:
