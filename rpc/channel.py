@@ -45,7 +45,9 @@ def looks_like_jsonrpc(data: bytes) -> bool:
 class FrameCodec(Protocol):
     """Turns frames into message bytes and back (JSON by default, msgpack between mgrpc ends)."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """``json``, ``msgpack``: what frames are written in."""
 
     def encode(self, frame: Frame, style: Style) -> bytes:
         """Encode one frame as one message."""

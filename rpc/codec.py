@@ -14,7 +14,7 @@ from rpc.channel import FrameCodec, JsonCodec
 from rpc.errors import FrameError, FrameTooLarge, UsageError
 from rpc.frame import ABSENT, DEFAULT_MAX_FRAME_SIZE, Frame, RawJSON, Style
 
-__all__ = ["CODECS", "JsonCodec", "MsgpackCodec", "codec_by_name"]
+__all__ = ["CODECS", "AutoCodec", "JsonCodec", "MsgpackCodec", "codec_by_name", "device_codec"]
 
 
 def _value(v: Any) -> Any:
@@ -94,6 +94,55 @@ class MsgpackCodec:
 
 
 CODECS: dict[str, type] = {"json": JsonCodec, "msgpack": MsgpackCodec}
+
+
+def _is_json_text(data: bytes) -> bool:
+    # A JSON frame is an object: its first non-blank byte is "{" (0x7B). A msgpack frame is a map,
+    # whose first byte is 0x80-0x8F, 0xDE or 0xDF: never "{" nor a blank.
+    return data.lstrip(b" \t\r\n")[:1] == b"{"
+
+
+class AutoCodec:
+    """A device's codec when it listens with a binary codec (``?codec=msgpack``): it still serves mos.
+
+    Each message is decoded in the codec it is written in (JSON text starts with ``{``, a binary
+    frame with a map byte), and frames go out in the codec of the last frame the peer sent -- the
+    binary codec until the peer has said anything, JSON after a text handshake. One instance per
+    peer (per channel): the choice is that peer's.
+    """
+
+    def __init__(self, binary: FrameCodec, *, json_codec: JsonCodec | None = None) -> None:
+        self.binary_codec = binary
+        self.json_codec = json_codec if json_codec is not None else JsonCodec()
+        self.peer: FrameCodec = binary
+
+    @property
+    def name(self) -> str:
+        """The name of the codec frames are sent in now (the peer's)."""
+        return self.peer.name
+
+    def encode(self, frame: Frame, style: Style) -> bytes:
+        """Encode ``frame`` in the peer's codec."""
+        return self.peer.encode(frame, style)
+
+    def decode(self, data: bytes) -> Frame:
+        """Decode one message in the codec it is written in; that becomes the peer's codec."""
+        codec = self.json_codec if _is_json_text(data) else self.binary_codec
+        frame = codec.decode(data)
+        self.peer = codec
+        return frame
+
+    def peer_speaks_text(self) -> None:
+        """The peer sent text framing (a handshake, an empty frame): answer it in JSON."""
+        self.peer = self.json_codec
+
+
+def device_codec(codec: FrameCodec) -> FrameCodec:
+    """The codec for one peer of a device listening with ``codec``: JSON as is, a binary codec wrapped
+    in an :class:`AutoCodec` (of a fresh instance), so JSON clients (mos) are served as well."""
+    if codec.name == "json":
+        return codec
+    return AutoCodec(codec_by_name(codec.name))
 
 
 def codec_by_name(name: str, **kw: Any) -> FrameCodec:

@@ -47,6 +47,8 @@ __all__ = [
     "DeviceLinkModes",
     "DeviceStreamDecoder",
     "DeviceStreamEncoder",
+    "DualStreamDecoder",
+    "DualStreamEncoder",
     "Empty",
     "FlowControl",
     "FrameBytes",
@@ -659,3 +661,98 @@ class BinaryStreamDecoder(_Decoder):
         if self._buf:
             self._emit(Junk(bytes(self._buf)))
             self._buf.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# both on one link (a device listening with a binary codec still serves mos)
+
+
+class DualStreamDecoder(_Decoder):
+    """Device side of a link that may carry text frames (rpc-uart) and binary frames alike.
+
+    A :data:`BINARY_MARKER` byte (0xC1, which neither ASCII nor UTF-8 text ever contains) starts a
+    binary frame, read whole by length; every other byte goes to the text decoder. Events are
+    those of the two decoders, in stream order.
+    """
+
+    def __init__(self, text: DeviceStreamDecoder, binary: BinaryStreamDecoder) -> None:
+        super().__init__()
+        self.text = text
+        self.binary = binary
+        self.modes = text.modes
+        self._frame = bytearray()  # the binary frame being read (starts with the marker)
+        self._need = 0  # its total length once the header is in (0: not known yet)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes; events become available from :meth:`events`."""
+        data = bytes(data)
+        pos = 0
+        while pos < len(data):
+            if not self._frame:
+                k = data.find(BINARY_MARKER, pos)
+                end = len(data) if k < 0 else k
+                if end > pos:
+                    self._pass(self.text, data[pos:end])
+                if k < 0:
+                    return
+                pos = k
+            pos = self._take_binary(data, pos)
+
+    def _take_binary(self, data: bytes, pos: int) -> int:
+        frame = self._frame
+        if not self._need:
+            k = min(len(data), pos + _BIN_HEADER - len(frame))
+            frame += data[pos:k]
+            pos = k
+            if len(frame) < _BIN_HEADER:
+                return pos
+            n = int.from_bytes(frame[1:_BIN_HEADER], "big")
+            if self.binary.max_frame_size and n > self.binary.max_frame_size:
+                # Not a frame we can take: report it and read on as text after the marker.
+                self._emit(Oversize(n))
+                rest = bytes(frame[1:])
+                frame.clear()
+                self._pass(self.text, rest)
+                return pos
+            self._need = _BIN_HEADER + n + _BIN_TRAILER
+        k = min(len(data), pos + self._need - len(frame))
+        frame += data[pos:k]
+        if len(frame) == self._need:
+            self._pass(self.binary, bytes(frame))
+            frame.clear()
+            self._need = 0
+        return k
+
+    def _pass(self, decoder: DeviceStreamDecoder | BinaryStreamDecoder, data: bytes) -> None:
+        decoder.feed(data)
+        for ev in decoder.events():
+            self._emit(ev)
+
+
+class DualStreamEncoder:
+    """The encoder matching :class:`DualStreamDecoder`: a payload that is JSON text (starts with
+    ``{``) goes out in the text framing the peer taught (:class:`DeviceStreamEncoder`), any other in a
+    binary frame; text answers (handshake, empty frames) as the text encoder gives them."""
+
+    def __init__(self, text: DeviceStreamEncoder, binary: BinaryStreamEncoder) -> None:
+        self.text = text
+        self.binary = binary
+        self._out = bytearray()
+
+    def queue_frame(self, payload: bytes) -> None:
+        """Queue one encoded frame in the framing of its codec."""
+        if payload[:1] == b"{":
+            self.text.queue_frame(payload)
+            self._out += self.text.data_to_send()
+        else:
+            self._out += self.binary.encode(payload)
+
+    def handle(self, ev: StreamEvent) -> None:
+        """The text link's automatic answers (:class:`Empty`, :class:`Handshake`)."""
+        self.text.handle(ev)
+        self._out += self.text.data_to_send()
+
+    def data_to_send(self) -> bytes:
+        """Everything to write now, in the order it was queued."""
+        out, self._out = bytes(self._out), bytearray()
+        return out

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rpc.channel import Channel, FrameCodec, JsonCodec
+from rpc.codec import device_codec
 from rpc.errors import ChannelClosed, TransportError, UsageError
 from rpc.frame import DEFAULT_MAX_FRAME_SIZE, Frame
 from rpc.framing import HANDSHAKE, HANDSHAKE_ACK, FlowControl, Handshake
@@ -579,9 +580,9 @@ async def listen(url: TransportURL, node: Node, **opts: Any) -> SerialListener:
     codec = stream_codec(url, opts, ascii_only=True)
     options = _options(url, opts)
     ser = open_port(path, options, control_lines=False)
-    ch = SerialDeviceChannel(
-        ser, path, options, max_frame_size=node.max_frame_size, codec=None if codec.name == "json" else codec
-    )
+    # A binary codec still serves mos on the same port (rpc.codec.AutoCodec).
+    device = None if codec.name == "json" else device_codec(codec)
+    ch = SerialDeviceChannel(ser, path, options, max_frame_size=node.max_frame_size, codec=device)
     node.add_channel(ch)
     await ch.start()
     return SerialListener(ch, f"serial://{path}")

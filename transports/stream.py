@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rpc.channel import Channel, FrameCodec, JsonCodec
-from rpc.codec import codec_by_name
+from rpc.codec import AutoCodec, codec_by_name
 from rpc.errors import ChannelClosed
 from rpc.frame import DEFAULT_MAX_FRAME_SIZE, Frame, Style
 from rpc.framing import (
@@ -26,6 +26,8 @@ from rpc.framing import (
     BinaryStreamEncoder,
     DeviceStreamDecoder,
     DeviceStreamEncoder,
+    DualStreamDecoder,
+    DualStreamEncoder,
     Empty,
     FlowControl,
     FrameBytes,
@@ -182,9 +184,14 @@ class StreamDeviceChannel(Channel):
         ascii_only: bool = True,
     ) -> None:
         super().__init__(codec=codec, style="device")
-        self._dec: DeviceStreamDecoder | BinaryStreamDecoder
-        self._enc: DeviceStreamEncoder | BinaryStreamEncoder
-        if self.binary:
+        self._dec: DeviceStreamDecoder | BinaryStreamDecoder | DualStreamDecoder
+        self._enc: DeviceStreamEncoder | BinaryStreamEncoder | DualStreamEncoder
+        if isinstance(self.codec, AutoCodec):
+            # A binary codec on the device side: text frames (mos) are served on the same link.
+            text = DeviceStreamDecoder(max_frame_size=max_frame_size, ascii_only=ascii_only)
+            self._dec = DualStreamDecoder(text, BinaryStreamDecoder(max_frame_size=max_frame_size))
+            self._enc = DualStreamEncoder(DeviceStreamEncoder(modes=text.modes), BinaryStreamEncoder())
+        elif self.binary:
             self._dec, self._enc = BinaryStreamDecoder(max_frame_size=max_frame_size), BinaryStreamEncoder()
         else:
             self._dec = DeviceStreamDecoder(max_frame_size=max_frame_size, ascii_only=ascii_only)
@@ -211,6 +218,8 @@ class StreamDeviceChannel(Channel):
         self.deliver_bytes(ev.data)
 
     def _answer_event(self, ev: Empty | Handshake) -> None:
+        if isinstance(self.codec, AutoCodec):
+            self.codec.peer_speaks_text()  # a text peer (mos): what we send must be text too
         self._enc.handle(ev)
 
     def send_nowait(self, frame: Frame) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rpc.channel import Channel, FrameCodec, JsonCodec
-from rpc.codec import codec_by_name
+from rpc.codec import device_codec
 from rpc.errors import ChannelClosed, TransportError, UsageError
 from rpc.frame import DEFAULT_MAX_FRAME_SIZE, Frame
 from rpc.node import Node
@@ -226,7 +226,7 @@ async def listen(url: TransportURL, node: Node, **opts: Any) -> TcpListener:
         assert listener is not None
         ch = TcpDeviceChannel(
             reader, writer, max_frame_size=node.max_frame_size, on_closed=listener.channels.discard,
-            codec=None if codec.name == "json" else codec_by_name(codec.name),
+            codec=None if codec.name == "json" else device_codec(codec),
         )  # fmt: skip
         listener.channels.add(ch)
         node.add_channel(ch)

@@ -20,7 +20,9 @@ server with subprotocol ``json-rpc`` and ``Origin: https://mongoose-os.com``, on
 (type ``WS_out``/``WSS_out``, broadcast-enabled) registered as the node's default route, reconnecting
 from 1 s doubling to 60 s.
 
-``?codec=msgpack`` (between two mgrpc ends) sends BINARY messages in that codec.
+``?codec=msgpack`` (between two mgrpc ends) sends BINARY messages in that codec. A device listening
+with it still serves JSON peers (mos): each message is read in its own codec, and the answers go
+out in the codec the peer last used (:class:`rpc.codec.AutoCodec`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from aiohttp import web
 
 from rpc.auth import Authenticator, verify_http_digest
 from rpc.channel import Channel, FrameCodec
+from rpc.codec import device_codec
 from rpc.errors import ChannelClosed, FrameError, FrameTooLarge, TransportError, UsageError
 from rpc.frame import Frame, Style
 from rpc.node import Node
@@ -113,7 +116,7 @@ async def _pump(ws: Any, channel: Channel, *, close_on_bad_frame: bool) -> None:
             break
         else:
             continue
-        if channel.codec.name == "json":
+        if msg.type == aiohttp.WSMsgType.TEXT or channel.codec.name == "json":
             # mos's Go encoder ends each message with "\n"; it is not part of the frame (nor of its size).
             data = data.rstrip(b"\r\n\t ")
             if not data:
@@ -212,7 +215,9 @@ class WsListener:
         protocols = tuple(p.strip() for p in requested.split(",") if p.strip())
         ws = _EchoProtocolResponse(protocols=protocols, compress=False, autoping=True)
         await ws.prepare(request)
-        ch = WsChannel(ws, peer_address(request), codec=codec_from_url(self._url), transport=request.transport)
+        # A device listening with a binary codec still serves JSON peers (mos): the codec follows the peer.
+        codec = device_codec(codec_from_url(self._url))
+        ch = WsChannel(ws, peer_address(request), codec=codec, transport=request.transport)
         if isinstance(self.node.auth, Authenticator):
             # A valid digest on the upgrade request names the channel's user (spec §2).
             ch.user = verify_http_digest(self.node.auth, request.headers.get("Authorization", ""), request.method)
