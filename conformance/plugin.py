@@ -6,8 +6,10 @@ Run the whole suite against a device::
 
 Each check becomes one test named after it (``test_check[frame.id_numeric_bare]``); a failing check
 fails with what was seen and expected, a check that does not apply is skipped. In your own suite,
-load the plugin (``-p conformance.plugin`` or ``pytest_plugins = ["conformance.plugin"]`` in your
-root conftest) and use the ``mgrpc_conformance`` fixture::
+load the plugin (``-p mgrpc_conformance``, the entry-point name pytest registers it under when mgrpc
+is installed, and loads by itself unless plugin autoload is off; ``-p conformance.plugin`` only in a
+source tree that is not installed, where the two names cannot clash) and use the
+``mgrpc_conformance`` fixture::
 
     def test_my_board(mgrpc_conformance):
         report = mgrpc_conformance("ws://board.local/rpc", only=["frame"])

@@ -28,16 +28,38 @@ from conformance.model import (
 from conformance.session import Options, PreflightError, Session
 from rpc.errors import MgrpcError
 
-__all__ = ["PREFLIGHT_SECTION", "Report", "check_deadline", "run", "run_check", "to_json", "to_junit_xml"]
+__all__ = [
+    "PREFLIGHT_SECTION", "FailedChecks", "Report", "check_deadline", "run", "run_check", "to_json", "to_junit_xml",
+]
 
 log = logging.getLogger("mgrpc.conformance")
 
 PREFLIGHT_SECTION = "transports.md §0; frame.md §4, §6"
 
 
-@dataclass(frozen=True, slots=True)
+def _describe(r: CheckResult) -> str:
+    line = f"{r.name} ({r.section}, {r.outcome.value}): {r.message or r.title}"
+    if r.seen or r.expected:
+        line += f"\n    seen:     {r.seen}\n    expected: {r.expected}"
+    return line
+
+
+class FailedChecks(list[CheckResult]):
+    """The failed and errored results; printed (``repr``/``str``) as one readable line per check, so
+    ``assert report.ok, report.failed()`` says what failed instead of dumping dataclass reprs."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "no check failed"
+        head = f"{len(self)} check{'s' if len(self) != 1 else ''} failed:"
+        return "\n".join([head, *(f"  {_describe(r)}" for r in self)])
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class Report:
-    """The results of one run, in run order."""
+    """The results of one run, in run order (its ``repr`` is a one-line summary, for test output)."""
 
     target: str
     results: tuple[CheckResult, ...]
@@ -54,9 +76,13 @@ class Report:
         """How many results have ``outcome``."""
         return sum(1 for r in self.results if r.outcome is outcome)
 
-    def failed(self) -> list[CheckResult]:
-        """Failed and errored results."""
-        return [r for r in self.results if not r.ok]
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{self.count(o)} {o.value}" for o in Outcome if self.count(o))
+        return f"<Report {self.target}: {len(self.results)} checks ({counts or 'none'})>"
+
+    def failed(self) -> FailedChecks:
+        """Failed and errored results (a list whose text is a readable summary)."""
+        return FailedChecks(r for r in self.results if not r.ok)
 
     def by_name(self) -> dict[str, CheckResult]:
         """Results keyed by check name."""

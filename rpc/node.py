@@ -66,16 +66,35 @@ _frame_std = logging.getLogger("mgrpc.frame")
 _frame_log: Any = None  # structlog's logger, made when frame logging is first enabled
 
 
-def _log_frame(direction: str, channel: Channel, frame: Frame) -> None:
-    """One structured line per frame (debug level only: structlog is imported on first use)."""
+def _log_frame(direction: str, channel: Channel, frame: Frame, style: Style) -> None:
+    """One structured line per frame, with its body (debug level only: structlog is imported on first use)."""
     global _frame_log
     if _frame_log is None:
         import structlog
 
         _frame_log = structlog.get_logger("mgrpc.frame")
-    _frame_log.debug(direction, channel=channel.type, id=frame.id, method=frame.method or None)
+    body = _frame_body(frame, style)
+    _frame_log.debug(direction, channel=channel.type, id=frame.id, method=frame.method or None, body=body)
+
 
 HandlerFunc = Callable[["Context", Any], Any]
+
+_BODY_LOG_LIMIT = 4096  # characters of a frame body shown at DEBUG (``mgrpc -vv``)
+
+
+def _frame_body(frame: Frame, style: Style) -> str:
+    """The frame as it travels (its received bytes, or its JSON), for the DEBUG frame log."""
+    if frame.raw is not None:
+        text = frame.raw.decode("utf-8", "backslashreplace")
+    else:
+        try:
+            text = frame.to_json(style)
+        except Exception:  # a frame that cannot be encoded fails later, where it is reported
+            text = repr(frame)
+    text = text.rstrip("\r\n")
+    if len(text) > _BODY_LOG_LIMIT:
+        text = f"{text[:_BODY_LOG_LIMIT]}... ({len(text)} characters)"
+    return text
 
 
 @dataclass(slots=True)
@@ -333,7 +352,7 @@ class Node:
     def frame_received(self, channel: Channel, frame: Frame) -> None:
         """ChannelSink: route one incoming frame (never raises)."""
         if _frame_std.isEnabledFor(logging.DEBUG):
-            _log_frame("rx", channel, frame)
+            _log_frame("rx", channel, frame, self.style)
         try:
             if frame.is_request:
                 self._handle_request(channel, frame)
@@ -502,7 +521,7 @@ class Node:
     # -- sending -----------------------------------------------------------------------------------
     def _send(self, channel: Channel, frame: Frame, *, fail_key: Any = None) -> None:
         if _frame_std.isEnabledFor(logging.DEBUG):
-            _log_frame("tx", channel, frame)
+            _log_frame("tx", channel, frame, self.style)
         if channel.closed and channel is not self._local:
             if fail_key is not None:
                 self._fail(fail_key, ChannelClosed("channel is closed"))

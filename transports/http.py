@@ -328,6 +328,11 @@ class HttpListener:
         )
 
     # -- dispatch ------------------------------------------------------------------------------
+    def _too_big(self, size: int, *, slack: int = 0) -> bool:
+        # max_frame_size 0 means no limit (a bridge forwards whatever the device behind it accepts).
+        limit = self.node.max_frame_size
+        return bool(limit) and size > limit + slack
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request to ``/rpc`` or ``/rpc/<Method>``."""
         raw_path = request.rel_url.raw_path
@@ -371,7 +376,7 @@ class HttpListener:
     async def _full_frame(self, request: web.Request) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return _invalid(request)  # an empty frame (errata)
-        if (request.content_length or 0) > self.node.max_frame_size + 2:
+        if self._too_big(request.content_length or 0, slack=2):
             return _invalid(request)  # too big to be a frame: do not even read it
         body = await request.read()
         if self._codec_name == "json":
@@ -440,7 +445,7 @@ class HttpListener:
     async def _rest(self, request: web.Request, method_name: str) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return _response(request, 200)  # CORS preflight
-        if (request.content_length or 0) > self.node.max_frame_size + 2:
+        if self._too_big(request.content_length or 0, slack=2):
             return _invalid(request)
         body = await request.read()
         text = body.decode("utf-8", "replace").strip()
@@ -448,7 +453,7 @@ class HttpListener:
             # As the device: {"k":v,...} with the URL-decoded values inserted raw (not quoted).
             pairs = parse_qsl(request.query_string, keep_blank_values=True)
             text = "{" + ",".join(f'"{k}":{v}' for k, v in pairs) + "}"
-        if len(text) > self.node.max_frame_size:
+        if self._too_big(len(text)):
             return _invalid(request)
         args: Any = ABSENT
         bad_args = False

@@ -61,6 +61,7 @@ __all__ = [
     "MqttClientChannel",
     "MqttDeviceChannel",
     "MqttListener",
+    "client_url",
     "listen",
     "log_subscribe",
     "mos_client_id",
@@ -296,15 +297,40 @@ class MqttDeviceChannel(Channel):
         self.mark_closed()
 
 
-class MqttListener:
-    """A node served over MQTT: its connection, its channel and the device id."""
+def client_url(url: TransportURL, device_id: str) -> str:
+    """The ``--port`` URL a client uses to reach device ``device_id`` served at listen URL ``url``.
 
-    def __init__(self, url: str, node: Node, channel: MqttDeviceChannel) -> None:
+    ``mqtt://[user:pass@]broker:port/<device_id>``, keeping the ``codec`` and ``ca`` options (the
+    device's own ``id``, ``client_id`` and client certificate are not the client's).
+    """
+    from urllib.parse import quote, urlencode
+
+    userinfo = ""
+    if url.user is not None:
+        userinfo = quote(url.user, safe="")
+        if url.password is not None:
+            userinfo += ":" + quote(url.password, safe="")
+        userinfo += "@"
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    netloc = userinfo + host + (f":{url.port}" if url.port is not None else "")
+    query = {k: v for k, v in url.query.items() if k in ("codec", "ca")}
+    return f"{url.scheme}://{netloc}/{device_id}" + (f"?{urlencode(query)}" if query else "")
+
+
+class MqttListener:
+    """A node served over MQTT: its connection, its channel and the device id.
+
+    ``url`` is the listen URL (listening on it again serves the same device); ``client_url`` is the
+    URL a client passes as ``--port`` (it names the device).
+    """
+
+    def __init__(self, url: str, node: Node, channel: MqttDeviceChannel, *, client_url: str = "") -> None:
         self.url = url
         self.node = node
         self.channel = channel
         self.conn = channel.conn
         self.device_id = channel.device_id
+        self.client_url = client_url or url
 
     async def close(self) -> None:
         """Disconnect; the channel leaves the node."""
@@ -344,7 +370,9 @@ async def listen(
         await ch.close()
         raise
     log.info("MQTT: serving %s on %s", device_id, cfg.address)
-    return MqttListener(url.raw or f"{url.scheme}://{cfg.address}/{device_id}", node, ch)
+    return MqttListener(
+        url.raw or f"{url.scheme}://{cfg.address}/{device_id}", node, ch, client_url=client_url(url, device_id)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

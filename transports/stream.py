@@ -66,7 +66,8 @@ def stream_codec(url: TransportURL, opts: dict[str, Any], *, ascii_only: bool = 
 
 
 def _log_junk(data: bytes) -> None:
-    junk_log.debug("junk: %r", data)
+    if data.strip():  # the newlines a device writes around its frames are not worth a line each
+        junk_log.debug("junk: %r", data)
 
 
 class StreamClientChannel(Channel):

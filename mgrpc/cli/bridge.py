@@ -7,7 +7,7 @@ import asyncio
 import signal
 from typing import Any
 
-from mgrpc.cli._common import describe_error, err
+from mgrpc.cli._common import err
 
 __all__ = ["register"]
 
@@ -32,11 +32,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     from mgrpc.wiring import run_bridge
 
     async def run() -> int:
-        try:
-            bridge, listeners = await run_bridge(args.to, args.listen, device_id=args.id, timeout_s=args.timeout)
-        except Exception as e:
-            err(f"Error: {describe_error(e)}")
-            return 1
+        bridge, listeners = await run_bridge(args.to, args.listen, device_id=args.id, timeout_s=args.timeout)
         err(f"bridging device {bridge.id} at {args.to}")
         for lst in listeners:
             print(lst.url, flush=True)

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from mgrpc.cli._common import describe_error, err, run_with_client
+from mgrpc.cli._common import run_with_client, usage
 from rpc.errors import RemoteError
 from rpc.frame import ABSENT, Frame, RawJSON
 from rpc.jsonfmt import compact, go_indent, member_text
@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
         help="call an RPC method and print its result",
         description="Call METHOD with optional JSON params and print the result as `mos call` does: "
         "two-space indented JSON on stdout, `null` for no result; a remote error goes to stderr "
-        "as `remote error <code>: <message>` with exit status 1.",
+        "as `Error: remote error <code>: <message>` with exit status 1.",
     )
     p.add_argument("method", help="method name, e.g. Sys.GetInfo")
     p.add_argument("params", nargs="?", default="", help='JSON params, e.g. \'{"key": "device.id"}\'')
@@ -48,8 +48,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         try:
             json.loads(args.params)
         except ValueError:
-            err(f"Error: Args [{args.params}] is not a valid JSON string")
-            return 1
+            raise usage(f"Args [{args.params}] is not a valid JSON string") from None
         # As mos (json.RawMessage): sent compacted, numbers and escapes exactly as typed.
         params = RawJSON(compact(args.params))
 
@@ -58,8 +57,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         if args.method.lower() == "sys.reboot":
             await asyncio.sleep(0.2)  # as mos does, let the reply leave before the link drops
         if frame.error is not None and frame.error.code != 0:
-            err(f"Error: {describe_error(RemoteError(frame.error.code, frame.error.message or ''))}")
-            return 1
+            raise RemoteError(frame.error.code, frame.error.message or "")
         sys.stdout.write(format_result(frame) + "\n")
         return 0
 

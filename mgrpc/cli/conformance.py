@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mgrpc.cli._common import err, port_from_args
+from mgrpc.cli._common import port_from_args
 from rpc.errors import MgrpcError, UsageError
 
 __all__ = ["cmd_conformance", "register"]
@@ -120,8 +120,9 @@ def cmd_conformance(args: argparse.Namespace) -> int:
             return _list(console)
         report = asyncio.run(_run(args))
     except (UsageError, MgrpcError, OSError, ValueError) as e:
-        err(f"Error: {e}")
-        return 1
+        from mgrpc.cli._common import CliError, report_error
+
+        return report_error(CliError(str(e)) if type(e) is ValueError else e, args)
     _print(console, report, show_skips=bool(getattr(args, "show_skips", False)))
     from conformance.runner import to_json, to_junit_xml
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
 
-from mgrpc.cli._common import duration_arg, err, port_from_args
-from rpc.errors import MgrpcError, UsageError
+from mgrpc.cli._common import CliError, duration_arg, port_from_args
+from rpc.errors import UsageError
 
 __all__ = ["ConsoleFormatter", "register", "timestamp_formatter"]
 
@@ -113,20 +113,15 @@ def register(sub: Any) -> None:
 
 def cmd_console(args: argparse.Namespace) -> int:
     """Run ``mgrpc console``."""
-    try:
-        stamp = timestamp_formatter(args.timestamp)
-        port = port_from_args(args)
-        ser = _open(port, args)
-    except (MgrpcError, OSError) as e:
-        err(f"Error: {e}")
-        return 1
+    stamp = timestamp_formatter(args.timestamp)
+    port = port_from_args(args)
+    ser = _open(port, args)
     try:
         _run(ser, ConsoleFormatter(stamp), sys.stdout, duration_s=args.duration, forward_stdin=not args.no_input)
     except KeyboardInterrupt:
         pass
     except OSError as e:  # the adapter went away (pyserial's SerialException is an OSError)
-        err(f"Error: {port}: {e}")
-        return 1
+        raise CliError(f"{port}: {e}", "check the cable and the adapter, then run the command again") from e
     finally:
         ser.close()
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 from typing import Any
 
 __all__ = ["register"]
@@ -63,9 +62,5 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         finally:
             await fleet.close()
 
-    try:
-        asyncio.run(run())
-    except (OSError, ValueError) as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
+    asyncio.run(run())
     return 0

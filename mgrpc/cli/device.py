@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 from typing import Any
 
 from mgrpc.cli._common import err
@@ -21,8 +20,8 @@ def register(sub: Any) -> None:
         description="Run a virtual Mongoose OS device. Its flash lives in STATE/flash.bin, so stopping "
         "and starting it again (even with kill -9) behaves like a power cycle. Each --listen URL is "
         "served (tcp://, udp://, ws://HOST:PORT/rpc, http://HOST:PORT/rpc, serial:///dev/ttyX, "
-        "mqtt://BROKER:PORT, ble://); port 0 picks a free port. The actual URLs are printed on stdout, "
-        "one per line, after every boot.",
+        "mqtt://BROKER:PORT, ble://); port 0 picks a free port. After every boot the URLs a client "
+        "passes as --port are printed on stdout, one per line (for MQTT: mqtt://BROKER:PORT/ID).",
     )
     p.add_argument("--id", required=True, help="device id (device.id)")
     p.add_argument("--state", required=True, help="state directory (holds flash.bin)")
@@ -54,8 +53,8 @@ def cmd_device(args: argparse.Namespace) -> int:
 
         def booted(d: VirtualDevice, info: Any) -> None:
             err(f"booted slot {info.slot}, firmware {info.version}" + (" (uncommitted)" if info.first_boot else ""))
-            for url in d.urls:
-                print(url, flush=True)
+            for lst, url in zip(d.listeners, d.urls, strict=False):
+                print(getattr(lst, "client_url", url), flush=True)
 
         dev.on_boot.append(booted)
         stop = asyncio.Event()
@@ -68,9 +67,5 @@ def cmd_device(args: argparse.Namespace) -> int:
         finally:
             await dev.stop()
 
-    try:
-        asyncio.run(run())
-    except OSError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
+    asyncio.run(run())
     return 0

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mgrpc.cli._common import describe_error, err, run_with_client
-from rpc.errors import RemoteError, UsageError
+from mgrpc.cli._common import CliError, describe_error, err, run_with_client, usage
+from rpc.errors import RemoteError
 from rpc.host import DEFAULT_CHUNK_SIZE, OtaError
 from rpc.host.config import config_get, config_get_path, config_set, format_config_value, parse_assignments
 from rpc.host.files import fs_get, fs_list, fs_put, fs_remove
@@ -51,7 +51,7 @@ def read_or_fetch(name: str, *, timeout_s: float = 60.0) -> bytes:
         with open(name, "rb") as f:
             return f.read()
     except OSError as e:
-        raise OtaError(f"unable to read {name}: {e.strerror or e}") from e
+        raise CliError(f"unable to read {name}: {e.strerror or e}", "check the file name and its permissions") from e
 
 
 def _fs_opts(p: argparse.ArgumentParser) -> None:
@@ -59,14 +59,12 @@ def _fs_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fs-op-attempts", type=int, default=3, help="attempts per FS chunk (default 3)")
 
 
-def _args_count(args: argparse.Namespace, lo: int, hi: int, missing: str) -> list[str] | None:
+def _args_count(args: argparse.Namespace, lo: int, hi: int, missing: str) -> list[str]:
     rest: list[str] = list(args.rest)
     if len(rest) < lo:
-        err(f"Error: {missing}")
-        return None
+        raise usage(missing)
     if len(rest) > hi:
-        err("Error: extra arguments")
-        return None
+        raise usage(f"extra arguments: {' '.join(rest[hi:])}")
     return rest
 
 
@@ -91,8 +89,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_get(args: argparse.Namespace) -> int:
     """``mgrpc get FILENAME``: the file's bytes on stdout."""
     rest = _args_count(args, 1, 1, "filename is required")
-    if rest is None:
-        return 1
 
     async def run(client: Any) -> int:
         data = await fs_get(
@@ -108,13 +104,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_put(args: argparse.Namespace) -> int:
     """``mgrpc put HOST_FILE [DEVICE_FILE]`` (device name defaults to the host file's base name)."""
     rest = _args_count(args, 1, 2, "filename is required")
-    if rest is None:
-        return 1
-    try:
-        data = read_or_fetch(rest[0])
-    except OtaError as e:
-        err(f"Error: {e}")
-        return 1
+    data = read_or_fetch(rest[0])
     dev_name = rest[1] if len(rest) > 1 else os.path.basename(rest[0].rstrip("/"))
 
     async def run(client: Any) -> int:
@@ -129,8 +119,6 @@ def cmd_put(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     """``mgrpc rm FILENAME``."""
     rest = _args_count(args, 1, 1, "filename is required")
-    if rest is None:
-        return 1
 
     async def run(client: Any) -> int:
         await fs_remove(client, rest[0], timeout_s=args.timeout)
@@ -142,8 +130,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_config_get(args: argparse.Namespace) -> int:
     """``mgrpc config-get [path.to.value]``."""
     if len(args.rest) > 1:
-        err("Error: only one path to value is allowed")
-        return 1
+        raise usage("only one path to value is allowed")
     path = args.rest[0] if args.rest else ""
 
     async def run(client: Any) -> int:
@@ -156,13 +143,9 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
 def cmd_config_set(args: argparse.Namespace) -> int:
     """``mgrpc config-set path.to.value=value ...``."""
-    try:
-        pairs = parse_assignments(args.rest)
-        if not pairs:
-            raise UsageError("at least one path.to.value=value pair should be given")
-    except UsageError as e:
-        err(f"Error: {e}")
-        return 1
+    pairs = parse_assignments(args.rest)
+    if not pairs:
+        raise usage("at least one path.to.value=value pair should be given")
 
     async def run(client: Any) -> int:
         await config_set(
@@ -186,9 +169,9 @@ def _ota_simple(method: str, done: str) -> Callable[[argparse.Namespace], int]:
             try:
                 await client.call(method, timeout_s=args.timeout)
             except RemoteError as e:
-                hint = f" ({_BOOT_HINTS[method]})" if e.code == -1 and not e.message else ""
-                err(f"Error: {describe_error(e)}{hint}")
-                return 1
+                if e.code == -1 and not e.message:
+                    raise CliError(f"{describe_error(e)} ({_BOOT_HINTS[method]})", "see 'mgrpc boot-state'") from e
+                raise
             if method == "OTA.Revert":
                 await asyncio.sleep(0.2)  # the device reboots; let the reply's link close cleanly
             err(done)
@@ -207,8 +190,7 @@ def cmd_boot_state(args: argparse.Namespace) -> int:
     async def run(client: Any) -> int:
         frame = await client.call_frame("OTA.GetBootState", timeout_s=args.timeout)
         if frame.error is not None and frame.error.code != 0:
-            err(f"Error: {describe_error(RemoteError(frame.error.code, frame.error.message or ''))}")
-            return 1
+            raise RemoteError(frame.error.code, frame.error.message or "")
         sys.stdout.write(format_result(frame) + "\n")
         return 0
 

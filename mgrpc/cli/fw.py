@@ -50,8 +50,9 @@ def _out(*parts: object) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"Error: {message}", file=sys.stderr, flush=True)
-    return 1
+    from mgrpc.cli._common import CliError, report_error
+
+    return report_error(CliError(message))
 
 
 def parse_prop_value(v: str) -> Any:
@@ -327,9 +328,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for i, valid in (report.key_results or {}).items():
         _out(f"  sig{i} with key{i}: {'valid' if valid else 'NOT VALID'}")
     if report.problems:
-        for p in report.problems:
-            print(f"Error: {p}", file=sys.stderr, flush=True)
-        return 1
+        return _fail("; ".join(report.problems))  # one line, every problem
     _out("OK")
     return 0
 

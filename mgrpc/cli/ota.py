@@ -19,39 +19,45 @@ import sys
 import time
 from typing import Any
 
-from mgrpc.cli._common import connect_from_args, describe_error, duration_arg, err
+from mgrpc.cli._common import connect_from_args, duration_arg, err, usage
 from mgrpc.cli.files import read_or_fetch
-from rpc.errors import MgrpcError, TransportError
 from rpc.host.ota import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_WINDOW,
     MAX_WINDOW,
-    OtaError,
     ota_update,
     wait_and_commit,
 )
 from updater.manifest import manifest_version
 
-__all__ = ["MosProgress", "register"]
+__all__ = ["MosProgress", "format_rate", "register"]
 
 PROGRESS_STEP = 65536
 PROGRESS_EVERY_S = 5.0
 
 
 class MosProgress:
-    """mos's progress lines: ``  <sent> of <total> (<pct>%)`` at each 64 KiB boundary or after 5 s."""
+    """mos's progress lines: ``  <sent> of <total> (<pct>%)`` at each 64 KiB boundary or after 5 s,
+    and (beyond mos, which stops at the last 64 KiB boundary) once more when the last byte is acknowledged."""
 
     def __init__(self, write: Any = err) -> None:
         self._write = write
         self._last_step = -1
         self._last_t = time.monotonic()
+        self._finished = False
 
     def __call__(self, done: int, total: int) -> None:
         """Report ``done`` of ``total`` bytes acknowledged."""
         now = time.monotonic()
         step = done // PROGRESS_STEP
-        if self._last_step < 0:  # the first report is the starting point (0, or the resume offset)
+        if self._last_step < 0 and done < total:  # the first report is the start (0, or the resume offset)
             self._last_step = step
+            return
+        if self._finished:
+            return
+        if done >= total:
+            self._finished = True
+            self._write(f"  {done} of {total} (100.00%)")
             return
         if step != self._last_step or now - self._last_t > PROGRESS_EVERY_S:
             self._last_step = step
@@ -60,8 +66,15 @@ class MosProgress:
             self._write(f"  {done} of {total} ({pct:.2f}%)")
 
 
+def format_rate(bytes_per_s: float) -> str:
+    """A transfer rate in the unit the bar and the summary share: ``KiB/s`` (``MiB/s`` from 1 MiB/s)."""
+    if bytes_per_s >= 1024 * 1024:
+        return f"{bytes_per_s / (1024 * 1024):.1f} MiB/s"
+    return f"{bytes_per_s / 1024:.1f} KiB/s"
+
+
 class _RichProgress:
-    """A rich progress bar on stderr: bytes done/total, rate, ETA."""
+    """A rich progress bar on stderr: percentage, bytes done/total (KiB), rate (KiB/s), ETA."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -69,15 +82,22 @@ class _RichProgress:
             BarColumn,
             DownloadColumn,
             Progress,
+            ProgressColumn,
             TaskID,
+            TaskProgressColumn,
             TextColumn,
             TimeRemainingColumn,
-            TransferSpeedColumn,
         )
+        from rich.text import Text
+
+        class RateColumn(ProgressColumn):  # rich's own speed column counts in kB (1000), ours in KiB
+            def render(self, task: Any) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text("?" if speed is None else format_rate(speed), style="progress.data.speed")
 
         self.progress = Progress(
-            TextColumn("  writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+            TextColumn("  writing"), BarColumn(), TaskProgressColumn(), DownloadColumn(binary_units=True),
+            RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
         )  # fmt: skip
         self.task: TaskID | None = None
 
@@ -118,30 +138,21 @@ def cmd_ota(args: argparse.Namespace) -> int:
     """Run ``mgrpc ota``."""
     rest: list[str] = list(args.rest)
     if not rest:
-        err("Error: firmware file is required")
-        return 1
+        raise usage("firmware file is required")
     if len(rest) > 2:
-        err("Error: extra arguments")
-        return 1
+        raise usage(f"extra arguments: {' '.join(rest[2:])}")
     source = rest[0]
     begin_args = rest[1] if len(rest) > 1 and rest[1].strip() else None
     if begin_args is not None:
         try:
             json.loads(begin_args)
         except ValueError:
-            err(f"Error: OTA.Begin args [{begin_args}] is not a valid JSON string")
-            return 1
+            raise usage(f"OTA.Begin args [{begin_args}] is not a valid JSON string") from None
     if not 1 <= args.window <= MAX_WINDOW:
-        err(f"Error: --window must be between 1 and {MAX_WINDOW}")
-        return 1
+        raise usage(f"--window must be between 1 and {MAX_WINDOW}")
     if args.chunk_size <= 0:
-        err("Error: --chunk-size must be positive")
-        return 1
-    try:
-        fw = read_or_fetch(source)
-    except OtaError as e:
-        err(f"Error: {e}")
-        return 1
+        raise usage("--chunk-size must be positive")
+    fw = read_or_fetch(source)
 
     tty = sys.stderr.isatty() and not args.no_progress_bar
     bar = _RichProgress() if tty else None
@@ -152,11 +163,7 @@ def cmd_ota(args: argparse.Namespace) -> int:
         return await connect_from_args(args)
 
     async def run() -> int:
-        try:
-            client = await connect()
-        except (TransportError, OSError) as e:
-            print(describe_error(e))  # as mos: a connection failure goes to stdout
-            return 1
+        client = await connect()
         try:
             res = await ota_update(
                 client, fw, chunk_size=args.chunk_size, window=args.window, timeout_s=args.timeout,
@@ -170,7 +177,7 @@ def cmd_ota(args: argparse.Namespace) -> int:
                 bar.stop()
             await client.close()
         rate = res.bytes_sent / res.elapsed_s if res.elapsed_s > 0 else 0.0
-        log_line = f"Update sent: {res.bytes_sent} bytes in {res.elapsed_s:.1f} s ({rate / 1024:.1f} KiB/s)"
+        log_line = f"Update sent: {res.bytes_sent} bytes in {res.elapsed_s:.1f} s ({format_rate(rate)})"
         if res.resumed_from:
             log_line += f", resumed at {res.resumed_from}"
         if args.verbose or tty:
@@ -194,9 +201,6 @@ def cmd_ota(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         err("Interrupted. Run the same command again to resume the update.")
         return 130
-    except (MgrpcError, OSError) as e:
-        err(f"Error: {describe_error(e)}")
-        return 1
 
 
 def register(sub: Any) -> None:

@@ -182,9 +182,10 @@ class _Updater:
         self.gone = ""
 
     def say(self, text: str) -> None:
-        log.info("%s", text)
         if self.on_message is not None:
             self.on_message(text)
+        else:  # logged only when nobody shows it, so `mgrpc ota -v` prints each stage once
+            log.info("%s", text)
 
     def progress(self, done: int) -> None:
         if self.on_progress is not None:

@@ -110,7 +110,7 @@ async def test_unknown_group_is_a_usage_error(capsys: pytest.CaptureFixture[str]
     args = _parse(["--port", "loop://nothing", "conformance", "--only", "nosuchgroup"])
     rc = await asyncio.to_thread(args.func, args)
     err = capsys.readouterr().err
-    assert rc == 1 and "unknown check group" in err and "frame" in err
+    assert rc == 2 and "unknown check group" in err and "frame" in err
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:

@@ -93,10 +93,10 @@ def test_put_get_rm_roundtrip(device, tmp_path, capsysbinary):
 
 
 def test_file_errors(device, capsys, tmp_path):
-    assert cli(device, "get") == 1
-    assert capsys.readouterr().err == "Error: filename is required\n"
-    assert cli(device, "get", "a", "b") == 1
-    assert capsys.readouterr().err == "Error: extra arguments\n"
+    assert cli(device, "get") == 2
+    assert capsys.readouterr().err == "Error: filename is required; see 'mgrpc get --help'\n"
+    assert cli(device, "get", "a", "b") == 2
+    assert capsys.readouterr().err == "Error: extra arguments: b; see 'mgrpc get --help'\n"
     assert cli(device, "get", "missing.txt") == 1
     assert 'remote error 400: failed to open file "missing.txt"' in capsys.readouterr().err
     assert cli(device, "put", str(tmp_path / "nope.bin")) == 1
@@ -114,8 +114,8 @@ def test_config_get(device, capsys):
     assert capsys.readouterr().out == '{\n  "enable": false,\n  "pass": "",\n  "ssid": ""\n}\n'
     assert cli(device, "config-get", "wifi.nope") == 1
     assert capsys.readouterr().err == 'Error: no config value at path "wifi.nope"\n'
-    assert cli(device, "config-get", "a", "b") == 1
-    assert capsys.readouterr().err == "Error: only one path to value is allowed\n"
+    assert cli(device, "config-get", "a", "b") == 2
+    assert capsys.readouterr().err == "Error: only one path to value is allowed; see 'mgrpc config-get --help'\n"
 
 
 def test_config_set(device, capsys):
@@ -127,9 +127,9 @@ def test_config_set(device, capsys):
     assert conf["debug"]["level"] == 3 and conf["wifi"]["sta"] == {"enable": True, "ssid": "home", "pass": ""}
     assert cli(device, "config-set", "debug.level=high") == 1
     assert 'invalid number "high" for debug.level' in capsys.readouterr().err
-    assert cli(device, "config-set", "debug.level") == 1
+    assert cli(device, "config-set", "debug.level") == 2
     assert "expected path.to.value=value" in capsys.readouterr().err
-    assert cli(device, "config-set") == 1
+    assert cli(device, "config-set") == 2
     assert "at least one path.to.value=value pair should be given" in capsys.readouterr().err
 
 
@@ -144,8 +144,8 @@ def test_boot_state_commit_revert(device, capsys):
     assert "nothing to revert" in capsys.readouterr().err
 
 
-def test_connection_failure_goes_to_stdout(capsys):
+def test_connection_failure_goes_to_stderr(capsys):
     rc = main(["--port", "ws://127.0.0.1:1/rpc", "--timeout", "2s", "ls"])
     assert rc == 1
     out = capsys.readouterr()
-    assert "127.0.0.1:1" in out.out and out.err == ""
+    assert out.out == "" and out.err.startswith("Error: cannot connect to ws://127.0.0.1:1/rpc: ")

@@ -52,6 +52,7 @@ def test_ota_then_commit_command(device, fw_path, bundle2, capsys):
     ]
     assert err[-1] == "Finalizing update..."
     expected = [f"  {k * 65536} of {n} ({k * 65536 * 100 / n:.2f}%)" for k in range(1, n // 65536 + 1)]
+    expected.append(f"  {n} of {n} (100.00%)")
     assert [line for line in err if re.match(r"  \d+ of \d+ \(", line)] == expected
     wait_boots(device, 2)
     assert device.dev.boot_info.version == "2.0"
@@ -133,13 +134,15 @@ def test_ota_from_url(device, bundle2, tmp_path, capsys):
 
 
 def test_ota_argument_and_device_errors(device, fw_path, tmp_path, capsys):
-    assert cli(device, "ota") == 1
-    assert capsys.readouterr().err == "Error: firmware file is required\n"
-    assert cli(device, "ota", "a", "b", "c") == 1
-    assert capsys.readouterr().err == "Error: extra arguments\n"
-    assert cli(device, "ota", str(fw_path), "{nope") == 1
-    assert capsys.readouterr().err == "Error: OTA.Begin args [{nope] is not a valid JSON string\n"
-    assert cli(device, "ota", "--window", "21", str(fw_path)) == 1
+    assert cli(device, "ota") == 2
+    assert capsys.readouterr().err == "Error: firmware file is required; see 'mgrpc ota --help'\n"
+    assert cli(device, "ota", "a", "b", "c") == 2
+    assert capsys.readouterr().err == "Error: extra arguments: c; see 'mgrpc ota --help'\n"
+    assert cli(device, "ota", str(fw_path), "{nope") == 2
+    assert capsys.readouterr().err == (
+        "Error: OTA.Begin args [{nope] is not a valid JSON string; see 'mgrpc ota --help'\n"
+    )
+    assert cli(device, "ota", "--window", "21", str(fw_path)) == 2
     assert "--window must be between 1 and 20" in capsys.readouterr().err
     assert cli(device, "ota", str(tmp_path / "nope.zip")) == 1
     assert capsys.readouterr().err.startswith("Error: unable to read")
@@ -166,7 +169,10 @@ def test_mos_progress_lines():
     total = 200000
     for done in [0, *range(512, total, 512), total]:
         p(done, total)
-    assert lines == ["  65536 of 200000 (32.77%)", "  131072 of 200000 (65.54%)", "  196608 of 200000 (98.30%)"]
+    assert lines == [
+        "  65536 of 200000 (32.77%)", "  131072 of 200000 (65.54%)", "  196608 of 200000 (98.30%)",
+        "  200000 of 200000 (100.00%)",
+    ]  # fmt: skip
     lines.clear()
     p = MosProgress(lines.append)
     p(70000, total)  # a resumed update starts past the first boundary: no line for the start itself
