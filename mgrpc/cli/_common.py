@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mgrpc.errors import AppError
 from rpc.errors import AuthError, ChannelClosed, MgrpcError, RemoteError, RpcTimeout, TransportError, UsageError
 
 __all__ = [
@@ -151,7 +152,7 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-class CliError(MgrpcError):
+class CliError(AppError):
     """An error already phrased for the user: ``message`` and ``hint`` (what to do next).
 
     ``exit_status`` is 1 for an error, 2 for a usage error.
@@ -164,7 +165,7 @@ class CliError(MgrpcError):
         self.exit_status = exit_status
 
 
-class CannotConnect(TransportError):
+class CannotConnect(AppError, TransportError):
     """The link to ``--port`` could not be opened; the text names the cause in plain words."""
 
     def __init__(self, port: str, cause: BaseException) -> None:
