@@ -54,6 +54,7 @@ __all__ = [
     "FrameBytes",
     "Handshake",
     "Junk",
+    "LineStreamDecoder",
     "MosStreamDecoder",
     "MosStreamEncoder",
     "NonAscii",
@@ -231,6 +232,45 @@ class MosStreamEncoder:
         return HANDSHAKE_ACK
 
 
+class LineStreamDecoder(_Decoder):
+    """One message per line (newline-delimited JSON), what plain JSON-RPC 2.0 stream peers speak.
+
+    Used on the client side with ``?dialect=jsonrpc``. Blank lines are skipped; a line longer than
+    ``max_size`` (0: no bound) is dropped as :class:`Oversize`; at EOF a last unterminated line counts.
+    """
+
+    def __init__(self, *, max_size: int = 0) -> None:
+        super().__init__()
+        self.max_size = max_size
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes; every complete line becomes a :class:`FrameBytes` event."""
+        buf = self._buf
+        buf += data
+        while (pos := buf.find(b"\n")) >= 0:
+            self._line(bytes(buf[:pos]))
+            del buf[: pos + 1]
+        if self.max_size and len(buf) > self.max_size:
+            self._emit(Oversize(len(buf)))
+            buf.clear()
+
+    def feed_eof(self) -> None:
+        """The stream ended: a last line without its newline is still a message."""
+        if self._buf:
+            self._line(bytes(self._buf))
+            self._buf.clear()
+
+    def _line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        if self.max_size and len(line) > self.max_size:
+            self._emit(Oversize(len(line)))
+            return
+        self._emit(FrameBytes(line, None))
+
+
 class _MosState(enum.Enum):
     HUNT = "hunt"  # between frames: looking for a delimiter followed by '{' or 0x04
     FRAME = "frame"  # inside a frame: looking for the closing delimiter
@@ -398,6 +438,8 @@ class DeviceLinkModes:
     crc: bool = False  # a frame with a valid CRC was seen: frames are written with a CRC
 
 
+_NO_LIMIT = 1 << 62
+
 # A JSON-RPC 2.0 batch on a line: "[" then "{" (or "]"), and a closing "]" (console text such as
 # "[boot] {...}" does not match).
 _BATCH_RE = re.compile(rb"^\s*\[\s*[{\]].*\]\s*$", re.S)
@@ -434,8 +476,9 @@ class DeviceStreamDecoder(_Decoder):
 
     @property
     def limit(self) -> int:
-        """The most bytes the unparsed remainder may hold (``max_frame_size + 6``)."""
-        return self.max_frame_size + 6
+        """The most bytes the unparsed remainder may hold (``max_frame_size + 6``; a ``max_frame_size``
+        of 0, a bridge's, is no limit)."""
+        return self.max_frame_size + 6 if self.max_frame_size else _NO_LIMIT
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes; events become available from :meth:`events`."""

@@ -170,6 +170,8 @@ class HttpClientChannel(Channel):
             status, data, _ = await self._post(body, authz)
             if status == 401:
                 raise AuthError("authentication failed")
+        if status == 204:
+            return  # No Content: what JSON-RPC 2.0 servers answer a notification with
         if status != 200:
             detail = data.decode("utf-8", "replace").strip()[:200]
             raise TransportError(f"server returned an error: HTTP {status}" + (f" {detail}" if detail else ""))
@@ -417,10 +419,10 @@ class HttpListener:
         if request.method != "POST":
             return _response(request, 405, b"JSON-RPC 2.0 takes POST\r\n", content_type="text/plain",
                              headers={"Allow": "POST, OPTIONS"})  # fmt: skip
-        if (request.content_length or 0) > self.node.max_frame_size + 2:
+        if self._too_big(request.content_length or 0, slack=2):
             return _response(request, 413, _TOO_LARGE)
         body = await request.read()
-        if len(body) > self.node.max_frame_size + 2:
+        if self._too_big(len(body), slack=2):
             return _response(request, 413, _TOO_LARGE)
         return await self._jsonrpc(request, body)
 

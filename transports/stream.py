@@ -33,6 +33,7 @@ from rpc.framing import (
     FrameBytes,
     Handshake,
     Junk,
+    LineStreamDecoder,
     MosStreamDecoder,
     MosStreamEncoder,
     NonAscii,
@@ -93,7 +94,10 @@ class StreamClientChannel(Channel):
         super().__init__(codec=codec, style=style)
         self.on_junk: JunkHandler = on_junk or _log_junk
         self._enc: MosStreamEncoder | BinaryStreamEncoder = MosStreamEncoder(crc=crc)
-        self._dec: MosStreamDecoder | BinaryStreamDecoder = MosStreamDecoder(flow_control=flow_control)
+        self._dec: MosStreamDecoder | BinaryStreamDecoder | LineStreamDecoder = MosStreamDecoder(
+            flow_control=flow_control
+        )
+        self._line_check = True
         if self.binary:
             self._enc, self._dec = BinaryStreamEncoder(), BinaryStreamDecoder()
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -108,6 +112,11 @@ class StreamClientChannel(Channel):
     # -- receiving --------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         """Bytes arrived from the peer."""
+        if self._line_check:
+            # ?dialect=jsonrpc swaps the codec in after the channel is built: read lines from then on.
+            self._line_check = False
+            if getattr(self.codec, "line_framed", False):
+                self._dec = LineStreamDecoder()
         self._dec.feed(data)
         self._dispatch()
 

@@ -295,3 +295,37 @@ async def test_dialect_url_option_client_only() -> None:
     finally:
         await listener.close()
         await node.close()
+
+
+# -- stream framing for the dialect -------------------------------------------------------------------------
+
+
+def test_line_decoder_any_split() -> None:
+    from rpc.framing import FrameBytes, LineStreamDecoder, Oversize
+
+    wire = b'\n{"a":1}\n\n  {"b":2}\r\n{"c":3}'
+    for step in (1, 3, len(wire)):
+        dec = LineStreamDecoder()
+        for i in range(0, len(wire), step):
+            dec.feed(wire[i : i + step])
+        dec.feed_eof()
+        assert list(dec.events()) == [FrameBytes(b'{"a":1}'), FrameBytes(b'{"b":2}'), FrameBytes(b'{"c":3}')]
+    dec = LineStreamDecoder(max_size=8)
+    dec.feed(b'{"long":"line"}\n{"a":1}\n')
+    assert list(dec.events()) == [Oversize(15), FrameBytes(b'{"a":1}')]
+
+
+def test_device_stream_decoder_keeps_a_batch_whole() -> None:
+    from rpc.framing import DeviceStreamDecoder, FrameBytes, Junk
+
+    dec = DeviceStreamDecoder(ascii_only=False)
+    dec.feed(b'[{"jsonrpc":"2.0","method":"A","id":1}, {"jsonrpc":"2.0","method":"B"}]\n')
+    dec.feed(b"[boot] {not a batch}\n")  # console text stays junk + frame, as rpc-uart reads it
+    dec.feed(b'{"jsonrpc": "2.0", "method"\n')  # no closing brace: whole, and no CRC mode learned
+    events = list(dec.events())
+    assert events[0] == FrameBytes(b'[{"jsonrpc":"2.0","method":"A","id":1}, {"jsonrpc":"2.0","method":"B"}]')
+    assert events[1:3] == [Junk(b"[boot] "), FrameBytes(b"{not a batch}")]
+    assert events[3] == FrameBytes(b'{"jsonrpc": "2.0", "method"') and not dec.modes.crc
+    unlimited = DeviceStreamDecoder(max_frame_size=0)
+    unlimited.feed(b'{"x":"' + b"y" * 10000 + b'"}\n')
+    assert [type(e) for e in unlimited.events()] == [FrameBytes]
