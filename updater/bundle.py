@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-from updater.errors import UpdaterError
+from updater.errors import MissingExtra, UpdaterError
 from updater.firmware import firmware_chunks
 from updater.manifest import MANIFEST_FILE_NAME, Manifest, dumps_manifest
 
@@ -420,7 +420,7 @@ def make_fs_image(
     try:
         import littlefs
     except ImportError:
-        raise UpdaterError("FS images need the 'littlefs-python' package: pip install 'mgrpc[fs]'") from None
+        raise MissingExtra("FS images", "littlefs-python", "fs") from None
     if fs_size % block_size or fs_size < 2 * block_size:
         raise UpdaterError(f"fs_size must be a multiple of {block_size} and at least 2 blocks, got {fs_size}")
     fs = littlefs.LittleFS(block_size=block_size, block_count=fs_size // block_size, name_max=255)

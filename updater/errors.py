@@ -6,7 +6,7 @@ code, as the device's ``updater_process()`` reports them (``< 0`` = failure).
 
 from __future__ import annotations
 
-__all__ = ["BootError", "BootStateError", "FlashError", "PowerCut", "SnapshotError", "UpdaterError"]
+__all__ = ["BootError", "BootStateError", "FlashError", "MissingExtra", "PowerCut", "SnapshotError", "UpdaterError"]
 
 
 class UpdaterError(Exception):
@@ -23,6 +23,14 @@ class FlashError(UpdaterError, OSError):
 
     def __init__(self, message: str, *, code: int = -11) -> None:
         super().__init__(message, code=code)
+
+
+class MissingExtra(UpdaterError, ImportError):
+    """An optional package is not installed; the message names the extra that brings it."""
+
+    def __init__(self, what: str, package: str, extra: str) -> None:
+        super().__init__(f"{what} need the '{package}' package: pip install 'mgrpc[{extra}]'", code=-1)
+        self.extra = extra
 
 
 class PowerCut(Exception):  # an event, not an error: the power went away

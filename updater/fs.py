@@ -18,16 +18,18 @@ interruption copies what is still missing and nothing else.
 from __future__ import annotations
 
 import builtins
+import importlib
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import littlefs
-from littlefs import lfs
-
-from .errors import FlashError, PowerCut, UpdaterError
+from .errors import FlashError, MissingExtra, PowerCut, UpdaterError
 from .flash import Flash
 from .partitions import Partition
+
+if TYPE_CHECKING:
+    import littlefs
 
 __all__ = ["FSError", "FlashFS", "make_fs_image", "merge_fs"]
 
@@ -51,8 +53,29 @@ class FSError(UpdaterError, OSError):
         super().__init__(message, code=code)
 
 
-class _FlashContext(littlefs.UserContext):
-    """LittleFS block device callbacks over a flash partition."""
+def _littlefs() -> tuple[ModuleType, ModuleType]:
+    """``littlefs`` and ``littlefs.lfs``, imported on first use; a missing package names the extra."""
+    try:
+        return importlib.import_module("littlefs"), importlib.import_module("littlefs.lfs")
+    except ImportError:
+        raise MissingExtra("Device filesystems (LittleFS)", "littlefs-python", "fs") from None
+
+
+_context_class: type | None = None
+
+
+def _new_context(flash: Flash, part: Partition) -> _FlashCallbacks:
+    """A :class:`_FlashCallbacks` that is also the ``littlefs.UserContext`` LittleFS requires."""
+    global _context_class
+    if _context_class is None:
+        littlefs, _ = _littlefs()
+        _context_class = type("_FlashContext", (_FlashCallbacks, littlefs.UserContext), {})
+    ctx: _FlashCallbacks = _context_class(flash, part)
+    return ctx
+
+
+class _FlashCallbacks:
+    """LittleFS block device callbacks over a flash partition (made a ``UserContext`` by _new_context)."""
 
     def __init__(self, flash: Flash, part: Partition) -> None:
         # Deliberately not calling UserContext.__init__: it would allocate a RAM buffer.
@@ -101,7 +124,7 @@ class FlashFS:
     def __init__(self, flash: Flash, part: Partition, *, format_if_blank: bool = False, grow: bool = False) -> None:
         self.flash = flash
         self.part = part
-        self._ctx = _FlashContext(flash, part)
+        self._ctx = _new_context(flash, part)
         blocks = part.size // flash.sector_size
         # Mount with the block count the image's superblock records: a bundle's fs image may be
         # smaller than the partition (its manifest fs_size); ``grow`` then extends it to the whole
@@ -123,6 +146,7 @@ class FlashFS:
             self._call(self._fs.fs_grow, blocks)
 
     def _lfs(self, block_count: int) -> littlefs.LittleFS:
+        littlefs, _ = _littlefs()
         return littlefs.LittleFS(
             self._ctx,
             mount=False,
@@ -137,6 +161,7 @@ class FlashFS:
 
     def _call(self, fn: Callable[..., T], *args: Any, name: str = "") -> T:
         """Run one LittleFS call; re-raise a power cut or flash error seen inside a callback."""
+        littlefs, _ = _littlefs()
         self._ctx.cut = self._ctx.error = None
         try:
             result = fn(*args)
@@ -156,6 +181,7 @@ class FlashFS:
 
     def list(self, path: str = "/") -> list[str]:
         """Names of the files (not directories) in directory ``path``, sorted."""
+        littlefs, _ = _littlefs()
         entries = self._call(self._fs.scandir, path)
         return sorted(
             e.name for e in entries if e.type == littlefs.LFSStat.TYPE_REG and not e.name.endswith(TMP_SUFFIX)
@@ -179,6 +205,7 @@ class FlashFS:
 
     def read(self, name: str) -> bytes:
         """Whole content of file ``name``."""
+        _, lfs = _littlefs()
         fs = self._fs.fs
 
         def do() -> bytes:
@@ -199,6 +226,7 @@ class FlashFS:
         ``name`` (an atomic LittleFS commit) once complete. Leftover temp files are hidden by
         :meth:`list` and overwritten by the next write of that name.
         """
+        _, lfs = _littlefs()
         fs = self._fs.fs
         tmp = name + TMP_SUFFIX
 

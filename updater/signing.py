@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from updater.errors import UpdaterError
+from updater.errors import MissingExtra, UpdaterError
 from updater.manifest import go_json
 
 __all__ = [
@@ -52,11 +52,11 @@ MAX_KEYS = 8
 _EXTRA_HDR = struct.Struct("<HH")
 
 
-class SigningUnavailable(UpdaterError, ImportError):
+class SigningUnavailable(MissingExtra):
     """The ``cryptography`` package is missing."""
 
     def __init__(self) -> None:
-        super().__init__("Firmware signatures need the 'cryptography' package: pip install 'mgrpc[sign]'", code=-1)
+        super().__init__("Firmware signatures", "cryptography", "sign")
 
 
 def _crypto() -> Any:

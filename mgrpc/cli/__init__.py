@@ -267,7 +267,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mgrpc`` console script: parse, run the command, report any error."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
+    try:
+        parser = build_parser(argv)
+    except ImportError as e:  # a command module that needs an optional dependency at import
+        return report_error(e)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version (0) or a usage error already reported (2)

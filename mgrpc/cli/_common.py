@@ -20,9 +20,9 @@ from mgrpc.errors import AppError
 from rpc.errors import AuthError, ChannelClosed, MgrpcError, RemoteError, RpcTimeout, TransportError, UsageError
 
 __all__ = [
-    "EXIT_ERROR", "EXIT_USAGE", "CannotConnect", "CliError", "configure_logging", "connect_from_args",
-    "describe_error", "err", "error_line", "parse_duration", "port_from_args", "report_error", "run_with_client",
-    "usage",
+    "EXIT_ERROR", "EXIT_USAGE", "EXTRAS", "CannotConnect", "CliError", "configure_logging", "connect_from_args",
+    "describe_error", "err", "error_line", "missing_extra_message", "parse_duration", "port_from_args",
+    "report_error", "run_with_client", "usage",
 ]
 
 EXIT_ERROR = 1
@@ -254,10 +254,38 @@ def _timeout_line(args: Any) -> str:
     return f"{head}; check --port and that the device is running, or raise --timeout"
 
 
+# Top-level module of each optional dependency -> (the pip package, the extra that installs it).
+EXTRAS = {
+    "littlefs": ("littlefs-python", "fs"),
+    "aiohttp": ("aiohttp", "http"),
+    "paho": ("paho-mqtt", "mqtt"),
+    "serial": ("pyserial", "serial"),
+    "bleak": ("bleak", "ble"),
+    "bumble": ("bumble", "ble"),
+    "msgpack": ("msgpack", "msgpack"),
+    "cryptography": ("cryptography", "sign"),
+}
+
+
+def missing_extra_message(e: ImportError) -> str:
+    """One line for a missing optional dependency: the library's own words when they name the
+    extra, else the package and ``pip install 'mgrpc[EXTRA]'`` from :data:`EXTRAS`."""
+    text = str(e)
+    if _needs_install(text):
+        return text
+    top = (e.name or "").split(".")[0]
+    if top in EXTRAS:
+        package, extra = EXTRAS[top]
+        return f"this command needs the '{package}' package: pip install 'mgrpc[{extra}]'"
+    return f"missing module {e.name or text!r}: pip install 'mgrpc[all]'"
+
+
 def error_line(e: BaseException, args: Any = None) -> tuple[str, int]:
     """The one line (without ``Error: ``) and the exit status for ``e``."""
     if isinstance(e, CliError):
         return str(e), e.exit_status
+    if isinstance(e, ImportError):  # an optional dependency this command needs is not installed
+        return missing_extra_message(e), EXIT_ERROR
     if isinstance(e, CannotConnect):
         return str(e), EXIT_ERROR
     if isinstance(e, AuthError) or (isinstance(e, RemoteError) and e.code == 401):
