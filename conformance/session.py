@@ -235,6 +235,25 @@ class Session:
                     return retry
         return resp
 
+    async def exchange(self, frame: Frame, *, timeout_s: float | None = None) -> Frame | None:
+        """Send a hand-built request and return its response (None if none came in time); with
+        credentials a 401 challenge is answered once with the same id, as mos does."""
+        t = self.options.timeout_s if timeout_s is None else timeout_s
+        p = await self.probe()
+        resp = await p.exchange(frame, timeout_s=t)
+        creds = self.options.creds
+        err = resp.error if resp is not None else None
+        if creds is not None and err is not None and err.code == 401 and frame.auth is None:
+            try:
+                challenge = json.loads(err.message or "")
+            except ValueError:
+                return resp
+            if isinstance(challenge, dict):
+                retry = await p.exchange(frame.replace(auth=make_auth(challenge, creds)), timeout_s=t)
+                if retry is not None:
+                    return retry
+        return resp
+
     async def call(self, method: str, params: Any = ABSENT, **kw: Any) -> Any:
         """Call ``method`` and return its result; an error reply fails the check."""
         resp = await self.request(method, params, **kw)

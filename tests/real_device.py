@@ -194,7 +194,15 @@ class RealDevice:
         if not self.ws_url:
             self.stop()
             raise RealDeviceError(f"READY line without a ws:// URL: {ready[0]!r}")
+        self._make_fs_writable()
         return self
+
+    def _make_fs_writable(self) -> None:
+        """run-device copies the fs template with its modes, and the shared template is read-only;
+        a device's flash fs is writable, so give the device's user write access to its directory."""
+        fs = self.workdir / "state" / "fs"
+        if fs.is_dir():
+            fs.chmod(fs.stat().st_mode | 0o200)
 
     def stop(self, *, timeout_s: float = 10.0) -> None:
         """SIGTERM the launcher and wait for it (SIGKILL as the last resort)."""

@@ -210,8 +210,7 @@ async def _method_case_insensitive(s: Session) -> str | None:
 async def _unknown_members_ignored(s: Session) -> str | None:
     fid = Probe.new_id()
     frame = Frame(id=fid, src="mos", method="RPC.Ping", v=2, extra={"conformance_extra": {"x": [1, 2]}})
-    p = await s.probe()
-    resp = await p.exchange(frame, timeout_s=s.options.timeout_s)
+    resp = await s.exchange(frame)
     expect(
         resp is not None and resp.ok,
         "a request with v and an unknown member must still be answered",
@@ -254,12 +253,11 @@ async def _receive_budget(s: Session, limit: int) -> tuple[int, str]:
 async def _max_frame_size(s: Session) -> str | None:
     limit = await s.frame_limit()
     budget, why = await _receive_budget(s, limit)
-    p = await s.probe()
     small = Frame(id=Probe.new_id(), src="mos", method="RPC.Ping", params={"pad": ""})
     pad = max(0, budget - HEADROOM - len(small.encode("mos")))
     fits = small.replace(params={"pad": "x" * pad})
     n_fits = len(fits.encode("mos"))
-    resp = await p.exchange(fits, timeout_s=s.options.timeout_s)
+    resp = await s.exchange(fits)
     expect(
         resp is not None and resp.ok,
         f"a {n_fits}-byte frame (under {why}) must be answered",
@@ -285,7 +283,7 @@ async def _max_frame_size(s: Session) -> str | None:
     # or stall the connection); what is required is that the device answers again afterwards.
     fate = await _oversize_fate(s, big)
     await s.reopen()
-    again = await (await s.probe()).request("RPC.Ping", timeout_s=s.options.timeout_s)
+    again = await s.exchange(Frame(id=Probe.new_id(), src="mos", method="RPC.Ping"))
     expect(
         again is not None,
         f"after a {n_big}-byte frame the device must answer again on a new connection",

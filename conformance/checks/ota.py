@@ -4,9 +4,10 @@ All but the status/boot-state shape checks change the device (they install firmw
 so they run only when asked (``--ota BUNDLE`` or ``--ota-generate``). Each destructive check starts
 from an idle, committed device and leaves it that way.
 
-The bundle is the user's ``--ota`` file, or (``--ota-generate``) an app-only bundle for the device's
-``arch`` made by :func:`generate_bundle` — the firmware image format of mgrpc's virtual device, so it
-boots there; a real board needs a real bundle.
+The bundle is the user's ``--ota`` file, or (``--ota-generate``) a bundle for the device's ``arch``
+(from ``Sys.GetInfo``) made by :func:`generate_bundle` with the parts that arch requires (app and fs
+for esp32/esp8266) — the firmware image format of mgrpc's virtual device, so it boots there; a real
+board needs a real bundle.
 """
 
 from __future__ import annotations
@@ -32,9 +33,20 @@ STATE_NAMES = {0: "idle", 1: "progress", 2: "error", 3: "success"}
 BOOT_KEYS = ("active_slot", "is_committed", "revert_slot", "commit_timeout")
 
 
+# The parts a device of each arch requires in a bundle (updater.md §3); other archs need the app only.
+# ESP8266 names its app part "fw" and needs flash addresses; both ESP chips refuse a bundle without
+# an fs part ("Incomplete update package").
+REQUIRED_PARTS: dict[str, tuple[str, ...]] = {"esp32": ("app", "fs"), "esp32c3": ("app", "fs"), "esp8266": ("fw", "fs")}
+GENERATED_FS_SIZE = 64 << 10
+
+
 def generate_bundle(arch: str, version: str, *, app_size: int = 16 << 10) -> bytes:
-    """An app-only fw.zip for ``arch`` reporting ``version`` (mgrpc virtual-device firmware image)."""
-    from updater.bundle import BundlePart, build_bundle, virtual_build_id
+    """A fw.zip for ``arch`` reporting ``version``: the parts that arch requires (updater.md §3) —
+    always an app (mgrpc virtual-device firmware image) and, for esp32/esp8266 and the virtual device,
+    an fs part holding a LittleFS image (block size 4096, the kind the virtual device mounts) with an
+    empty ``conf0.json``. Every part carries ``size``, ``cs_sha1`` and ``cs_sha256``.
+    """
+    from updater.bundle import BundlePart, build_bundle, make_fs_image, virtual_build_id
     from updater.firmware import firmware_chunks
 
     name = "conformance"
@@ -43,8 +55,23 @@ def generate_bundle(arch: str, version: str, *, app_size: int = 16 << 10) -> byt
     def chunks() -> Any:
         return firmware_chunks(name, version, build_id, arch, "ok", total_size=app_size, seed=1234)
 
-    part = BundlePart("app", chunks, {"type": "app", "src": f"{name}.bin", "ptn": "app_0"})
-    return build_bundle(platform=arch, version=version, build_id=build_id, name=name, parts=[part])
+    fs_image = make_fs_image({"conf0.json": b"{}"}, fs_size=GENERATED_FS_SIZE)
+    app_name, fs_name = REQUIRED_PARTS.get(arch.lower(), ("app", "fs"))
+    if app_name == "fw":  # ESP8266: rboot slot addresses (the device uses its own build constants)
+        parts = [
+            BundlePart("fw", chunks, {"type": "app", "src": f"{name}.bin", "addr": 0x2000, "addr1": 0x102000}),
+            BundlePart(
+                fs_name,
+                fs_image,
+                {"type": "fs", "src": "fs.img", "addr": 0xBB000, "addr1": 0x1BB000, "fs_size": GENERATED_FS_SIZE},
+            ),
+        ]
+    else:
+        parts = [
+            BundlePart(app_name, chunks, {"type": "app", "src": f"{name}.bin", "ptn": "app_0"}),
+            BundlePart(fs_name, fs_image, {"type": "fs", "src": "fs.img", "ptn": "fs_0", "fs_size": GENERATED_FS_SIZE}),
+        ]
+    return build_bundle(platform=arch, version=version, build_id=build_id, name=name, parts=parts)
 
 
 def bundle_manifest(bundle: bytes) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 from conformance.model import check, expect
+from conformance.probe import Probe
 from conformance.rawjson import member_text, show
 from conformance.session import Session
 from rpc.errors import MgrpcError
@@ -169,6 +170,11 @@ async def _sys_reboot_bad_delay(s: Session) -> str | None:
 )
 async def _sys_reboot(s: Session) -> str | None:
     before = await s.get_info(fresh=True)
+    up = before.get("uptime")
+    if isinstance(up, int | float) and up < 2:
+        # Uptime is in whole seconds: a device that has just booted could not show it restarting.
+        await asyncio.sleep(2.5 - up)
+        before = await s.get_info(fresh=True)
     resp = await s.request("Sys.Reboot", {"delay_ms": 100})
     expect(
         resp.ok and resp.result is None,
@@ -186,7 +192,7 @@ async def _sys_reboot(s: Session) -> str | None:
             evidence = "connection dropped"
             break
         try:
-            got = await p.request("Sys.GetInfo", timeout_s=1.0)
+            got = await s.exchange(Frame(id=Probe.new_id(), src="mos", method="Sys.GetInfo"), timeout_s=1.0)
         except (MgrpcError, OSError):  # HTTP: the server is down while the device restarts
             got = None
         if got is None:

@@ -45,7 +45,8 @@ def register(sub: Any) -> None:
     g.add_argument(
         "--ota-generate",
         action="store_true",
-        help="generate an app-only bundle for the device's arch (mgrpc virtual-device firmware)",
+        help="generate a bundle for the device's arch with the parts it requires "
+        "(app and fs for esp32/esp8266; mgrpc virtual-device firmware)",
     )
     p.add_argument(
         "--destructive",
@@ -182,17 +183,32 @@ async def _run(args: argparse.Namespace) -> Any:
 _STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "error": "bold magenta"}
 
 
+_FOLDS = {
+    "not applicable over": "for another transport",
+    "not offered": "of methods the device does not offer (not in its RPC.List)",
+}
+
+
+def _fold_kind(r: Any) -> str | None:
+    if r.outcome.value != "skip":
+        return None
+    return next((k for k in _FOLDS if r.message.startswith(k)), None)
+
+
 def _rows(results: list[Any], show_skips: bool) -> list[tuple[Any, str, list[str]]]:
-    """Rows to print: ``(result, "", [])`` per result, except that skips "not applicable over
-    <scheme>" become one ``(None, group, [names])`` row per group unless ``show_skips``."""
+    """Rows to print: ``(result, "", [])`` per result, except that skips for another transport and
+    skips of methods not offered become one ``(None, "<group>|<kind>", [names])`` row per group and
+    kind, unless ``show_skips``."""
     rows: list[tuple[Any, str, list[str]]] = []
     folded: dict[str, list[str]] = {}
     for r in results:
-        if not show_skips and r.outcome.value == "skip" and r.message.startswith("not applicable over"):
-            if r.group not in folded:
-                folded[r.group] = []
-                rows.append((None, r.group, folded[r.group]))
-            folded[r.group].append(r.name)
+        kind = None if show_skips else _fold_kind(r)
+        if kind is not None:
+            key = f"{r.group}|{kind}"
+            if key not in folded:
+                folded[key] = []
+                rows.append((None, key, folded[key]))
+            folded[key].append(r.name)
             continue
         rows.append((r, "", []))
     return rows
@@ -209,8 +225,9 @@ def _print(console: Any, report: Any, *, show_skips: bool = False) -> None:
     table.add_column("seen / expected", overflow="fold")
     for r, group, names in _rows(list(report.results), show_skips):
         if r is None:
-            what = f"{len(names)} check(s) for another transport: " + ", ".join(n.split(".", 1)[-1] for n in names)
-            table.add_row(Text(f"{group}.*"), Text(""), Text("SKIP", style=_STYLE["skip"]), Text(what))
+            grp, kind = group.split("|", 1)
+            what = f"{len(names)} check(s) {_FOLDS[kind]}: " + ", ".join(n.split(".", 1)[-1] for n in names)
+            table.add_row(Text(f"{grp}.*"), Text(""), Text("SKIP", style=_STYLE["skip"]), Text(what))
             continue
         detail = r.message
         if r.outcome.value in ("fail", "error"):
@@ -230,6 +247,8 @@ def _print(console: Any, report: Any, *, show_skips: bool = False) -> None:
     slowest = max(report.results, key=lambda r: r.duration_s, default=None)
     longest = f", longest check {slowest.name} {slowest.duration_s:.1f} s" if slowest is not None else ""
     console.print(f"{verdict}  {counts}  ({report.duration_s:.1f} s{longest})")
+    if not show_skips and any(_fold_kind(r) for r in report.results):
+        console.print("(skips folded per group; --show-skips lists them)")
 
 
 def _cite(section: str) -> str:
