@@ -23,6 +23,12 @@ def _filename(params: Any) -> str:
     return name.lstrip("/")
 
 
+def _reason(e: OSError) -> str:
+    # What the filesystem said, without the partition name: "no such file: data/r.bin".
+    text = str(getattr(e, "message", None) or e)
+    return text.split(": ", 1)[1] if ": " in text else text
+
+
 def add_fs_service(node: Node, fw: Firmware) -> None:
     """Register the FS.* handlers working on the running slot's filesystem ``fw.fs``."""
 
@@ -57,15 +63,16 @@ def add_fs_service(node: Node, fw: Firmware) -> None:
             fw.fs.write(name, chunk)
         except OSError as e:
             log.warning("FS.Put %s: %s", name, e)
-            raise HandlerError(500, "failed to write data") from None
+            # rpc-service-fs's words, then the filesystem's own reason (so the user learns why)
+            raise HandlerError(500, f"failed to write data: {_reason(e)}") from None
         raise HandlerError(0)  # the device answers success through the error path
 
     def remove(ctx: Context, params: Any) -> Any:
         name = _filename(params)
         try:
             fw.fs.remove(name)
-        except OSError:
-            raise HandlerError(500, "remove failed") from None
+        except OSError as e:
+            raise HandlerError(500, f"remove failed: {_reason(e)}") from None
         raise HandlerError(0)
 
     node.add_handler("FS.List", list_, args_fmt="{path: %Q}")

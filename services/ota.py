@@ -39,7 +39,7 @@ from services.firmware import Firmware
 from updater.context import UpdaterContext, UpdaterState
 from updater.errors import UpdaterError
 
-__all__ = ["OtaService", "OtaState", "add_ota_service"]
+__all__ = ["OtaService", "OtaState", "add_ota_service", "slot_view"]
 
 log = logging.getLogger("mgrpc.services.ota")
 
@@ -289,6 +289,28 @@ def _int(p: dict[str, Any], key: str, default: int) -> int:
     return v
 
 
+def slot_view(storage: Any) -> list[dict[str, Any]]:
+    """Both slots as ``OTA.GetBootState {"slots": true}`` reports them (an mgrpc extension, like
+    ``mcumgr image list``): ``slot``, ``version``, ``build_id``, ``size``, ``sha256`` of the app image,
+    ``valid`` (the image is complete), ``active`` (the boot config selects it), ``running`` (the
+    firmware now running came from it), and ``committed``: the active slot's commit flag; for the
+    other slot, whether it holds the committed firmware the device falls back to (a valid revert slot).
+    """
+    loader = storage.loader
+    cfg = loader.load()
+    out = []
+    for i, s in enumerate(cfg.slots):
+        valid = loader.slot_valid(cfg, i)
+        active = i == cfg.active_slot
+        out.append({
+            "slot": i, "version": s.version, "build_id": s.build_id, "size": s.app_len,
+            "sha256": s.app_sha256.hex() if valid else "", "valid": valid, "active": active,
+            "running": i == storage.running_slot,
+            "committed": cfg.committed if active else (valid and i == cfg.revert_slot),
+        })  # fmt: skip
+    return out
+
+
 def add_ota_service(
     node: Node, fw: Firmware, *, ota: OtaService | None = None, http_fetch: Callable[..., Any] | None = None
 ) -> OtaService:
@@ -351,7 +373,10 @@ def add_ota_service(
 
     def get_boot_state(ctx: Context, params: Any) -> Any:
         try:
-            return st.get_boot_state()
+            state = st.get_boot_state()
+            if isinstance(params, dict) and params.get("slots") is True:
+                state = {**state, "slots": slot_view(st)}  # our extension; mos never asks for it
+            return state
         except UpdaterError as e:
             raise HandlerError(e.code) from None
 

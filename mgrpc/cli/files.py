@@ -2,17 +2,20 @@
 
 Output as ``mos`` prints it: ``ls`` one name per line (``name size`` with ``-l``) sorted, lines ended
 by ``\\r\\n``; ``get`` the raw file bytes on stdout; ``config-get`` a string raw, a number plain, an
-object as Go-indented JSON with sorted keys; progress and stage messages on stderr. ``boot-state``
-prints ``OTA.GetBootState`` exactly as ``mgrpc call OTA.GetBootState`` would.
+object as Go-indented JSON with sorted keys; progress and stage messages on stderr. ``ls`` and
+``config-get`` take ``--json`` (plain JSON on stdout). ``boot-state`` (mos has no such command) shows
+both slots, like ``mcumgr image list``; ``--json`` gives ``OTA.GetBootState`` with a ``slots`` list.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mgrpc.cli._common import CliError, describe_error, err, run_with_client, usage
@@ -78,6 +81,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     async def run(client: Any) -> int:
         files = await fs_list(client, path, long=args.long, timeout_s=args.timeout)
         out = sys.stdout
+        if args.json:
+            items = [{"name": n, **({"size": s} if s is not None else {})} for n, s in files]
+            out.write(json.dumps(items, indent=2, ensure_ascii=False) + "\n")
+            return 0
         for name, size in files:
             out.write(name + (f" {size}" if size is not None else "") + "\r\n")
         out.flush()
@@ -91,9 +98,10 @@ def cmd_get(args: argparse.Namespace) -> int:
     rest = _args_count(args, 1, 1, "filename is required")
 
     async def run(client: Any) -> int:
-        data = await fs_get(
-            client, rest[0], chunk_size=args.chunk_size, attempts=args.fs_op_attempts, timeout_s=args.timeout
-        )
+        with _file_errors(rest[0]):
+            data = await fs_get(
+                client, rest[0], chunk_size=args.chunk_size, attempts=args.fs_op_attempts, timeout_s=args.timeout
+            )
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return 0
@@ -108,9 +116,11 @@ def cmd_put(args: argparse.Namespace) -> int:
     dev_name = rest[1] if len(rest) > 1 else os.path.basename(rest[0].rstrip("/"))
 
     async def run(client: Any) -> int:
-        await fs_put(
-            client, data, dev_name, chunk_size=args.chunk_size, attempts=args.fs_op_attempts, timeout_s=args.timeout
-        )
+        with _file_errors(dev_name):
+            await fs_put(
+                client, data, dev_name, chunk_size=args.chunk_size, attempts=args.fs_op_attempts,
+                timeout_s=args.timeout,
+            )  # fmt: skip
         return 0
 
     return run_with_client(args, run)
@@ -121,7 +131,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
     rest = _args_count(args, 1, 1, "filename is required")
 
     async def run(client: Any) -> int:
-        await fs_remove(client, rest[0], timeout_s=args.timeout)
+        with _file_errors(rest[0]):
+            await fs_remove(client, rest[0], timeout_s=args.timeout)
         return 0
 
     return run_with_client(args, run)
@@ -135,7 +146,11 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
     async def run(client: Any) -> int:
         conf = await config_get(client, level=args.level, timeout_s=args.timeout)
-        sys.stdout.write(format_config_value(config_get_path(conf, path)) + "\n")
+        value = config_get_path(conf, path)
+        if args.json:
+            sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write(format_config_value(value) + "\n")
         return 0
 
     return run_with_client(args, run)
@@ -183,24 +198,90 @@ def _ota_simple(method: str, done: str) -> Callable[[argparse.Namespace], int]:
     return cmd
 
 
+async def boot_slots(client: Any, *, timeout_s: float | None = None) -> dict[str, Any]:
+    """``OTA.GetBootState`` with a ``slots`` list. A device with mgrpc's extension reports both slots
+    (``{"slots": true}``); for any other, the running slot comes from ``Sys.GetInfo`` (``fw_version``,
+    ``fw_id``) and what the device does not say is ``null``."""
+    state = await client.call("OTA.GetBootState", {"slots": True}, timeout_s=timeout_s)
+    if not isinstance(state, dict):
+        raise CliError(
+            f"OTA.GetBootState returned {json.dumps(state)}", "the device's OTA service is not one mgrpc knows"
+        )
+    if isinstance(state.get("slots"), list):
+        return state
+    info = await client.call("Sys.GetInfo", timeout_s=timeout_s)
+    info = info if isinstance(info, dict) else {}
+    active = state.get("active_slot")
+    slots = []
+    for i in (0, 1):
+        mine = i == active
+        slots.append({
+            "slot": i, "version": info.get("fw_version") if mine else None,
+            "build_id": info.get("fw_id") if mine else None,
+            "size": None, "sha256": None, "valid": True if mine else None, "active": mine, "running": mine,
+            "committed": state.get("is_committed") if mine else (True if i == state.get("revert_slot") else None),
+        })  # fmt: skip
+    return {**state, "slots": slots}
+
+
+def format_slots(state: dict[str, Any]) -> str:
+    """The ``boot-state`` text: one block per slot (like ``mcumgr image list``), then the commit timer."""
+
+    def val(v: Any) -> str:
+        return "?" if v is None else (v or "-") if isinstance(v, str) else str(v)
+
+    lines = []
+    for s in state.get("slots", []):
+        flags = [f for f in ("active", "running") if s.get(f)]
+        if s.get("committed"):
+            flags.append("committed")
+        elif s.get("active") and s.get("committed") is False:
+            flags.append("uncommitted")
+        if s.get("valid") is False:
+            flags = ["empty"] if not s.get("size") else ["invalid", *flags]
+        lines.append(f"slot {s.get('slot')}: {' '.join(flags) or '-'}")
+        if s.get("valid") is False and not s.get("size"):
+            continue
+        lines.append(f"  version:  {val(s.get('version'))}")
+        lines.append(f"  build id: {val(s.get('build_id'))}")
+        lines.append(f"  size:     {val(s.get('size'))}")
+        lines.append(f"  sha256:   {val(s.get('sha256'))}")
+    ct = state.get("commit_timeout")
+    if not state.get("is_committed") and ct:
+        lines.append(f"commit timeout: {ct} s (the device reverts unless committed in time)")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_boot_state(args: argparse.Namespace) -> int:
-    """``mgrpc boot-state``: ``OTA.GetBootState`` printed as ``mos call`` prints it."""
-    from mgrpc.cli.call import format_result
+    """``mgrpc boot-state``: both slots (version, build id, committed, hash); ``--json`` for the data."""
 
     async def run(client: Any) -> int:
-        frame = await client.call_frame("OTA.GetBootState", timeout_s=args.timeout)
-        if frame.error is not None and frame.error.code != 0:
-            raise RemoteError(frame.error.code, frame.error.message or "")
-        sys.stdout.write(format_result(frame) + "\n")
+        state = await boot_slots(client, timeout_s=args.timeout)
+        if args.json:
+            sys.stdout.write(json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write(format_slots(state))
         return 0
 
     return run_with_client(args, run)
+
+
+@contextlib.contextmanager
+def _file_errors(name: str) -> Iterator[None]:
+    """An error the device answered about a file becomes one line that says what to check."""
+    try:
+        yield
+    except RemoteError as e:
+        if e.code in (401, 403, 404):  # auth, ACL, no FS service: the common advice fits better
+            raise
+        raise CliError(describe_error(e), f"check the device file name {name!r} ('mgrpc ls' lists the files)") from e
 
 
 def register(sub: Any) -> None:
     """Add the file, config and boot-state commands."""
     p = sub.add_parser("ls", help="list files on the device (FS.List)", description="List device files, sorted.")
     p.add_argument("-l", "--long", action="store_true", help="with sizes (FS.ListExt)")
+    p.add_argument("--json", action="store_true", help="a JSON list of {name, size} on stdout")
     p.add_argument("rest", nargs="*", metavar="PATH", help="directory (default /)")
     p.set_defaults(func=cmd_ls)
 
@@ -220,6 +301,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("config-get", help="print device config (Config.Get)")
     p.add_argument("--level", type=int, default=0, help="config level (0: the merged config)")
+    p.add_argument("--json", action="store_true", help="the value as JSON (strings quoted) on stdout")
     p.add_argument("rest", nargs="*", metavar="PATH", help="e.g. wifi.sta.ssid (default: everything)")
     p.set_defaults(func=cmd_config_get)
 
@@ -235,5 +317,12 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_ota_simple("OTA.Commit", "Committed."))
     p = sub.add_parser("revert", help="revert to the previous firmware (OTA.Revert; the device reboots)")
     p.set_defaults(func=_ota_simple("OTA.Revert", "Reverting; the device reboots into the previous firmware."))
-    p = sub.add_parser("boot-state", help="print the boot state (OTA.GetBootState)")
+    p = sub.add_parser(
+        "boot-state", help="print the boot state (OTA.GetBootState)",
+        description="Show both firmware slots: version, build id, size, sha256, and which is active, running "
+        "and committed (like `mcumgr image list`). Devices that do not report slots (mgrpc's "
+        "OTA.GetBootState {\"slots\": true} extension) show the running slot from Sys.GetInfo. "
+        "`mgrpc call OTA.GetBootState` prints the device's own answer as mos does.",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="OTA.GetBootState with a slots list, as JSON on stdout")
     p.set_defaults(func=cmd_boot_state)

@@ -19,18 +19,19 @@ import sys
 import time
 from typing import Any
 
-from mgrpc.cli._common import connect_from_args, duration_arg, err, usage
+from mgrpc.cli._common import CliError, connect_from_args, duration_arg, err, usage
 from mgrpc.cli.files import read_or_fetch
 from rpc.host.ota import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_WINDOW,
     MAX_WINDOW,
+    OtaError,
     ota_update,
     wait_and_commit,
 )
 from updater.manifest import manifest_version
 
-__all__ = ["MosProgress", "format_rate", "register"]
+__all__ = ["MosProgress", "check_bundle", "check_device", "format_rate", "register"]
 
 PROGRESS_STEP = 65536
 PROGRESS_EVERY_S = 5.0
@@ -123,6 +124,50 @@ class _RichProgress:
             self.progress.stop()
 
 
+def check_bundle(fw: bytes, source: str) -> Any:
+    """Host-side checks before any I/O: ``fw`` is a zip with a valid manifest.json; returns the
+    :class:`updater.manifest.Manifest` (raises :class:`CliError` saying what to do)."""
+    from updater.errors import UpdaterError
+    from updater.manifest import Manifest, read_manifest
+
+    try:
+        return Manifest.parse(json.dumps(read_manifest(fw)))
+    except UpdaterError as e:
+        raise CliError(
+            f"{source} is not a usable firmware bundle: {e.message}",
+            "build one with 'mgrpc fw build' (or mos) and check it with 'mgrpc fw inspect FILE'",
+        ) from e
+
+
+async def check_device(client: Any, manifest: Any, *, fw_size: int, chunk_size: int, timeout_s: float) -> Any:
+    """Checks against what the device says, before ``OTA.Begin``: the bundle's platform is the device's
+    ``arch`` (``Sys.GetInfo``) and ``chunk_size`` makes ``OTA.Write`` frames within its
+    ``rpc.max_frame_size`` (``Config.Get``). Returns the :class:`rpc.host.limits.DeviceLimits`."""
+    from rpc.host.limits import FrameLimitError, check_chunk_size, device_limits
+
+    limits = await device_limits(client, timeout_s=timeout_s)
+    if limits.arch and manifest.platform.casefold() != limits.arch.casefold():
+        raise CliError(
+            f"the bundle is for platform {manifest.platform}, but the device is {limits.arch} (Sys.GetInfo)",
+            f"use a bundle built for {limits.arch}",
+        )
+    try:
+        check_chunk_size(client, chunk_size, limits.max_frame_size, total_size=fw_size)
+    except FrameLimitError as e:
+        hint = f"use --chunk-size {e.largest} or less" if e.largest else "raise the device's rpc.max_frame_size"
+        raise CliError(str(e), hint) from e
+    return limits
+
+
+def _ota_hint(e: OtaError) -> str:
+    text = str(e)
+    if "not been committed" in text:
+        return "commit or revert the running firmware first ('mgrpc commit' or 'mgrpc revert')"
+    if "in progress" in text:
+        return "run without --no-resume to continue it"
+    return "run the same command again: the update resumes where the device stands"
+
+
 def _commit_timeout_from(begin_args: str | None, default_s: float) -> float:
     if begin_args:
         try:
@@ -153,6 +198,7 @@ def cmd_ota(args: argparse.Namespace) -> int:
     if args.chunk_size <= 0:
         raise usage("--chunk-size must be positive")
     fw = read_or_fetch(source)
+    manifest = check_bundle(fw, source)
 
     tty = sys.stderr.isatty() and not args.no_progress_bar
     bar = _RichProgress() if tty else None
@@ -165,12 +211,16 @@ def cmd_ota(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = await connect()
         try:
-            res = await ota_update(
-                client, fw, chunk_size=args.chunk_size, window=args.window, timeout_s=args.timeout,
-                commit_timeout_s=args.commit_timeout, update_timeout_s=args.update_timeout,
-                begin_args=begin_args, on_progress=on_progress, on_message=on_message,
-                resume=not args.no_resume, reconnect=connect,
-            )  # fmt: skip
+            await check_device(client, manifest, fw_size=len(fw), chunk_size=args.chunk_size, timeout_s=args.timeout)
+            try:
+                res = await ota_update(
+                    client, fw, chunk_size=args.chunk_size, window=args.window, timeout_s=args.timeout,
+                    commit_timeout_s=args.commit_timeout, update_timeout_s=args.update_timeout,
+                    begin_args=begin_args, on_progress=on_progress, on_message=on_message,
+                    resume=not args.no_resume, reconnect=connect,
+                )  # fmt: skip
+            except OtaError as e:
+                raise CliError(str(e), _ota_hint(e)) from e
             client = res.client
         finally:
             if bar is not None:
@@ -182,7 +232,15 @@ def cmd_ota(args: argparse.Namespace) -> int:
             log_line += f", resumed at {res.resumed_from}"
         if args.verbose or tty:
             err(log_line)
+        summary: dict[str, Any] = {
+            "file": source, "size": res.size, "fw_version": manifest.version, "resumed_from": res.resumed_from,
+            "bytes_sent": res.bytes_sent, "elapsed_s": round(res.elapsed_s, 3), "rate_bytes_per_s": round(rate),
+            "chunk_size": args.chunk_size, "window": args.window, "writes": res.writes, "retries": res.retries,
+            "reconnects": res.reconnects, "committed": False,
+        }  # fmt: skip
         if not args.commit:
+            if args.json:
+                print(json.dumps(summary, indent=2))
             return 0
         version = manifest_version(fw)
         wait_s = _commit_timeout_from(begin_args, args.commit_timeout)
@@ -194,6 +252,8 @@ def cmd_ota(args: argparse.Namespace) -> int:
             err(f"Device runs {cr.fw_version}, already committed.")
         else:
             err(f"Committed: device runs {cr.fw_version}.")
+        if args.json:
+            print(json.dumps({**summary, "committed": True, "running": cr.fw_version}, indent=2))
         return 0
 
     try:
@@ -229,4 +289,5 @@ def register(sub: Any) -> None:
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an update already in progress")
     p.add_argument("--commit", action="store_true", help="wait for the device to reboot into the update, then commit")
     p.add_argument("--no-progress-bar", action="store_true", help="mos-style progress lines even on a terminal")
+    p.add_argument("--json", action="store_true", help="print a JSON summary of the update on stdout")
     p.set_defaults(func=cmd_ota)

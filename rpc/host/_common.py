@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rpc.client import AsyncClient
-from rpc.errors import MgrpcError, RpcTimeout
+from rpc.errors import MgrpcError, QueueOverflow, RemoteError, RpcTimeout
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "MessageFn", "OtaError", "ProgressFn", "chunk_data"]
 
@@ -38,13 +38,24 @@ def why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def is_transient(e: BaseException) -> bool:
+    """Worth trying again: a timeout, a link error, a full request queue. An error the device answered
+    (``RemoteError``: no such file, bad args, ...) is deterministic: the same request gets the same answer."""
+    if isinstance(e, RemoteError):
+        return isinstance(e, QueueOverflow)
+    return isinstance(e, MgrpcError | OSError)
+
+
 async def with_attempts(what: str, attempts: int, op: Callable[[], Awaitable[Any]]) -> Any:
-    """``op()``, tried up to ``attempts`` times on RPC/link errors; the last error is raised."""
+    """``op()``, tried up to ``attempts`` times on transient errors (:func:`is_transient`); an error
+    the device answered is raised at once, and after the last attempt the last error is raised."""
     last: BaseException | None = None
     for i in range(max(1, attempts)):
         try:
             return await op()
         except (MgrpcError, OSError) as e:
+            if not is_transient(e):
+                raise
             last = e
             log.warning("%s failed (attempt %d of %d): %s", what, i + 1, attempts, why(e))
     assert last is not None
