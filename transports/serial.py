@@ -14,6 +14,9 @@ URL options (``serial:///dev/ttyUSB0?baud=921600&pacing=1``):
                           paces writes), or ``off`` (like rpc-uart's ``mgrpc_uart.py``)
 ``pacing``                ``1``: write in 16-byte chunks with 5 ms pauses, as mos does by default
                           at 115200 (off by default: modern USB-UART bridges do not need it)
+``handshake_wait``        ``reply`` (default): go on as soon as the device answers a handshake;
+                          ``interval``: always wait the whole 200 ms handshake interval, as mos does
+                          (its serial codec sleeps the interval, then looks for the answer)
 ``hw_flow_control``       ``1``: RTS/CTS
 ``set_control_lines``     ``0`` leaves DTR/RTS alone (default ``1``: both false)
 ``inverted_control_lines`` ``1``: DTR/RTS true instead of false
@@ -64,7 +67,7 @@ __all__ = [
 
 SCHEMES = ("serial",)
 OPTIONS: frozenset[str] = frozenset(
-    {"baud", "baud_rate", "handshake", "pacing", "hw_flow_control", "set_control_lines",
+    {"baud", "baud_rate", "handshake", "handshake_wait", "pacing", "hw_flow_control", "set_control_lines",
      "inverted_control_lines", "uart_no"}
 )  # fmt: skip
 EXTRA = "serial"
@@ -72,6 +75,7 @@ EXTRA = "serial"
 log = logging.getLogger("mgrpc.transport.serial")
 
 HANDSHAKE_MODES = ("once", "every", "off")
+HANDSHAKE_WAITS = ("reply", "interval")
 _READ_SIZE = 4096
 
 
@@ -84,6 +88,7 @@ class SerialOptions:
     set_control_lines: bool = True
     inverted_control_lines: bool = False
     handshake: str = "once"
+    handshake_wait: str = "reply"
     pacing: bool = False
     pacing_chunk_size: int = 16
     pacing_delay_s: float = 0.005
@@ -110,9 +115,10 @@ def _options(url: TransportURL, opts: dict[str, Any]) -> SerialOptions:
     for name in _FLAGS:
         if name in url.query:
             kw[name] = url.flag(name)
-    hs = url.option("handshake")
-    if hs is not None:
-        kw["handshake"] = hs
+    for name in ("handshake", "handshake_wait"):
+        value = url.option(name)
+        if value is not None:
+            kw[name] = value
     for name in SerialOptions.__dataclass_fields__:
         if name in opts:
             kw[name] = opts.pop(name)
@@ -121,6 +127,10 @@ def _options(url: TransportURL, opts: dict[str, Any]) -> SerialOptions:
     o = SerialOptions(**kw)
     if o.handshake not in HANDSHAKE_MODES:
         raise UsageError(f"serial: handshake must be one of {', '.join(HANDSHAKE_MODES)}, not {o.handshake!r}")
+    if o.handshake_wait not in HANDSHAKE_WAITS:
+        raise UsageError(
+            f"serial: handshake_wait must be one of {', '.join(HANDSHAKE_WAITS)}, not {o.handshake_wait!r}"
+        )
     if o.baud <= 0:
         raise UsageError("serial: baud must be positive")
     return o
@@ -470,7 +480,12 @@ class SerialClientChannel(StreamClientChannel):
             if tries % 25 == 0:
                 log.info("No response to handshake. Is %s the right port? Is rpc-uart enabled?", self.path)
             try:
-                await asyncio.wait_for(self._handshaken.wait(), self.options.handshake_interval_s)
+                if self.options.handshake_wait == "interval":
+                    await asyncio.sleep(self.options.handshake_interval_s)  # mos sleeps, then looks
+                    if not self._handshaken.is_set():
+                        raise TimeoutError
+                else:
+                    await asyncio.wait_for(self._handshaken.wait(), self.options.handshake_interval_s)
             except TimeoutError:
                 if loop.time() >= deadline:
                     raise TransportError(

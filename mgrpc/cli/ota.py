@@ -139,11 +139,11 @@ def check_bundle(fw: bytes, source: str) -> Any:
         ) from e
 
 
-async def check_device(client: Any, manifest: Any, *, fw_size: int, chunk_size: int, timeout_s: float) -> Any:
+async def check_device(client: Any, manifest: Any, *, timeout_s: float) -> Any:
     """Checks against what the device says, before ``OTA.Begin``: the bundle's platform is the device's
-    ``arch`` (``Sys.GetInfo``) and ``chunk_size`` makes ``OTA.Write`` frames within its
-    ``rpc.max_frame_size`` (``Config.Get``). Returns the :class:`rpc.host.limits.DeviceLimits`."""
-    from rpc.host.limits import FrameLimitError, check_chunk_size, device_limits
+    ``arch`` (``Sys.GetInfo``). Returns the :class:`rpc.host.limits.DeviceLimits`. (The chunk size is
+    not refused here: :func:`rpc.host.ota.ota_update` fits it to ``rpc.max_frame_size`` and says so.)"""
+    from rpc.host.limits import device_limits
 
     limits = await device_limits(client, timeout_s=timeout_s)
     if limits.arch and manifest.platform.casefold() != limits.arch.casefold():
@@ -151,11 +151,6 @@ async def check_device(client: Any, manifest: Any, *, fw_size: int, chunk_size: 
             f"the bundle is for platform {manifest.platform}, but the device is {limits.arch} (Sys.GetInfo)",
             f"use a bundle built for {limits.arch}",
         )
-    try:
-        check_chunk_size(client, chunk_size, limits.max_frame_size, total_size=fw_size)
-    except FrameLimitError as e:
-        hint = f"use --chunk-size {e.largest} or less" if e.largest else "raise the device's rpc.max_frame_size"
-        raise CliError(str(e), hint) from e
     return limits
 
 
@@ -193,9 +188,9 @@ def cmd_ota(args: argparse.Namespace) -> int:
             json.loads(begin_args)
         except ValueError:
             raise usage(f"OTA.Begin args [{begin_args}] is not a valid JSON string") from None
-    if not 1 <= args.window <= MAX_WINDOW:
+    if args.window is not None and not 1 <= args.window <= MAX_WINDOW:
         raise usage(f"--window must be between 1 and {MAX_WINDOW}")
-    if args.chunk_size <= 0:
+    if args.chunk_size is not None and args.chunk_size <= 0:
         raise usage("--chunk-size must be positive")
     fw = read_or_fetch(source)
     manifest = check_bundle(fw, source)
@@ -211,13 +206,13 @@ def cmd_ota(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = await connect()
         try:
-            await check_device(client, manifest, fw_size=len(fw), chunk_size=args.chunk_size, timeout_s=args.timeout)
+            limits = await check_device(client, manifest, timeout_s=args.timeout)
             try:
                 res = await ota_update(
                     client, fw, chunk_size=args.chunk_size, window=args.window, timeout_s=args.timeout,
                     commit_timeout_s=args.commit_timeout, update_timeout_s=args.update_timeout,
                     begin_args=begin_args, on_progress=on_progress, on_message=on_message,
-                    resume=not args.no_resume, reconnect=connect,
+                    resume=not args.no_resume, reconnect=connect, device_frame_size=limits.max_frame_size,
                 )  # fmt: skip
             except OtaError as e:
                 raise CliError(str(e), _ota_hint(e)) from e
@@ -235,7 +230,7 @@ def cmd_ota(args: argparse.Namespace) -> int:
         summary: dict[str, Any] = {
             "file": source, "size": res.size, "fw_version": manifest.version, "resumed_from": res.resumed_from,
             "bytes_sent": res.bytes_sent, "elapsed_s": round(res.elapsed_s, 3), "rate_bytes_per_s": round(rate),
-            "chunk_size": args.chunk_size, "window": args.window, "writes": res.writes, "retries": res.retries,
+            "chunk_size": res.chunk_size, "window": res.window, "writes": res.writes, "retries": res.retries,
             "reconnects": res.reconnects, "committed": False,
         }  # fmt: skip
         if not args.commit:
@@ -273,7 +268,11 @@ def register(sub: Any) -> None:
         "pipelined (--window); an interrupted update resumes where the device stands.",
     )
     p.add_argument("rest", nargs="*", metavar="FILE|URL [BEGIN-ARGS-JSON]")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes per OTA.Write (default 512)")
+    p.add_argument(
+        "--chunk-size", type=int, default=None,
+        help="bytes per OTA.Write (default: the largest that fits the device's rpc.max_frame_size and the "
+        f"link, e.g. 2048 over WebSocket; mos sends {DEFAULT_CHUNK_SIZE}); shrunk when too big for the device",
+    )  # fmt: skip
     p.add_argument(
         "--commit-timeout", type=duration_arg, default=300.0,
         help="commit_timeout in OTA.Begin: the device reverts unless committed in time (default 5m)",
@@ -283,7 +282,7 @@ def register(sub: Any) -> None:
         help="timeout in OTA.Begin: the device aborts an update idle that long (default 10m)",
     )  # fmt: skip
     p.add_argument(
-        "--window", type=int, default=DEFAULT_WINDOW,
+        "--window", type=int, default=None,
         help=f"OTA.Write calls in flight (default {DEFAULT_WINDOW}; 1 = stop-and-wait as mos; max {MAX_WINDOW})",
     )  # fmt: skip
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an update already in progress")

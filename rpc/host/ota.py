@@ -40,9 +40,11 @@ from rpc.client import AsyncClient
 from rpc.errors import MgrpcError, RemoteError, TransportError, UsageError
 from rpc.frame import RawJSON
 from rpc.host._common import DEFAULT_CHUNK_SIZE, MessageFn, OtaError, ProgressFn, chunk_data, why
+from rpc.host.limits import max_chunk_size
 from rpc.host.window import GiveUp, WriteWindow
 
 __all__ = [
+    "ASK_DEVICE",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_WINDOW",
     "MAX_WINDOW",
@@ -51,6 +53,8 @@ __all__ = [
     "OtaResult",
     "boot_state",
     "default_begin_args",
+    "device_frame_limit",
+    "link_message_limit",
     "load_firmware",
     "ota_commit",
     "ota_revert",
@@ -65,6 +69,18 @@ log = logging.getLogger("mgrpc.ota")
 # allowed, so a device's 25-entry request queue is never exceeded (mos sends one at a time).
 DEFAULT_WINDOW = 20
 MAX_WINDOW = 20
+
+# Chunk sizing when the caller leaves it to us (chunk_size=None):
+DEVICE_FRAME_DEFAULT = 4096  # rpc.max_frame_size of a stock Mongoose OS device (rpc-common's default)
+# Mongoose OS's rpc-ws stops answering a connection after a WebSocket frame over 3072 bytes on the
+# wire (measured on the real firmware in ../shared/mgos-ubuntu: a 3064-byte message with its 8-byte
+# masked-frame header passes, one byte more and nothing is answered again), whatever max_frame_size says.
+LINK_MESSAGE_LIMITS = {"WS": 3064, "UDP": 1400}
+CHUNK_STEP = 256  # chunk sizes are multiples of this
+MIN_CHUNK_SIZE = 256  # shrinking stops here
+MAX_AUTO_CHUNK_SIZE = 16384
+PROBE_TIMEOUT_S = 5.0  # the first write at a new chunk size waits at most this long for its answer
+ASK_DEVICE = -1  # ota_update(device_frame_size=...) default: ask the device
 
 ConnectFn = Callable[[], Awaitable[AsyncClient]]
 
@@ -89,6 +105,8 @@ class OtaResult:
     retries: int
     reconnects: int
     client: AsyncClient = field(repr=False, compare=False)
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # the chunk size the writes ended with
+    window: int = DEFAULT_WINDOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +166,32 @@ def _is_link_error(e: BaseException, client: AsyncClient) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+async def device_frame_limit(client: AsyncClient, *, timeout_s: float = 5.0) -> int | None:
+    """The device's ``rpc.max_frame_size`` (``Config.Get``), or None when it does not say."""
+    try:
+        value = await client.call("Config.Get", {"key": "rpc.max_frame_size"}, timeout_s=timeout_s)
+    except (MgrpcError, OSError) as e:
+        log.info("Config.Get rpc.max_frame_size: %s", why(e))
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def link_message_limit(client: AsyncClient) -> int | None:
+    """The most bytes one message may have on this client's link to a stock device, if limited."""
+    kind = client.channel.type.upper()
+    for prefix, limit in LINK_MESSAGE_LIMITS.items():
+        if kind.startswith(prefix):
+            return limit
+    return None
+
+
+def _shrunk(chunk_size: int) -> int | None:
+    smaller = max(MIN_CHUNK_SIZE, chunk_size // 2 // CHUNK_STEP * CHUNK_STEP)
+    return smaller if smaller < chunk_size else None
+
+
 class _Updater:
     """One run of :func:`ota_update` (state shared by the write loop and its recovery)."""
 
@@ -180,6 +224,8 @@ class _Updater:
         self.retries = 0
         self.reconnects = 0
         self.gone = ""
+        self.confirmed = False  # a write at the current chunk size has been answered
+        self.refused: tuple[int, BaseException] | None = None  # the lone first write was refused
 
     def say(self, text: str) -> None:
         if self.on_message is not None:
@@ -195,11 +241,32 @@ class _Updater:
         res = await self.client.call("OTA.Status", timeout_s=self.timeout_s)
         return res if isinstance(res, dict) else {}
 
-    async def write(self, offset: int, length: int) -> None:
+    async def write(self, offset: int, length: int, timeout_s: float | None = None) -> None:
         chunk = self.data[offset : offset + length]
         self.writes += 1
         params = {"offset": offset, "data": chunk_data(self.client, chunk)}
-        await self.client.call("OTA.Write", params, timeout_s=self.timeout_s)
+        await self.client.call("OTA.Write", params, timeout_s=timeout_s or self.timeout_s)
+
+    async def probe(self, offset: int) -> bool:
+        """The first write at the current chunk size, alone and with a short deadline.
+
+        True when it was answered (the size works). False when the device did not answer or the link
+        dropped: what a device does with a frame too big for it (rpc-uart drops it, rpc-ws stops
+        answering). A refused write (an error answer) is raised: that is not about the size.
+        """
+        length = min(self.chunk_size, self.size - offset)
+        try:
+            await self.write(offset, length, timeout_s=min(self.timeout_s, PROBE_TIMEOUT_S))
+            return True
+        except RemoteError as e:
+            # Answered, so the size is fine; the window retries the write with mos's rules.
+            log.info("OTA.Write of %d bytes at %d refused: %s", length, offset, why(e))
+            self.confirmed = True
+            self.refused = (offset, e)
+            return False
+        except (MgrpcError, OSError) as e:
+            log.info("OTA.Write of %d bytes at %d: no answer (%s)", length, offset, why(e))
+            return False
 
     async def reopen(self) -> None:
         """Replace a dead client with a fresh one from ``reconnect`` (a few tries, backing off)."""
@@ -247,12 +314,47 @@ class _Updater:
         return fallback
 
     async def run_writes(self, start: int) -> None:
+        """Write ``data[start:]``: first one write alone at the chosen chunk size (halving it while the
+        device does not answer), then the pipelined window."""
+        while start < self.size and not self.confirmed:
+            if await self.probe(start):
+                self.confirmed = True
+                start = min(self.size, start + self.chunk_size)
+                self.progress(start)
+                break
+            if self.confirmed:  # refused, not dropped
+                break
+            smaller = _shrunk(self.chunk_size)
+            if smaller is None:
+                raise _WriteFailed(start, OtaError(f"the device does not answer {self.chunk_size}-byte writes"))
+            self.say(
+                f"The device did not answer a {self.chunk_size}-byte write (a frame too big for it?); "
+                f"going on with {smaller}-byte chunks."
+            )
+            self.chunk_size = smaller
+            self.retries += 1
+            if self.reconnect is not None:
+                await self.reopen()  # a device may stop answering a connection after a frame too big
+            try:
+                where = await self.ask_position(start)
+            except _LinkDown:
+                where = start
+            if where is None:
+                raise _WriteFailed(start, OtaError(self.gone))
+            start = where
+        await self.run_window(start)
+
+    async def run_window(self, start: int) -> None:
         """Write ``data[start:]``, sending what the :class:`WriteWindow` allows and reporting the answers.
 
         Answers are awaited in send order; after a failure every write already sent is awaited too
         (each will be answered or time out anyway) before the device is asked where it stands.
         """
         w = WriteWindow(self.size, chunk_size=self.chunk_size, window=self.window, attempts=self.attempts, start=start)
+        if self.refused is not None:
+            w.note_failure(*self.refused)  # that was the first attempt at this offset
+            self.retries += 1
+            self.refused = None
         inflight: deque[tuple[int, asyncio.Task[None]]] = deque()
         self.progress(w.acked)
         try:
@@ -324,8 +426,8 @@ async def ota_update(
     client: AsyncClient,
     data: bytes | str | os.PathLike[str],
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    window: int = DEFAULT_WINDOW,
+    chunk_size: int | None = None,
+    window: int | None = None,
     timeout_s: float = 20.0,
     commit_timeout_s: float = 300,
     update_timeout_s: float = 600,
@@ -336,6 +438,8 @@ async def ota_update(
     attempts: int = 3,
     reconnect: ConnectFn | None = None,
     reconnect_attempts: int = 5,
+    fit_to_device: bool = True,
+    device_frame_size: int | None = ASK_DEVICE,
 ) -> OtaResult:
     """Push ``data`` (fw.zip bytes or a path) to the device as ``mos ota`` does; see the module doc.
 
@@ -346,7 +450,21 @@ async def ota_update(
     an update in progress, as mos does. ``reconnect()`` returns a fresh client after a lost
     connection (without it, a lost connection fails the update but leaves it resumable).
     Raises :class:`OtaError` with mos's messages.
+
+    Chunk size: ``chunk_size=None`` takes the largest whose frame fits the device's
+    ``rpc.max_frame_size`` (``Config.Get``; 4096, the stock default, when it does not say) and the
+    link's message limit on a stock device (WebSocket: 3064 bytes). A given ``chunk_size`` too big for
+    those is shrunk to fit, and said so. Either way the first write goes alone, and while the device
+    does not answer it the chunk is halved (a device drops a frame too big for it without a word):
+    :data:`PROBE_TIMEOUT_S` per try instead of three full timeouts and a failed update.
+    ``fit_to_device=False`` skips all of that (``chunk_size`` as given: mos's behaviour, for baselines).
+    ``device_frame_size``: the device's ``rpc.max_frame_size`` if the caller asked already (None: the
+    device did not say); the default (:data:`ASK_DEVICE`) asks ``Config.Get``.
+    ``window=None`` is :data:`DEFAULT_WINDOW`.
     """
+    explicit_chunk = chunk_size is not None
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    window = DEFAULT_WINDOW if window is None else window
     if chunk_size <= 0:
         raise UsageError("chunk size must be positive")
     if not 1 <= window <= MAX_WINDOW:
@@ -393,6 +511,10 @@ async def ota_update(
         except (MgrpcError, OSError) as e:
             raise OtaError(f"unable to start an update: {why(e)}") from e
 
+    if fit_to_device:
+        await _fit_chunk(up, explicit=explicit_chunk, timeout_s=timeout_s, device_limit=device_frame_size)
+    # mos's chunk size is known to fit every device: no need to try it first.
+    up.confirmed = not fit_to_device or up.chunk_size <= DEFAULT_CHUNK_SIZE
     try:
         await _write_and_end(up, start, timeout_s)
     except BaseException:
@@ -403,7 +525,31 @@ async def ota_update(
     return OtaResult(
         size=up.size, resumed_from=start, bytes_sent=up.size - start, elapsed_s=time.monotonic() - t0,
         writes=up.writes, retries=up.retries, reconnects=up.reconnects, client=up.client,
+        chunk_size=up.chunk_size, window=up.window,
     )  # fmt: skip
+
+
+async def _fit_chunk(up: _Updater, *, explicit: bool, timeout_s: float, device_limit: int | None) -> None:
+    """Choose (or shrink) the chunk size for the device's frame limit and the link's message limit."""
+    if device_limit == ASK_DEVICE:
+        device_limit = await device_frame_limit(up.client, timeout_s=min(timeout_s, PROBE_TIMEOUT_S))
+    frame_limit = device_limit or DEVICE_FRAME_DEFAULT
+    link_limit = link_message_limit(up.client)
+    if link_limit is not None:
+        frame_limit = min(frame_limit, link_limit)
+    largest = max_chunk_size(up.client, frame_limit, total_size=up.size)  # exact: codec, id, dst, auth
+    fits = min(MAX_AUTO_CHUNK_SIZE, largest // CHUNK_STEP * CHUNK_STEP if largest >= MIN_CHUNK_SIZE else largest)
+    if fits <= 0:
+        raise OtaError(f"no OTA.Write frame fits in {frame_limit} bytes")
+    said = f"rpc.max_frame_size {device_limit or DEVICE_FRAME_DEFAULT}{'' if device_limit else ' (assumed)'}"
+    if link_limit is not None and link_limit < (device_limit or DEVICE_FRAME_DEFAULT):
+        said += f", {link_limit}-byte messages on {up.client.channel.type}"
+    if not explicit:
+        up.chunk_size = fits
+        up.say(f"Device limits: {said}; writing {fits}-byte chunks, {up.window} in flight.")
+    elif up.chunk_size > fits:
+        up.say(f"Chunk size {up.chunk_size} makes frames too big for the device ({said}); using {fits}.")
+        up.chunk_size = fits
 
 
 async def _write_and_end(up: _Updater, start: int, timeout_s: float) -> None:

@@ -137,6 +137,12 @@ class WriteWindow:
         self._round.setdefault(offset, exc)
         return self._close_round()
 
+    def note_failure(self, offset: int, exc: BaseException) -> None:
+        """A write at ``offset`` failed before this window took over (e.g. a lone first write that
+        tried the chunk size): it counts as one of the offset's attempts, and its cause comes first."""
+        self._first_error.setdefault(offset, exc)
+        self._failures[offset] = self._failures.get(offset, 0) + 1
+
     def device_position(self, pos: int) -> None:
         """The device has ``pos`` bytes (OTA.Status ``bytes_written``): continue writing from there.
 

@@ -45,9 +45,11 @@ def test_ota_then_commit_command(device, fw_path, bundle2, capsys):
     assert cli(device, "ota", str(fw_path)) == 0
     err = capsys.readouterr().err.splitlines()
     n = len(bundle2)
-    assert err[:3] == [
+    assert err[:4] == [
         "Getting current OTA status...",
         f'Starting an update (args: {{"timeout":600,"commit_timeout":300,"size":{n}}})...',
+        # the chunk size comes from the device's rpc.max_frame_size and the link (see rpc.host.ota)
+        "Device limits: rpc.max_frame_size 4096, 3064-byte messages on WS; writing 2048-byte chunks, 20 in flight.",
         "Writing data...",
     ]
     assert err[-1] == "Finalizing update..."

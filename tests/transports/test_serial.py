@@ -232,6 +232,25 @@ async def test_client_handshake_every_frame_with_pacing(pty: Pty) -> None:
         await dev.stop()
 
 
+async def test_client_handshake_wait_interval_waits_the_whole_interval_as_mos(pty: Pty) -> None:
+    """mos sleeps the whole handshake interval before it looks for the answer: so does ?handshake_wait=interval."""
+    dev = FakeDevice(pty, lambda req: reply_frame(req, req["id"]))
+    url = f"serial://{pty.path}?handshake=every&handshake_wait=interval"
+    client = await transports.connect(url, timeout_s=5, handshake_interval_s=0.3)
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await client.call("Test.Echo")
+        await client.call("Test.Echo")
+        assert loop.time() - t0 >= 0.6  # two frames, each after a whole interval (a lower bound only)
+        assert dev.handshakes == 2
+    finally:
+        await client.close()
+        await dev.stop()
+    with pytest.raises(UsageError, match="handshake_wait must be one of reply, interval"):
+        await transports.connect(f"serial://{pty.path}?handshake_wait=soon", timeout_s=5)
+
+
 async def test_client_handshake_off_and_handshake_timeout(pty: Pty) -> None:
     dev = FakeDevice(pty, lambda req: reply_frame(req, "ok"))
     client = await transports.connect(f"serial://{pty.path}?handshake=off", timeout_s=5)

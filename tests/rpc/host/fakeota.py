@@ -38,6 +38,9 @@ class FakeOta:
         self.files: dict[str, bytes] = {}
         self.fs_params: list[str] = []
         self.config: dict[str, Any] = {"wifi": {"sta": {"ssid": "x", "enable": False}}, "debug": {"level": 2}}
+        self.frame_limit: int | None = None  # offered as Config.Get rpc.max_frame_size when set
+        self.drop_frames_over: int | None = None  # OTA.Write frames longer are dropped unanswered
+        self.largest_write_frame = 0
         n = self.node
         n.add_handler("OTA.Status", self.status)
         n.add_handler("OTA.Begin", self.begin)
@@ -46,7 +49,7 @@ class FakeOta:
         n.add_handler("FS.Put", self.fs_put)
         n.add_handler("FS.Get", self.fs_get)
         n.add_handler("FS.List", lambda ctx, p: sorted(self.files, reverse=True))
-        n.add_handler("Config.Get", lambda ctx, p: self.config)
+        n.add_handler("Config.Get", self.config_get)
         n.add_handler("Config.Set", self.config_set)
 
     def _log(self, ctx: Context) -> None:
@@ -68,7 +71,18 @@ class FakeOta:
         self.state, self.size, self.data, self.last = 1, params["size"], bytearray(), None
         return None
 
+    def config_get(self, ctx: Context, params: Any) -> Any:
+        if isinstance(params, dict) and params.get("key") == "rpc.max_frame_size":
+            if self.frame_limit is None:
+                raise HandlerError(404, "no such key")
+            return self.frame_limit
+        return self.config
+
     def write(self, ctx: Context, params: Any) -> Any:
+        size = len(ctx.frame.raw or b"")
+        if self.drop_frames_over is not None and size > self.drop_frames_over:
+            return asyncio.get_running_loop().create_future()  # a device drops a frame too big: no answer
+        self.largest_write_frame = max(self.largest_write_frame, size)
         self._log(ctx)
         if self.client is not None:
             self.max_pending_seen = max(self.max_pending_seen, self.client.node.pending_count)

@@ -15,6 +15,8 @@ from rpc.client import AsyncClient
 from rpc.host.ota import OtaError, ota_update, wait_and_commit
 from tests.rpc.host.fakeota import firmware, names
 
+MOS_CHUNK = 512  # the tests of mos's write sequence (and faults at 512-byte offsets) pin mos's chunk size
+
 # -- the sequence ---------------------------------------------------------------------------------
 
 
@@ -23,7 +25,10 @@ async def test_sequence_messages_and_exact_begin_args(fake):
     client = await fake.connect()
     msgs: list[str] = []
     progress: list[tuple[int, int]] = []
-    res = await ota_update(client, fw, window=1, on_message=msgs.append, on_progress=lambda d, t: progress.append((d, t)))
+    res = await ota_update(
+        client, fw, chunk_size=MOS_CHUNK, window=1, on_message=msgs.append,
+        on_progress=lambda d, t: progress.append((d, t)),
+    )  # fmt: skip
     await client.close()
     assert fake.calls == ["OTA.Status", "OTA.Begin", "OTA.Write", "OTA.Write", "OTA.Write", "OTA.End"]
     assert fake.begin_params_text == ['{"timeout":600,"commit_timeout":300,"size":1300}']
@@ -77,7 +82,7 @@ async def test_lost_reply_is_retried_as_duplicate(fake, window):
     fw = firmware(6000)
     fake.drop_reply_once = {1024}
     client = await fake.connect()
-    res = await ota_update(client, fw, window=window, timeout_s=0.3)
+    res = await ota_update(client, fw, chunk_size=MOS_CHUNK, window=window, timeout_s=0.3)
     await client.close()
     assert bytes(fake.data) == fw
     assert res.retries >= 1 and fake.state == 3
@@ -88,7 +93,7 @@ async def test_refused_write_recovers_within_attempts(fake, window):
     fw = firmware(6000)
     fake.fail_write = {2048: 2}  # two refusals, the third attempt passes
     client = await fake.connect()
-    res = await ota_update(client, fw, window=window)
+    res = await ota_update(client, fw, chunk_size=MOS_CHUNK, window=window)
     await client.close()
     assert bytes(fake.data) == fw and res.retries == 2
 
@@ -136,7 +141,7 @@ async def test_write_failure_aborts_with_offset(fake, window):
     fake.fail_write = {1536: 3}
     client = await fake.connect()
     with pytest.raises(OtaError, match=r"^write failed at offset 1536: remote error -1: flash write error"):
-        await ota_update(client, firmware(6000), window=window)
+        await ota_update(client, firmware(6000), chunk_size=MOS_CHUNK, window=window)
     await client.close()
     assert fake.calls[-1] == "OTA.End" and fake.state == 0  # aborted by OTA.End
     assert bytes(fake.data) == firmware(6000)[:1536]
@@ -241,8 +246,8 @@ async def test_reconnect_failure_is_reported(fake):
         raise ConnectionRefusedError("refused")
 
     with pytest.raises(OtaError, match="connection lost and could not be re-opened: refused"):
-        await ota_update(box[0], firmware(30000), on_progress=cut_at(box, 15000), reconnect=reconnect,
-                         reconnect_attempts=2)  # fmt: skip
+        await ota_update(box[0], firmware(30000), chunk_size=MOS_CHUNK, on_progress=cut_at(box, 15000),
+                         reconnect=reconnect, reconnect_attempts=2)  # fmt: skip
     assert fake.state == 1  # left resumable
 
 
@@ -250,7 +255,7 @@ async def test_resume_after_client_restart(fake):
     fw = firmware(30000)
     box = [await fake.connect()]
     with pytest.raises(OtaError, match="write failed at offset"):
-        await ota_update(box[0], fw, window=8, on_progress=cut_at(box, 15000))
+        await ota_update(box[0], fw, chunk_size=MOS_CHUNK, window=8, on_progress=cut_at(box, 15000))
     assert fake.state == 1 and 15000 <= len(fake.data) < 30000
     had = len(fake.data)
     client = await fake.connect()
@@ -344,3 +349,46 @@ async def test_e2e_ws_through_latency_proxy_with_dropped_link(tmp_path):
     finally:
         await proxy.close()
         await dev.stop()
+
+
+# -- chunk size from the device ---------------------------------------------------------------------
+
+
+async def test_chunk_size_fits_the_device_frame_limit(fake):
+    fake.frame_limit = 2048
+    fw = firmware(20000)
+    client = await fake.connect()
+    msgs: list[str] = []
+    res = await ota_update(client, fw, on_message=msgs.append)
+    await client.close()
+    assert bytes(fake.data) == fw and fake.state == 3
+    assert 1500 < fake.largest_write_frame <= 2048  # big chunks (512 B ones make 0.8 KB frames), all within
+    assert any(m.startswith("Device limits: rpc.max_frame_size 2048; writing ") for m in msgs), msgs
+    assert res.retries == 0
+
+
+async def test_a_given_chunk_size_too_big_for_the_device_is_shrunk_and_said(fake):
+    """--chunk-size 4096 against a device with rpc.max_frame_size 4096: every frame would be dropped."""
+    fake.frame_limit = fake.drop_frames_over = 4096
+    fw = firmware(30000)
+    client = await fake.connect()
+    msgs: list[str] = []
+    await ota_update(client, fw, chunk_size=4096, on_message=msgs.append)
+    await client.close()
+    assert bytes(fake.data) == fw and fake.state == 3
+    assert any(m.startswith("Chunk size 4096 makes frames too big for the device (rpc.max_frame_size 4096)")
+               for m in msgs), msgs  # fmt: skip
+
+
+async def test_a_device_that_drops_big_frames_silently_gets_smaller_chunks(fake):
+    """No rpc.max_frame_size offered and big frames dropped without a word: halve until answered."""
+    fake.drop_frames_over = 1500
+    fw = firmware(20000)
+    client = await fake.connect()
+    msgs: list[str] = []
+    res = await ota_update(client, fw, timeout_s=0.5, on_message=msgs.append)
+    await client.close()
+    assert bytes(fake.data) == fw and fake.state == 3
+    said = [m for m in msgs if m.startswith("The device did not answer a ")]
+    assert len(said) >= 1 and said[-1].endswith("-byte chunks.")
+    assert fake.largest_write_frame <= 1500 and res.retries == len(said)
