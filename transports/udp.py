@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 from rpc.channel import Channel, FrameCodec, JsonCodec
 from rpc.errors import ChannelClosed, TransportError, UsageError
@@ -63,8 +63,9 @@ class _Protocol(asyncio.DatagramProtocol):
         self.on_lost: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # No isinstance check: on Python 3.11 the selector loop's datagram transport does not derive
+        # from asyncio.DatagramTransport, and an exception here is logged by asyncio as a traceback.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if self.on_datagram is not None:

@@ -234,6 +234,18 @@ def _connect_reason(port: str, cause: BaseException) -> tuple[str, str]:
     return words, check
 
 
+def _unreachable_line(e: BaseException, args: Any) -> str:
+    """A peer that could not be reached, named by the flag that gave it (--port, --to, --broker)."""
+    for flag, what in (("port", "the device"), ("to", "the device"), ("broker", "the MQTT broker")):
+        target = getattr(args, flag, None)
+        if target:
+            reason, hint = _connect_reason(str(target), e)
+            if flag != "port":
+                hint = f"check that {what} is running and that --{flag} is right"
+            return f"cannot connect to {target}: {reason}; {hint}"
+    return str(CannotConnect("the device", e))
+
+
 def _auth_line(args: Any) -> str:
     given = bool(getattr(args, "rpc_creds", None) or os.environ.get("MOS_RPC_CREDS"))
     if given:
@@ -306,8 +318,7 @@ def error_line(e: BaseException, args: Any = None) -> tuple[str, int]:
             text += "; the device's ACL refuses this call: use --rpc-creds with a user the ACL allows"
         return text, EXIT_ERROR
     if isinstance(e, TransportError) and _is_connect_failure(e):
-        port = str(getattr(args, "port", None) or "the device")
-        return str(CannotConnect(port, e)), EXIT_ERROR
+        return _unreachable_line(e, args), EXIT_ERROR
     if isinstance(e, ChannelClosed):
         return (f"the connection to the device was lost ({e}); check that it is still running, "
                 "then run the command again"), EXIT_ERROR  # fmt: skip

@@ -131,6 +131,12 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         Path(args.junit).write_text(to_junit_xml(report))
     if args.json:
         Path(args.json).write_text(to_json(report))
+    first = report.results[0] if report.results else None
+    if len(report.results) == 1 and first is not None and not first.ok and first.name in ("connect", "preflight"):
+        # Nothing was checked: besides the report, the one-line error every command gives.
+        from mgrpc.cli._common import CliError, report_error
+
+        return report_error(CliError(f"no check ran: {first.message}", "check --port (and --rpc-creds)"), args)
     return 0 if report.ok else 1
 
 

@@ -146,7 +146,10 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
     async def run(client: Any) -> int:
         conf = await config_get(client, level=args.level, timeout_s=args.timeout)
-        value = config_get_path(conf, path)
+        try:
+            value = config_get_path(conf, path)
+        except OtaError as e:
+            raise CliError(str(e), "'mgrpc config-get' prints the whole config") from e
         if args.json:
             sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
         else:
@@ -163,10 +166,13 @@ def cmd_config_set(args: argparse.Namespace) -> int:
         raise usage("at least one path.to.value=value pair should be given")
 
     async def run(client: Any) -> int:
-        await config_set(
-            client, pairs, level=args.level, save=not args.no_save, reboot=not args.no_reboot,
-            try_once=args.try_once, timeout_s=args.timeout, on_message=err,
-        )  # fmt: skip
+        try:
+            await config_set(
+                client, pairs, level=args.level, save=not args.no_save, reboot=not args.no_reboot,
+                try_once=args.try_once, timeout_s=args.timeout, on_message=err,
+            )  # fmt: skip
+        except OtaError as e:
+            raise CliError(str(e), "check the value ('mgrpc config-get KEY' shows it and its type)") from e
         return 0
 
     return run_with_client(args, run)
@@ -185,7 +191,7 @@ def _ota_simple(method: str, done: str) -> Callable[[argparse.Namespace], int]:
                 await client.call(method, timeout_s=args.timeout)
             except RemoteError as e:
                 if e.code == -1 and not e.message:
-                    raise CliError(f"{describe_error(e)} ({_BOOT_HINTS[method]})", "see 'mgrpc boot-state'") from e
+                    raise CliError(f"remote error -1 ({_BOOT_HINTS[method]})", "see 'mgrpc boot-state'") from e
                 raise
             if method == "OTA.Revert":
                 await asyncio.sleep(0.2)  # the device reboots; let the reply's link close cleanly

@@ -49,6 +49,13 @@ def _out(*parts: object) -> None:
     print(*parts, flush=True)
 
 
+def _os_text(exc: OSError) -> str:
+    """``name: reason`` for a file error (not Python's ``[Errno 2] ...: 'name'``)."""
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def _fail(message: str) -> int:
     from mgrpc.cli._common import CliError, report_error
 
@@ -204,7 +211,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     except UpdaterError as exc:
         return _fail(exc.message)
     except OSError as exc:
-        return _fail(str(exc))
+        return _fail(_os_text(exc))
     print(
         f"Wrote {args.output}: {manifest.name or '-'} {manifest.version} for {manifest.platform}, "
         f"{len(manifest.parts)} parts",
@@ -308,7 +315,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except UpdaterError as exc:
         return _fail(exc.message)
     except OSError as exc:
-        return _fail(str(exc))
+        return _fail(_os_text(exc))
 
     _out(f"{args.file}: {len(report.entries)} entries, {report.file_size} bytes")
     _out(f"{MANIFEST_FILE_NAME}:")
@@ -351,7 +358,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     except UpdaterError as exc:
         return _fail(exc.message)
     except OSError as exc:
-        return _fail(str(exc))
+        return _fail(_os_text(exc))
     pub = public_key_b64(key)
     if args.pub_out:
         Path(args.pub_out).write_text(pub + "\n")

@@ -201,3 +201,38 @@ def test_zsh_completion_script() -> None:
     if zsh is not None:  # syntax check where zsh is installed
         p = subprocess.run([zsh, "-n"], input=r.out, capture_output=True, text=True, timeout=30)
         assert p.returncode == 0, p.stderr
+
+
+def test_udp_timeout_is_one_line() -> None:
+    line = run_cli("--port", f"udp://127.0.0.1:{_closed_port()}", "--timeout", "500ms", "call", "X").error_line()
+    assert line.startswith("Error: no reply from the device within 0.5 s")  # no asyncio traceback before it
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["config-get", "wifi.nope"], "Error: no config value at path \"wifi.nope\"; 'mgrpc config-get' prints the whole config"),
+        (["revert"], "Error: remote error -1 (nothing to revert: the running firmware is committed); see 'mgrpc boot-state'"),
+        (["commit"], "Error: remote error -1 (nothing to commit: the running firmware is already committed); "
+                     "see 'mgrpc boot-state'"),
+    ],
+)
+def test_device_command_errors_say_what_to_do(dev: DeviceProc, argv: list[str], expected: str) -> None:
+    assert run_cli("--port", dev.urls[0], *argv).error_line() == expected
+
+
+def test_other_commands_report_one_line(tmp_path: Path) -> None:
+    closed = f"tcp://127.0.0.1:{_closed_port()}"
+    line = run_cli("bridge", "--to", closed, "--listen", "tcp://127.0.0.1:0").error_line()
+    assert line == f"Error: cannot connect to {closed}: connection refused; check that the device is running and that --to is right"
+    broker = f"mqtt://127.0.0.1:{_closed_port()}"
+    line = run_cli("dashboard", "--broker", broker, "--db", str(tmp_path / "f.sqlite")).error_line()
+    assert line == (
+        f"Error: cannot connect to {broker}: connection refused; check that the MQTT broker is running and that --broker is right"
+    )
+    assert run_cli("fw", "inspect", str(tmp_path / "none.zip")).error_line() == f"Error: {tmp_path / 'none.zip'}: No such file or directory"
+    # conformance prints its report on stdout, and the one-line error when no check could run
+    r = run_cli("--port", closed, "conformance")
+    assert r.rc == 1 and "connect" in r.out
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: no check ran: ") and lines[0].endswith("check --port (and --rpc-creds)")

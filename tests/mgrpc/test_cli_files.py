@@ -113,7 +113,7 @@ def test_config_get(device, capsys):
     assert cli(device, "config-get", "wifi.sta") == 0
     assert capsys.readouterr().out == '{\n  "enable": false,\n  "pass": "",\n  "ssid": ""\n}\n'
     assert cli(device, "config-get", "wifi.nope") == 1
-    assert capsys.readouterr().err == 'Error: no config value at path "wifi.nope"\n'
+    assert capsys.readouterr().err == 'Error: no config value at path "wifi.nope"; \'mgrpc config-get\' prints the whole config\n'
     assert cli(device, "config-get", "a", "b") == 2
     assert capsys.readouterr().err == "Error: only one path to value is allowed; see 'mgrpc config-get --help'\n"
 
