@@ -151,7 +151,9 @@ _counter = 0
 
 # Run order of the groups: cheap, non-destructive wire checks first, reboots (OTA) last.
 # serial first: its link modes are sticky, and the newline-style check wants a device not yet in compat mode.
-GROUP_ORDER = ("serial", "tcp", "frame", "rpc", "sys", "config", "auth", "ws", "http", "mqtt", "ble", "ota", "client")
+GROUP_ORDER = (
+    "serial", "tcp", "frame", "rpc", "sys", "config", "auth", "ws", "http", "jsonrpc", "mqtt", "ble", "ota", "client",
+)  # fmt: skip
 
 
 def _run_key(spec: CheckSpec) -> tuple[int, int]:

@@ -440,9 +440,15 @@ class DeviceLinkModes:
 
 _NO_LIMIT = 1 << 62
 
-# A JSON-RPC 2.0 batch on a line: "[" then "{" (or "]"), and a closing "]" (console text such as
-# "[boot] {...}" does not match).
-_BATCH_RE = re.compile(rb"^\s*\[\s*[{\]].*\]\s*$", re.S)
+def _is_batch(body: bytes) -> bool:
+    """A JSON-RPC 2.0 batch on a line: a JSON array (console text such as ``[boot] {...}`` is not)."""
+    text = body.strip()
+    if text[:1] != b"[" or text[-1:] != b"]":
+        return False
+    try:
+        return isinstance(json.loads(text), list)
+    except (ValueError, RecursionError):
+        return False
 
 
 class DeviceStreamDecoder(_Decoder):
@@ -524,7 +530,7 @@ class DeviceStreamDecoder(_Decoder):
         if body == b"\x04":
             self._emit(Handshake())
             return
-        if _BATCH_RE.match(body):
+        if _is_batch(body):
             # Not rpc-uart: a JSON-RPC 2.0 batch (docs/protocol/jsonrpc.md §5) is one message, whole.
             self._emit(FrameBytes(body.strip(), None))
             return

@@ -10,8 +10,8 @@ Dispatch (one catch-all route):
 
 * ``/rpc`` and ``/rpc/...`` with ``Upgrade: websocket`` → the ws role (``503 WS is disabled`` if no
   ws listener is attached, as a device without rpc-ws);
-* other ``/rpc`` requests, and requests to ``/jsonrpc`` (JSON-RPC 2.0 only), → the http role (``404`` if
-  none);
+* other ``/rpc`` requests → the http role (``404`` if none);
+* ``/jsonrpc`` the same way (the http role serves it as JSON-RPC 2.0 only, docs/protocol/jsonrpc.md §8);
 * any other path → the ``node.http_handlers`` entry with the longest matching path prefix;
 * else ``404 Not Found``.
 
@@ -144,18 +144,13 @@ class SharedServer:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path
-        if is_rpc_path(path):
+        if is_rpc_path(path) or path == JSONRPC_PATH:
             upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
             role = self.roles.get("ws" if upgrade else "http")
             if role is not None:
                 return await role[0](request)
             if upgrade:
                 return web.Response(status=503, text="WS is disabled")
-            return web.Response(status=404, text="Not Found")
-        if path == JSONRPC_PATH:
-            role = self.roles.get("http")
-            if role is not None:
-                return await role[0](request)
             return web.Response(status=404, text="Not Found")
         handler = self._http_handler(path)
         if handler is not None:

@@ -154,6 +154,10 @@ async def test_jsonrpcclient_over_websocket(served: tuple[Node, dict[str, str]])
         await ws.send_str("[]")
         e = jsonrpcclient.parse_json((await ws.receive(timeout=T)).data)
         assert isinstance(e, jsonrpcclient.Error) and e.code == -32600
+    # the upgrade is served at /jsonrpc too
+    async with aiohttp.ClientSession() as s, s.ws_connect(urls["ws"].replace("/rpc", "/jsonrpc")) as ws:
+        await ws.send_str(jsonrpcclient.request_json("Sys.Echo", params=[2], id=8))
+        assert jsonrpcclient.parse_json((await ws.receive(timeout=T)).data) == jsonrpcclient.Ok([2], 8)
 
 
 async def test_jsonrpcclient_over_tcp(served: tuple[Node, dict[str, str]]) -> None:
