@@ -29,7 +29,14 @@ from conformance.session import Options, PreflightError, Session
 from rpc.errors import MgrpcError
 
 __all__ = [
-    "PREFLIGHT_SECTION", "FailedChecks", "Report", "check_deadline", "run", "run_check", "to_json", "to_junit_xml",
+    "PREFLIGHT_SECTION",
+    "FailedChecks",
+    "Report",
+    "check_deadline",
+    "run",
+    "run_check",
+    "to_json",
+    "to_junit_xml",
 ]
 
 log = logging.getLogger("mgrpc.conformance")

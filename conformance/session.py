@@ -86,12 +86,33 @@ class Session:
             if self._probe is not None:
                 await self._probe.close()
             opts = {**self.options.transport_opts, **self._extra_opts}
+            if self.scheme == "serial":
+                # A device that ignores mos's handshake must cost one reply timeout, not 15 s.
+                opts.setdefault("handshake_timeout_s", self.options.timeout_s)
             if self.options.creds is not None and self._transport_wants_creds():
                 opts.setdefault("creds", self.options.creds)  # HTTP digest is answered by the transport
             self._probe = await Probe.open(
                 self.url, open_timeout_s=self.options.timeout_s * 2, sent_ids=self.sent_ids, **opts
             )
         return self._probe
+
+    def _handshake_refused(self, e: Exception) -> bool:
+        """True (and the handshake switched off) when a serial send failed for want of an answer to
+        mos's handshake: frames alone are still judged; serial.handshake judges the handshake."""
+        if self.scheme != "serial" or "handshake" not in str(e).lower() or self._extra_opts.get("handshake") == "off":
+            return False
+        log.info("the device does not answer the serial handshake; going on without it")
+        self._extra_opts["handshake"] = "off"
+        return True
+
+    async def _probe_request(self, method: str, params: Any = ABSENT, **kw: Any) -> Frame | None:
+        p = await self.probe()
+        try:
+            return await p.request(method, params, **kw)
+        except MgrpcError as e:
+            if not self._handshake_refused(e):
+                raise
+        return await (await self.reopen()).request(method, params, **kw)
 
     def note_sent(self, data: Any) -> None:
         """Record what a check sent on its own connection (shown if the check fails)."""
@@ -133,10 +154,12 @@ class Session:
         (a 401 challenge), or answers nothing at all; ``MgrpcError``/``OSError`` when the port
         cannot be opened.
         """
-        p = await self.probe()
-        note = ""
+        if self.scheme == "serial":
+            raw_resp = await self._raw_serial_rpc_list()
+            if raw_resp is not None:
+                return self._learn_list(raw_resp)
         try:
-            resp = await p.request("RPC.List", id=Probe.new_id(), timeout_s=self.options.timeout_s)
+            resp = await self._probe_request("RPC.List", id=Probe.new_id(), timeout_s=self.options.timeout_s)
         except AuthError:  # HTTP: the transport saw 401 with no credentials to answer it
             raise PreflightError(AUTH_REQUIRED) from None
         except MgrpcError:
@@ -159,12 +182,74 @@ class Session:
             err = resp.error
             if err is not None and err.code == 401:
                 raise PreflightError("the device refused the credentials given with --rpc-creds")
-        if err is None and isinstance(resp.result, list) and all(isinstance(m, str) for m in resp.result):
+        return self._learn_list(resp)
+
+    def _learn_list(self, resp: Frame) -> str:
+        if resp.error is None and isinstance(resp.result, list) and all(isinstance(m, str) for m in resp.result):
             self.offered = frozenset(m.lower() for m in resp.result)
-            note = f"{len(resp.result)} methods offered"
-        else:
-            note = "RPC.List gave no method list; every check runs"
-        return note
+            return f"{len(resp.result)} methods offered"
+        return "RPC.List gave no method list; every check runs"
+
+    async def _raw_serial_rpc_list(self) -> Frame | None:
+        """``RPC.List`` over a serial port as a plain ``{json}\\n`` line, without CRC or triple quotes.
+
+        The device's link modes are learned from the first frame that carries them and stay on
+        until it reboots (transports.md §1.2), so the preflight must not switch them on before the
+        serial checks run. None if the device gave no parseable answer (the probe is tried next).
+        """
+        from conformance.rawio import open_raw_serial
+        from rpc.frame import parse_frame
+
+        baud = int(self.parsed.option("baud") or self.parsed.option("baud_rate") or 115200)
+        try:
+            raw = await open_raw_serial(self.parsed.path, baud=baud)
+        except (OSError, CheckSkipped):
+            return None
+
+        async def ask(frame: Frame) -> Frame | None:
+            key = f'"id":{frame.id}'.encode()
+            mark = len(raw.buffer)
+            await raw.write(frame.encode("mos") + b"\n")
+
+            def line(buf: bytes) -> bytes | None:
+                k = buf.find(key, mark)
+                if k < 0:
+                    return None
+                start = buf.rfind(b"{", 0, k + 1)
+                end = buf.find(b"\n", k)
+                if start < 0 or end < 0:
+                    return None
+                body = buf[start:end]
+                return body[: body.rfind(b"}") + 1]
+
+            if not await raw.wait_for(lambda b: line(b) is not None, timeout_s=self.options.timeout_s):
+                return None
+            text = line(bytes(raw.buffer))
+            try:
+                return parse_frame(text or b"")
+            except (MgrpcError, ValueError):
+                return None
+
+        try:
+            fid = Probe.new_id()
+            resp = await ask(Frame(id=fid, src="mos", method="RPC.List"))
+            if resp is None:
+                return None
+            err = resp.error
+            if err is not None and err.code == 401:
+                creds = self.options.creds
+                if creds is None:
+                    raise PreflightError(AUTH_REQUIRED)
+                try:
+                    challenge = json.loads(err.message or "")
+                except ValueError:
+                    return resp
+                resp = await ask(Frame(id=fid, src="mos", method="RPC.List", auth=make_auth(challenge, creds)))
+                if resp is not None and resp.error is not None and resp.error.code == 401:
+                    raise PreflightError("the device refused the credentials given with --rpc-creds")
+            return resp
+        finally:
+            await raw.close()
 
     async def recover(self) -> None:
         """After a check that may have upset the device: a fresh channel, and the device answering."""
@@ -214,10 +299,10 @@ class Session:
         (``auto_auth=False`` returns the 401 itself).
         """
         kw.setdefault("timeout_s", self.options.timeout_s)
-        p = await self.probe()
         fid = kw.pop("id", None)
         fid = Probe.new_id() if fid is None else fid
-        resp = await p.request(method, params, id=fid, **kw)
+        resp = await self._probe_request(method, params, id=fid, **kw)
+        p = await self.probe()
         if resp is None:
             raise CheckFailed(
                 f"no response to {method} within {kw['timeout_s']:g} s", seen="no response", expected="a response"
@@ -240,7 +325,13 @@ class Session:
         credentials a 401 challenge is answered once with the same id, as mos does."""
         t = self.options.timeout_s if timeout_s is None else timeout_s
         p = await self.probe()
-        resp = await p.exchange(frame, timeout_s=t)
+        try:
+            resp = await p.exchange(frame, timeout_s=t)
+        except MgrpcError as e:
+            if not self._handshake_refused(e):
+                raise
+            p = await self.reopen()
+            resp = await p.exchange(frame, timeout_s=t)
         creds = self.options.creds
         err = resp.error if resp is not None else None
         if creds is not None and err is not None and err.code == 401 and frame.auth is None:
@@ -351,8 +442,8 @@ class Session:
         last: Exception | None = None
         while loop.time() < deadline:
             try:
-                p = await self.reopen()
-                resp = await p.request("RPC.Ping", timeout_s=min(2.0, max(0.1, deadline - loop.time())))
+                await self.reopen()
+                resp = await self._probe_request("RPC.Ping", timeout_s=min(2.0, max(0.1, deadline - loop.time())))
                 if resp is not None:
                     return
             except (MgrpcError, OSError) as e:

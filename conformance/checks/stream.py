@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Callable
 
 from conformance.golden import load
 from conformance.model import CheckFailed, CheckSkipped, check, expect
@@ -136,6 +137,113 @@ def _check_crc(rep: _Reply) -> None:
 
 
 # -- serial ---------------------------------------------------------------------------------------
+
+
+def _plain(method: str = "RPC.Ping") -> tuple[int, bytes]:
+    fid, req = _request(method)
+    return fid, req + b"\n"
+
+
+def _has_reply(fid: int) -> Callable[[bytes], bool]:
+    return lambda buf: _find(buf, fid) is not None
+
+
+async def _fresh_link(s: Session, raw: RawStream) -> _Reply:
+    """A plain request's reply on a link whose modes are not yet learned.
+
+    If the device already learned CRC or the triple-quote delimiter from an earlier client (the modes are sticky
+    until it reboots), a fresh channel needs a reboot: with ``--destructive`` the device is rebooted
+    (``Sys.Reboot``; the port stays open), otherwise the check is skipped.
+    """
+    fid, req = _plain()
+    await raw.write(req)
+    rep = await _reply(s, raw, fid)
+    if not (rep.quoted_open or _HEX8.fullmatch(rep.crc)):
+        return rep
+    if not s.options.destructive or not s.offers("Sys.Reboot"):
+        raise CheckSkipped(
+            "the link modes were already learned (sticky until a reboot); --destructive reboots for a fresh channel"
+        )
+    rid, reboot = _request("Sys.Reboot")
+    reboot = reboot[:-1] + b',"params":{"delay_ms":50}}'
+    await raw.write(reboot + b"\n")
+    await _reply(s, raw, rid)
+    await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + s.options.reboot_timeout_s
+    while loop.time() < deadline:
+        raw.take()
+        gid, req = _plain("Sys.GetInfo")
+        await raw.write(req)
+        ok = await raw.wait_for(_has_reply(gid), timeout_s=1.0)
+        got = _find(bytes(raw.buffer), gid) if ok else None
+        if got is not None:
+            if not (got.quoted_open or _HEX8.fullmatch(got.crc)):
+                return got
+            doc = json.loads(got.json)
+            up = doc.get("result", {}).get("uptime") if isinstance(doc.get("result"), dict) else None
+            expect(
+                not (isinstance(up, int) and up < 2),
+                'after a reboot the link must start without CRC and without """ (modes are learned anew)',
+                seen=show(got.wire),
+                expected="\\n{json}\\n to a plain request",
+            )
+        await asyncio.sleep(0.3)
+    raise CheckFailed("the device did not come back after Sys.Reboot", seen="no plain reply", expected="a reply")
+
+
+@check(
+    "serial.learned_modes",
+    section="transports.md §1.1-§1.2; errata",
+    title='CRC and """ switched on by the first frame carrying them, then sticky',
+    only=SERIAL,
+    upsets=True,
+)
+async def _serial_learned_modes(s: Session) -> str | None:
+    raw = await _opened(s)
+    try:
+        rep = await _fresh_link(s, raw)
+        expect(
+            not rep.quoted_open and not rep.quoted_close and rep.meta.strip() == b"",
+            'before any CRC or """ a plain request gets a plain reply',
+            seen=show(rep.wire),
+            expected="\\n{json}\\n",
+        )
+        fid, req = _request()
+        await raw.write(req + crc32_hex(req).encode() + b"\n")
+        rep = await _reply(s, raw, fid)
+        _check_crc(rep)
+        expect(not rep.quoted_open, 'CRC alone must not switch """ on', seen=show(rep.wire), expected="{json}<crc>\\n")
+        fid, req = _plain()
+        await raw.write(req)
+        rep = await _reply(s, raw, fid)
+        expect(
+            bool(_HEX8.fullmatch(rep.crc)),
+            "CRC mode is sticky: a later request without CRC still gets a CRC",
+            seen=show(rep.wire),
+            expected="{json}<crc>\\n",
+        )
+        fid, req = _request()
+        await raw.write(b'"""' + req + b'"""')
+        rep = await _reply(s, raw, fid)
+        expect(
+            rep.quoted_open and rep.quoted_close,
+            'a """-framed request switches """ framing on',
+            seen=show(rep.wire),
+            expected='"""{json}<crc>"""',
+        )
+        fid, req = _plain()
+        await raw.write(req)
+        rep = await _reply(s, raw, fid)
+        expect(
+            rep.quoted_open and rep.quoted_close and bool(_HEX8.fullmatch(rep.crc)),
+            '""" and CRC modes are sticky: a later plain request still gets """ and a CRC',
+            seen=show(rep.wire),
+            expected='\\n"""{json}<crc>"""\\n',
+        )
+    finally:
+        await raw.close()
+    return None
 
 
 @check(

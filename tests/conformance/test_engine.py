@@ -186,10 +186,8 @@ async def test_a_failing_check_reports_sent_seen_expected_and_section() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs ptys")
 async def test_a_serial_device_that_ignores_the_handshake_fails_and_does_not_hang(tmp_path: Any) -> None:
-    """A pty whose device side answers frames but never the 0x04 handshake."""
+    """A pty whose device side answers frames (plain, never learning CRC) but never the 0x04 handshake."""
     import tty
-
-    from rpc.framing import crc32_hex
 
     master, slave = os.openpty()
     tty.setraw(slave)
@@ -225,13 +223,15 @@ async def test_a_serial_device_that_ignores_the_handshake_fails_and_does_not_han
                 else {"id": req["id"], "src": "mute-hs", "dst": req.get("src", ""), "result": {"channel_info": ""}},
                 separators=(",", ":"),
             ).encode()
-            os.write(master, b"\n" + body + crc32_hex(body).encode() + b"\n")
+            os.write(master, b"\n" + body + b"\n")  # never a CRC
 
     loop.add_reader(master, readable)
     try:
         t0 = time.monotonic()
         opts = Options(timeout_s=1.0, quiet_s=0.1)
-        report = await runner.run(str(link), options=opts, only=["serial.handshake", "rpc.ping"])
+        report = await runner.run(
+            str(link), options=opts, only=["serial.learned_modes", "serial.handshake", "rpc.ping"]
+        )
         assert time.monotonic() - t0 < 60
     finally:
         loop.remove_reader(master)
@@ -241,3 +241,6 @@ async def test_a_serial_device_that_ignores_the_handshake_fails_and_does_not_han
     assert "serial.handshake" in res, [(r.name, r.message) for r in report.results]
     assert res["serial.handshake"].outcome is Outcome.FAIL
     assert res["rpc.ping"].outcome is Outcome.PASS  # frames alone are still judged
+    # It never learns CRC mode either: a CRC'd request gets a reply without CRC.
+    assert res["serial.learned_modes"].outcome is Outcome.FAIL
+    assert "must carry a CRC" in res["serial.learned_modes"].message
