@@ -17,16 +17,60 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["Fleet", "run_bridge", "start_fleet", "start_fleet_device", "virtual_device"]
+__all__ = ["Fleet", "attach_agent", "run_bridge", "start_fleet", "start_fleet_device", "virtual_device"]
 
 
-def virtual_device(**kw: Any) -> Any:
-    """A :class:`services.device.VirtualDevice` serving its ``listen`` URLs through :mod:`transports`."""
+def virtual_device(*, presence: bool = True, **kw: Any) -> Any:
+    """A :class:`services.device.VirtualDevice` serving its ``listen`` URLs through :mod:`transports`.
+
+    With ``presence`` (the default), the first ``mqtt://``/``mqtts://`` URL is served by a
+    :class:`services.shadow.DeviceAgent`: besides RPC, the device announces itself with a retained
+    ``<id>/status`` birth message and last will, reports OTA progress and follows its shadow, so a
+    fleet dashboard on the same broker finds it.
+    """
     import transports
     from services.device import VirtualDevice
 
     kw.setdefault("listen_fn", transports.listen)
-    return VirtualDevice(**kw)
+    dev = VirtualDevice(**kw)
+    mqtt_urls = [u for u in dev.listen_urls if urlsplit(u).scheme in ("mqtt", "mqtts")]
+    if presence and mqtt_urls:
+        attach_agent(dev, mqtt_urls[0], base_listen=kw["listen_fn"])
+    return dev
+
+
+def attach_agent(dev: Any, url: str, *, base_listen: Any = None, autocommit: bool | None = None) -> Any:
+    """Serve ``dev`` on the MQTT ``url`` through a :class:`services.shadow.DeviceAgent` (presence,
+    progress, shadow OTA, RPC); other listen URLs go to ``base_listen``. Returns the agent."""
+    from services.shadow import DeviceAgent
+    from transports.mqtt import MqttDeviceChannel, client_url
+    from transports.mqttconn import open_connection
+    from transports.registry import parse_url
+
+    u = parse_url(url)
+    dev_id = u.option("id") or u.path.strip("/") or dev.id
+    broker = urlsplit(url)
+    query = "&".join(f"{k}={v}" for k, v in u.query.items() if k not in ("id", "codec"))
+    broker_url = f"{broker.scheme}://{broker.netloc}" + (f"?{query}" if query else "")
+
+    async def connect(_url: str) -> Any:
+        # A killed device process must show offline: the broker publishes this retained will.
+        will = (f"{dev_id}/status", json.dumps({"online": False, "id": dev_id}).encode(), 1, True)
+        return await open_connection(broker_url, client_id=u.option("client_id") or dev_id, will=will)
+
+    async def serve_rpc(conn: Any, node: Any) -> Any:
+        if not node.is_local_id(dev_id):
+            node.ids.append(dev_id)
+        ch = MqttDeviceChannel(conn, dev_id, owns_connection=False)
+        node.add_channel(ch, default=True, address="*")
+        await ch.start()
+        return ch
+
+    agent = DeviceAgent(dev, agent_url=url, connect=connect, serve_rpc=serve_rpc, base_listen=base_listen,
+                        autocommit=autocommit, client_url=client_url(u, dev_id))  # fmt: skip
+    dev.listen_fn = agent.listen
+    dev.agent = agent
+    return agent
 
 
 async def run_bridge(to: str, listen: list[str], *, device_id: str | None = None, timeout_s: float = 20.0) -> Any:
@@ -135,9 +179,6 @@ async def start_fleet_device(
     """
     from services.device import VirtualDevice
     from services.polling import attach_polling
-    from services.shadow import DeviceAgent
-    from transports.mqtt import MqttDeviceChannel
-    from transports.mqttconn import open_connection
 
     b = urlsplit(broker)
     agent_url = f"{b.scheme}://{b.netloc}/{dev_id}"
@@ -145,21 +186,7 @@ async def start_fleet_device(
         id=dev_id, state_dir=state_dir or Path(tempfile.gettempdir()) / "mgrpc-fleet" / dev_id,
         listen=[agent_url], storage=storage, **dev_kw,
     )  # fmt: skip
-
-    async def connect(url: str) -> Any:
-        # A killed device process must show offline: the broker publishes this retained will.
-        will = (f"{dev_id}/status", json.dumps({"online": False, "id": dev_id}).encode(), 1, True)
-        return await open_connection(f"{b.scheme}://{b.netloc}", client_id=dev_id, will=will)
-
-    async def serve_rpc(conn: Any, node: Any) -> Any:
-        ch = MqttDeviceChannel(conn, dev_id, owns_connection=False)
-        node.add_channel(ch, default=True, address="*")
-        await ch.start()
-        return ch
-
-    agent = DeviceAgent(dev, agent_url=agent_url, connect=connect, serve_rpc=serve_rpc, autocommit=autocommit)
-    dev.listen_fn = agent.listen
-    dev.agent = agent
+    attach_agent(dev, agent_url, autocommit=autocommit)
     if polling:
         dev.pollers = attach_polling(dev)
     if start:

@@ -246,7 +246,8 @@ class DeviceAgent:
     device's ``listen_fn``: for the URL ``agent_url`` it opens a connection with ``connect(url)``,
     lets ``serve_rpc(conn, node)`` (optional) serve RPC on it, and runs a session; the returned
     listener ends the session (``online: false``) when the device's stack stops. Other URLs go to
-    ``base_listen``. ``autocommit`` overrides the ``shadow.autocommit`` config.
+    ``base_listen``. ``autocommit`` overrides the ``shadow.autocommit`` config; ``client_url`` is the
+    URL a client uses to reach the device (the status message's ``url``).
     """
 
     def __init__(
@@ -259,8 +260,10 @@ class DeviceAgent:
         base_listen: Callable[[str, Node], Awaitable[Any]] | None = None,
         autocommit: bool | None = None,
         shadow_ota: bool = True,
+        client_url: str = "",
     ) -> None:
         self.dev = dev
+        self.client_url = client_url or agent_url
         self.agent_url = agent_url
         self.connect = connect
         self.serve_rpc = serve_rpc
@@ -312,6 +315,7 @@ class _Session:
         self.ota: OtaService | None = self.dev.ota
         self.id = self.dev.id
         self.url = agent.agent_url
+        self.client_url = agent.client_url  # what a client passes as --port to reach this device
         self.topics = ShadowTopics(self.id)
         self.shadow_ok = False
         self._last_pct = -100
@@ -387,7 +391,7 @@ class _Session:
             "version": self.fw.version, "build_id": self.fw.build_id,
             "committed": bool(st.is_committed) if st is not None else True,
             "slot": info.slot if info else 0, "reverted": self._rolled_back,
-            "reason": info.reason if info else "", "boots": self.dev.boots, "url": self.url,
+            "reason": info.reason if info else "", "boots": self.dev.boots, "url": self.client_url,
         }  # fmt: skip
 
     def publish_status(self, *, online: bool = True) -> asyncio.Future[None] | None:
@@ -427,8 +431,15 @@ class _Session:
             self._progress_msg("rolled_back", 0, None, reported["ota"]["message"])
         self.publish_status()
         self.report(reported)
+        if hasattr(self.conn, "on_state"):
+            # A restarted broker may have lost the retained birth message: say it again on every reconnect.
+            self.conn.on_state(self._on_conn_state)
         if self.agent.shadow_ota:
             self._get_task = asyncio.ensure_future(self._get_until_answered())
+
+    def _on_conn_state(self, up: bool) -> None:
+        if up and not self._closed:
+            self.publish_status()
 
     async def _get_until_answered(self, *, every_s: float = 3.0) -> None:
         # The shadow service may not be subscribed yet (it reconnects to a restarted broker too),

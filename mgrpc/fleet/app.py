@@ -99,6 +99,12 @@ class FleetApp:
             await self.mqtt.subscribe("+/status", self._on_status, qos=1)
             await self.mqtt.subscribe("+/ota/progress", self._on_progress, qos=0)
             await self.mqtt.subscribe("$aws/things/+/shadow/update/accepted", self._on_shadow, qos=1)
+            # Discovery of devices that speak only the shadow protocol (Mongoose OS devices): their
+            # own requests name them.
+            await self.mqtt.subscribe("$aws/things/+/shadow/update", self._on_shadow_request, qos=1)
+            await self.mqtt.subscribe("$aws/things/+/shadow/get", self._on_shadow_request, qos=1)
+            if hasattr(self.mqtt, "on_state"):
+                self.mqtt.on_state(self._on_broker_state)
         self._ticker = asyncio.ensure_future(self._tick_loop())
         for r in self.rollouts.values():
             if r.state != "running":
@@ -148,6 +154,7 @@ class FleetApp:
         if d is None:
             d = self.devices[dev_id] = DeviceRecord(id=dev_id, source="mqtt")
         d.online = bool(st.get("online"))
+        d.presence = "status"
         for key in ("arch", "app", "version", "build_id"):
             if isinstance(st.get(key), str) and st[key]:
                 setattr(d, key, st[key])
@@ -158,6 +165,46 @@ class FleetApp:
             d.boots = st["boots"]
         if isinstance(st.get("url"), str) and not d.url:
             d.url = st["url"]
+        d.last_seen = time.time()
+        self._touch(d)
+        if d.online:
+            self._device_online(d)
+
+    def _on_broker_state(self, up: bool) -> None:
+        """Without the broker nothing is known of MQTT devices; their retained status comes back on reconnect."""
+        if up:
+            return
+        for d in self.devices.values():
+            if d.source == "mqtt" and d.online:
+                d.online = False
+                self._touch(d)
+
+    def _on_shadow_request(self, msg: Any) -> None:
+        """A device's own shadow request (``update`` with ``reported`` state, or ``get``): it is on the broker."""
+        if getattr(msg, "retain", False):
+            return
+        try:
+            obj = json.loads(msg.payload) if msg.payload.strip() else {}
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        parts = msg.topic.split("/")
+        if len(parts) < 5 or not parts[2]:
+            return
+        dev_id, op = parts[2], parts[4]
+        reported = (obj.get("state") or {}).get("reported") if isinstance(obj.get("state"), dict) else None
+        d = self.devices.get(dev_id)
+        if op == "update" and not isinstance(reported, dict):
+            return  # an operator's desired state, not the device
+        if d is None:
+            if op != "update":
+                return  # a get alone may come from anyone
+            d = self.devices[dev_id] = DeviceRecord(id=dev_id, source="mqtt", presence="shadow")
+            log.info("device %s discovered by its shadow reports", dev_id)
+        if isinstance(reported, dict):
+            _apply_reported(d, reported)
+        d.online = True  # a live (not retained) request: it is connected now
         d.last_seen = time.time()
         self._touch(d)
         if d.online:
@@ -610,6 +657,20 @@ class FleetApp:
         job.message = "device polled; downloading"
         self.changes += 1
         return web.Response(body=self.db.bundle_data(r.bundle), content_type="application/zip")
+
+
+def _apply_reported(d: DeviceRecord, reported: dict[str, Any]) -> None:
+    """Identity from a shadow's reported state: ours (``fw``) or Mongoose OS ota-shadow's (``ota``)."""
+    fw = reported.get("fw")
+    if isinstance(fw, dict):
+        for key, attr in (("version", "version"), ("arch", "arch"), ("build_id", "build_id"), ("app", "app")):
+            if isinstance(fw.get(key), str) and fw[key]:
+                setattr(d, attr, fw[key])
+    ota = reported.get("ota")
+    if isinstance(ota, dict):
+        for key, attr in (("fw_version", "version"), ("fw_id", "build_id"), ("app", "app"), ("arch", "arch")):
+            if isinstance(ota.get(key), str) and ota[key]:
+                setattr(d, attr, ota[key])
 
 
 def _int(obj: dict[str, Any], key: str, default: int) -> int:

@@ -38,6 +38,7 @@ class DeviceRecord:
     committed: bool = True
     online: bool = False
     source: str = "mqtt"  # "mqtt" or "url"
+    presence: str = ""  # "status": <id>/status with a last will; "shadow": seen only by its shadow requests
     url: str = ""  # RPC URL (mqtt://broker/<id>, ws://..., ...)
     last_seen: float = 0.0
     reverted: bool = False
