@@ -13,6 +13,7 @@ from rpc.errors import MgrpcError, QueueOverflow, RemoteError, RpcTimeout
 __all__ = ["DEFAULT_CHUNK_SIZE", "MessageFn", "OtaError", "ProgressFn", "chunk_data"]
 
 log = logging.getLogger("mgrpc.ota")
+_retry_log = logging.getLogger("mgrpc.host")  # FS and config retries are not OTA
 
 DEFAULT_CHUNK_SIZE = 512
 
@@ -57,6 +58,7 @@ async def with_attempts(what: str, attempts: int, op: Callable[[], Awaitable[Any
             if not is_transient(e):
                 raise
             last = e
-            log.warning("%s failed (attempt %d of %d): %s", what, i + 1, attempts, why(e))
+            # INFO, not WARNING: the CLI's default output is then the outcome alone (-v shows the retries)
+            _retry_log.info("%s failed (attempt %d of %d): %s", what, i + 1, attempts, why(e))
     assert last is not None
     raise last

@@ -236,3 +236,12 @@ def test_other_commands_report_one_line(tmp_path: Path) -> None:
     assert r.rc == 1 and "connect" in r.out
     lines = r.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: no check ran: ") and lines[0].endswith("check --port (and --rpc-creds)")
+
+
+def test_retried_timeouts_end_in_one_line(silent_port: int) -> None:
+    # `get` retries a timeout (--fs-op-attempts); the retries are logged only with -v
+    url = f"tcp://127.0.0.1:{silent_port}"
+    line = run_cli("--port", url, "--timeout", "300ms", "get", "x.txt", "--fs-op-attempts", "2").error_line()
+    assert line.startswith("Error: no reply from the device within 0.3 s")
+    r = run_cli("--port", url, "--timeout", "300ms", "-v", "get", "x.txt", "--fs-op-attempts", "2")
+    assert r.rc == 1 and "FS.Get x.txt @ 0 failed (attempt 1 of 2)" in r.err
