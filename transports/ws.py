@@ -23,6 +23,10 @@ from 1 s doubling to 60 s.
 ``?codec=msgpack`` (between two mgrpc ends) sends BINARY messages in that codec. A device listening
 with it still serves JSON peers (mos): each message is read in its own codec, and the answers go
 out in the codec the peer last used (:class:`rpc.codec.AutoCodec`).
+
+``?stall_over=N`` (device side) makes the listener behave as a stock Mongoose OS device: after a
+message longer than N bytes (Mongoose OS: :data:`MGOS_WS_MESSAGE_LIMIT`) nothing more is answered on
+that connection. For benchmarks and tests of clients against stock devices.
 """
 
 from __future__ import annotations
@@ -71,7 +75,10 @@ __all__ = [
 ]
 
 SCHEMES = ("ws", "wss")
-OPTIONS: frozenset[str] = frozenset({"reconnect", "outbound", "ca", "cert", "key"})
+OPTIONS: frozenset[str] = frozenset({"reconnect", "outbound", "ca", "cert", "key", "stall_over"})
+# What Mongoose OS's rpc-ws does with a longer message (3072 bytes with its masked-frame header):
+# nothing more is answered on that connection (measured on the real firmware, ../shared/mgos-ubuntu).
+MGOS_WS_MESSAGE_LIMIT = 3064
 EXTRA = "ws"
 
 MOS_ORIGIN = "https://api.cesanta.com/"
@@ -104,8 +111,12 @@ async def _send_message(ws: Any, data: bytes, *, binary: bool) -> None:
         raise ChannelClosed(f"WebSocket send failed: {e}") from e
 
 
-async def _pump(ws: Any, channel: Channel, *, close_on_bad_frame: bool) -> None:
-    """Deliver every TEXT/BINARY message of ``ws`` to ``channel`` until the connection ends."""
+async def _pump(ws: Any, channel: Channel, *, close_on_bad_frame: bool, stall_over: int | None = None) -> None:
+    """Deliver every TEXT/BINARY message of ``ws`` to ``channel`` until the connection ends.
+
+    ``stall_over``: after a message longer than that, nothing more is delivered (see ``?stall_over=``).
+    """
+    stalled = False
     async for msg in ws:
         if msg.type == aiohttp.WSMsgType.TEXT:
             data = msg.data.encode("utf-8")
@@ -115,6 +126,11 @@ async def _pump(ws: Any, channel: Channel, *, close_on_bad_frame: bool) -> None:
             log.info("%s: connection error: %s", channel.type, ws.exception())
             break
         else:
+            continue
+        if stall_over is not None and (stalled or len(data) > stall_over):
+            if not stalled:
+                log.warning("%s %s: a %d-byte message: the connection stalls", channel.type, channel.info(), len(data))
+            stalled = True
             continue
         if msg.type == aiohttp.WSMsgType.TEXT or channel.codec.name == "json":
             # mos's Go encoder ends each message with "\n"; it is not part of the frame (nor of its size).
@@ -164,11 +180,13 @@ class WsChannel(Channel):
         *,
         codec: FrameCodec | None = None,
         transport: asyncio.BaseTransport | None = None,
+        stall_over: int | None = None,
     ) -> None:
         super().__init__(codec=codec, style="device")
         self.ws = ws
         self.peer = peer
         self._transport = transport
+        self.stall_over = stall_over
 
     def info(self) -> str:
         """The peer's ``ip:port``."""
@@ -180,7 +198,7 @@ class WsChannel(Channel):
 
     async def run(self) -> None:
         """Read messages until the connection ends."""
-        await _pump(self.ws, self, close_on_bad_frame=True)
+        await _pump(self.ws, self, close_on_bad_frame=True, stall_over=self.stall_over)
 
     async def close(self) -> None:
         """Drop the connection as mongoose does (send what is queued, then close; no close frame).
@@ -196,6 +214,19 @@ class WsChannel(Channel):
         self.mark_closed()
 
 
+def _stall_over(url: TransportURL) -> int | None:
+    value = url.option("stall_over")
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise UsageError(f"ws:// option stall_over must be a number of bytes, not {value!r}") from None
+    if n <= 0:
+        raise UsageError("ws:// option stall_over must be positive")
+    return n
+
+
 class WsListener:
     """The ``ws://`` role of a shared aiohttp server: accepts WebSocket connections for ``node``."""
 
@@ -204,6 +235,7 @@ class WsListener:
         self.node = node
         self.ping_interval_s = ping_interval_s
         self._url = url
+        self.stall_over = _stall_over(url)
         self.channels: set[WsChannel] = set()
         self.host = server.host
         self.port = server.port
@@ -217,7 +249,7 @@ class WsListener:
         await ws.prepare(request)
         # A device listening with a binary codec still serves JSON peers (mos): the codec follows the peer.
         codec = device_codec(codec_from_url(self._url))
-        ch = WsChannel(ws, peer_address(request), codec=codec, transport=request.transport)
+        ch = WsChannel(ws, peer_address(request), codec=codec, transport=request.transport, stall_over=self.stall_over)
         if isinstance(self.node.auth, Authenticator):
             # A valid digest on the upgrade request names the channel's user (spec §2).
             ch.user = verify_http_digest(self.node.auth, request.headers.get("Authorization", ""), request.method)

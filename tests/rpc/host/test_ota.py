@@ -392,3 +392,32 @@ async def test_a_device_that_drops_big_frames_silently_gets_smaller_chunks(fake)
     said = [m for m in msgs if m.startswith("The device did not answer a ")]
     assert len(said) >= 1 and said[-1].endswith("-byte chunks.")
     assert fake.largest_write_frame <= 1500 and res.retries == len(said)
+
+
+async def test_stock_style_ws_device_that_stalls_on_big_messages(tmp_path):
+    """A device that stops answering a connection after a big message (Mongoose OS's rpc-ws does so
+    over 3064 bytes): the first write alone finds out, the client reconnects with smaller chunks."""
+    from services.device import VirtualDevice
+    from updater.bundle import make_virtual_bundle
+
+    dev = VirtualDevice(
+        id="esp32_STALL", state_dir=tmp_path / "dev", listen=["ws://127.0.0.1:0/rpc?stall_over=1500"],
+        listen_fn=transports.listen,
+    )  # fmt: skip
+    await dev.start()
+    try:
+        url = dev.urls[0].split("?", 1)[0]
+        fw = make_virtual_bundle("esp32", "2.0", app_size=16384)
+        msgs: list[str] = []
+        client = await transports.connect(url, timeout_s=5.0)
+        res = await ota_update(
+            client, fw, timeout_s=1.0, on_message=msgs.append,
+            reconnect=lambda: transports.connect(url, timeout_s=5.0),
+        )  # fmt: skip
+        await res.client.close()
+        assert any(m.startswith("The device did not answer a 2048-byte write") for m in msgs), msgs
+        assert res.chunk_size < 2048 and res.reconnects >= 1
+        await dev.wait_booted(boots=2)
+        assert dev.boot_info is not None and dev.boot_info.version == "2.0"
+    finally:
+        await dev.stop()
