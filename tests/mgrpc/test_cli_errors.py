@@ -245,3 +245,14 @@ def test_retried_timeouts_end_in_one_line(silent_port: int) -> None:
     assert line.startswith("Error: no reply from the device within 0.3 s")
     r = run_cli("--port", url, "--timeout", "300ms", "-v", "get", "x.txt", "--fs-op-attempts", "2")
     assert r.rc == 1 and "FS.Get x.txt @ 0 failed (attempt 1 of 2)" in r.err
+
+
+def test_required_and_repeatable_flags_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        "MGRPC_ID": "envdev", "MGRPC_STATE": str(tmp_path / "st"),
+        "MGRPC_LISTEN": "tcp://127.0.0.1:0 http://127.0.0.1:0/rpc",  # a repeatable flag: space-separated
+    }  # fmt: skip
+    with DeviceProc(["device"], n_urls=2, env=env) as d:
+        assert d.urls[0].startswith("tcp://127.0.0.1:") and d.urls[1].startswith("http://127.0.0.1:")
+        r = run_cli("call", "Sys.GetInfo", env={"MOS_PORT": d.urls[1]})
+        assert r.rc == 0 and '"id": "envdev"' in r.out
