@@ -44,26 +44,24 @@ Decisions (documented here, tested in ``tests/updater/``):
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from .bootcfg import MAX_COMMIT_TIMEOUT_S, SlotState, stored_identity
 from .errors import FlashError, UpdaterError
-from .flash import Flash
 from .manifest import MANIFEST_FILE_NAME, Manifest, Part
-from .partitions import Partition
+from .slotstorage import WRITE_CHUNK_SIZE, PartSink, SlotStorage
 from .zipstream import ArchiveEnd, EntryData, EntryEnd, EntryStart, Event, ZipStreamParser
 
-__all__ = ["WRITE_CHUNK_SIZE", "UpdaterContext", "UpdaterState", "part_target"]
+__all__ = ["WRITE_CHUNK_SIZE", "StorageLike", "UpdaterContext", "UpdaterState", "part_target"]
+
+StorageLike = SlotStorage  # the name this module used before the seam had its own module
 
 log = logging.getLogger("mgrpc.updater.context")
 
-WRITE_CHUNK_SIZE = 512  # MGOS_UPDATER_DATA_CHUNK_SIZE
 MAX_MANIFEST_SIZE = 64 * 1024  # the device holds the manifest in RAM
 PROGRESS_EVERY_BYTES = 50_000
-_RUN_BYTES = 128 * WRITE_CHUNK_SIZE  # at most this much is handed to the flash in one run
 
 MSG_APPLIED = "Update applied, finalizing"
 MSG_SAME_VERSION = "Version is the same as current"
@@ -84,49 +82,6 @@ class UpdaterState(enum.IntEnum):
     FINISHED = 9
 
 
-class StorageLike(Protocol):
-    """What the context needs from :class:`updater.storage.DeviceStorage`."""
-
-    flash: Flash
-
-    @property
-    def running_slot(self) -> int:
-        """The slot the firmware runs from."""
-
-    @property
-    def inactive_slot(self) -> int:
-        """The slot an update writes."""
-
-    @property
-    def is_committed(self) -> bool:
-        """Whether the running firmware is committed."""
-
-    @property
-    def reboot_pending(self) -> bool:
-        """The boot config already selects another slot than the running one."""
-
-    @property
-    def running_version(self) -> str:
-        """Manifest version of the running firmware."""
-
-    @property
-    def running_build_id(self) -> str:
-        """Manifest build_id of the running firmware."""
-
-    def finalize_update(self, slot: int, state: SlotState, *, fs_updated: bool, commit_timeout_s: int) -> Any:
-        """Switch the boot config to the freshly written ``slot`` (uncommitted)."""
-
-    def get_boot_state(self) -> dict[str, Any]:
-        """The OTA.GetBootState object."""
-
-    def copy_fs(self, src_slot: int, dst_slot: int) -> None:
-        """Copy the fs partition of ``src_slot`` over ``dst_slot``'s."""
-
-    @property
-    def layout(self) -> Any:
-        """The partition layout (``app``/``fs`` partitions per slot)."""
-
-
 def part_target(part: Part) -> str | None:
     """``"app"``, ``"fs"`` or None (skip) for a manifest part."""
     if part.name in ("app", "fw") or part.type == "app":
@@ -136,86 +91,12 @@ def part_target(part: Part) -> str | None:
     return None
 
 
-class _PartWriter:
-    """Streams one part into a partition: lazy sector erase, 512-byte programs, running digests.
-
-    The CRC-32 is not computed here: the zip parser computes it over the same bytes and hands it over
-    with the entry's end (:meth:`set_crc32`). SHA-1 runs only when the manifest gives ``cs_sha1``;
-    SHA-256 always for the app (the boot config keeps it), for other parts only with ``cs_sha256``.
-    """
-
-    def __init__(self, flash: Flash, partition: Partition, part: Part, *, kind: str) -> None:
-        self.flash = flash
-        self.partition = partition
-        self.part = part
-        self.written = 0  # bytes accepted (programmed or buffered)
-        self._flushed = 0  # bytes programmed
-        self._erased_to = partition.offset  # absolute end of the erased area
-        self._buf = bytearray()
-        self.crc32 = 0
-        self.sha1 = hashlib.sha1() if part.cs_sha1 is not None else None
-        self.sha256 = hashlib.sha256() if kind == "app" or part.cs_sha256 is not None else None
-
-    def feed(self, data: bytes) -> None:
-        n = len(data)
-        if self.written + n > self.partition.size:
-            raise UpdaterError("Image too big")
-        self.written += n
-        if self.sha1 is not None:
-            self.sha1.update(data)
-        if self.sha256 is not None:
-            self.sha256.update(data)
-        start = 0
-        if self._buf:
-            # Complete the pending program first.
-            start = min(n, WRITE_CHUNK_SIZE - len(self._buf))
-            self._buf += data[:start]
-            if len(self._buf) < WRITE_CHUNK_SIZE:
-                return
-            self._program(bytes(self._buf))
-            self._buf.clear()
-        stop = n - (n - start) % WRITE_CHUNK_SIZE
-        if (start, stop) == (0, n) and n <= _RUN_BYTES:
-            self._program(data)
-        else:
-            # Slices of a bounded size: a big piece is not copied whole.
-            for off in range(start, stop, _RUN_BYTES):
-                self._program(data[off : min(off + _RUN_BYTES, stop)])
-        if stop < n:
-            self._buf += data[stop:]
-
-    def close(self) -> None:
-        if self._buf:
-            self._program(bytes(self._buf))
-            self._buf.clear()
-
-    def set_crc32(self, crc32: int) -> None:
-        """The CRC-32 of the part's data, as the zip parser computed it."""
-        self.crc32 = crc32
-
-    def _program(self, data: bytes) -> None:
-        # One call per run; the flash still counts (and can cut) every erase and 512-byte program.
-        self._erased_to = self.flash.write_run(
-            self.partition.offset + self._flushed, data, chunk_size=WRITE_CHUNK_SIZE, erased_to=self._erased_to
-        )
-        self._flushed += len(data)
-
-    def verify(self) -> None:
-        if self.part.size is not None and self.written != self.part.size:
-            raise UpdaterError("Invalid size")
-        if self.sha1 is not None and self.sha1.hexdigest() != self.part.cs_sha1:
-            raise UpdaterError("Digest mismatch")
-        sha256 = self.sha256
-        if self.part.cs_sha256 is not None and sha256 is not None and sha256.hexdigest() != self.part.cs_sha256:
-            raise UpdaterError("Digest mismatch")
-
-
 class UpdaterContext:
     """One update: feed the fw.zip with :meth:`process`, then :meth:`finish` (see the module doc)."""
 
     def __init__(
         self,
-        storage: StorageLike,
+        storage: SlotStorage,
         *,
         arch: str,
         ignore_same_version: bool = False,
@@ -248,9 +129,9 @@ class UpdaterContext:
         self._parser = ZipStreamParser(allow_deflate=allow_deflate)
         self._manifest_buf = bytearray()
         self._manifest_extra = b""
-        self._writer: _PartWriter | None = None
+        self._writer: PartSink | None = None
         self._writer_kind = ""
-        self._done: dict[str, _PartWriter] = {}
+        self._done: dict[str, PartSink] = {}
         self._target_slot = -1
         self._last_progress = 0
         # The state table: legal (state, event) pairs and the handler for each.
@@ -358,6 +239,7 @@ class UpdaterContext:
             # the one the next boot will use, so it must not be written.
             raise UpdaterError("Reboot pending, cannot update now")
         self._target_slot = self.storage.inactive_slot
+        self.storage.begin_slot(self._target_slot)
         self.status_message = "progress"
         self.state = UpdaterState.WAITING_MANIFEST_HEADER
 
@@ -421,7 +303,7 @@ class UpdaterContext:
         if app is None or not app.src:
             raise UpdaterError("Incomplete update package")
         for kind, part in targets.items():
-            if kind is not None and part.size is not None and part.size > self._partition(kind).size:
+            if kind is not None and part.size is not None and part.size > self._capacity(kind):
                 raise UpdaterError("Image too big")
         return UpdaterState.WAITING_FILE_HEADER
 
@@ -433,10 +315,8 @@ class UpdaterContext:
         # Raises UpdaterError ("Signature check failed: ...") unless the required bits verify.
         self.sig_check_result = verify_signatures(m.raw, self._manifest_extra, list(self.keys), self.sig_req_mask)
 
-    def _partition(self, kind: str) -> Partition:
-        layout = self.storage.layout
-        parts: tuple[Partition, Partition] = layout.app if kind == "app" else layout.fs
-        return parts[self._target_slot]
+    def _capacity(self, kind: str) -> int:
+        return self.storage.part_capacity(self._target_slot, kind)
 
     # files
 
@@ -451,13 +331,12 @@ class UpdaterContext:
         if kind in self._done:
             raise UpdaterError(f"Malformed archive (second file for the {kind} part)")
         self._check_target()
-        partition = self._partition(kind)
-        if ev.size > partition.size:
+        if ev.size > self._capacity(kind):
             raise UpdaterError("Image too big")
         if part.size is not None and ev.size != part.size:
             raise UpdaterError("Invalid size")
-        log.info("writing %s (%d bytes) to %s", ev.name, ev.size, partition.name)
-        self._writer = _PartWriter(self.storage.flash, partition, part, kind=kind)
+        log.info("writing %s (%d bytes) to the %s of slot %d", ev.name, ev.size, kind, self._target_slot)
+        self._writer = self.storage.open_part(self._target_slot, kind, part)
         self._writer_kind = kind
         return UpdaterState.WAITING_FILE
 

@@ -32,7 +32,9 @@ from .bootloader import BootLoader
 from .errors import BootError, UpdaterError
 from .flash import Flash
 from .fs import FlashFS, FSError, make_fs_image, merge_fs
+from .manifest import Part
 from .partitions import Layout, default_layout
+from .slotstorage import FlashPartWriter
 
 __all__ = ["BootInfo", "DeviceStorage"]
 
@@ -305,7 +307,19 @@ class DeviceStorage:
         state = self.slot_state(slot)
         return self.flash.read(self.layout.app[slot].offset, state.app_len)
 
-    # -- used by UpdaterContext.finish() -------------------------------------------------------------
+    # -- the storage seam (updater.slotstorage.SlotStorage), used by UpdaterContext -------------------
+
+    def begin_slot(self, slot: int) -> None:
+        """Nothing to prepare: each sector is erased when the write first enters it."""
+
+    def part_capacity(self, slot: int, kind: str) -> int:
+        """The size of ``slot``'s ``app`` or ``fs`` partition."""
+        return (self.layout.app if kind == "app" else self.layout.fs)[slot].size
+
+    def open_part(self, slot: int, kind: str, part: Part) -> FlashPartWriter:
+        """A writer streaming the part into ``slot``'s ``app`` or ``fs`` partition."""
+        partition = (self.layout.app if kind == "app" else self.layout.fs)[slot]
+        return FlashPartWriter(self.flash, partition, part, kind=kind)
 
     def copy_fs(self, src_slot: int, dst_slot: int) -> None:
         """Copy the whole fs partition of ``src_slot`` over ``dst_slot``'s (app-only updates)."""
