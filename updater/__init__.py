@@ -1,7 +1,8 @@
 """Layer-1 OTA updater: flash model, layout, boot config, boot loader, filesystems, fw.zip updater.
 
 No RPC in here. A device uses :class:`DeviceStorage` (flash + boot + fs) and :class:`UpdaterContext`
-(apply a fw.zip stream to the inactive slot); everything else is reachable from the submodules.
+(apply a fw.zip stream to the inactive slot); a Linux program :class:`FsSlotStorage` (slot directories
+kept by a supervisor, :class:`FsSlots`); everything else is reachable from the submodules.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from .errors import BootError, BootStateError, FlashError, PowerCut, SnapshotError, UpdaterError
     from .flash import Flash, FlashStats
     from .fs import FlashFS, FSError, make_fs_image, merge_fs
+    from .fsslots import DirFS, FsSlots, FsSlotStorage
     from .partitions import Layout, Partition, default_layout, make_layout
     from .storage import BootInfo, DeviceStorage
 
@@ -41,6 +43,9 @@ _LAZY = {
     "FSError": "fs",
     "make_fs_image": "fs",
     "merge_fs": "fs",
+    "DirFS": "fsslots",
+    "FsSlots": "fsslots",
+    "FsSlotStorage": "fsslots",
     "Layout": "partitions",
     "Partition": "partitions",
     "default_layout": "partitions",
@@ -73,11 +78,14 @@ __all__ = [
     "BootLoader",
     "BootStateError",
     "DeviceStorage",
+    "DirFS",
     "FSError",
     "Flash",
     "FlashError",
     "FlashFS",
     "FlashStats",
+    "FsSlotStorage",
+    "FsSlots",
     "Layout",
     "Partition",
     "PowerCut",

@@ -40,8 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .bootcfg import MAX_COMMIT_TIMEOUT_S, BootConfig, BootConfigStore, BootFlags
-from .errors import BootError, BootStateError, FlashError, SnapshotError
+from .bootcfg import MAX_COMMIT_TIMEOUT_S, BootConfig, BootConfigStore, BootFlags, SlotState
+from .errors import BootError, BootStateError, SnapshotError, UpdaterError
 from .flash import Flash
 from .partitions import SLOT_COUNT, Layout
 
@@ -88,7 +88,11 @@ class BootLoader:
         self.store = store
         self.flash: Flash = store.flash
         self.layout: Layout = store.layout
-        self._actions: dict[tuple[bool, bool], Callable[[BootConfig], BootDecision]] = {
+        self._actions = self._action_table()
+
+    def _action_table(self) -> dict[tuple[bool, bool], Callable[[BootConfig], BootDecision]]:
+        """The boot action per ``(committed, BOOT_ATTEMPT)`` (the table in the module doc)."""
+        return {
             (True, False): self._boot_active,
             (True, True): self._boot_active,
             (False, True): self._first_boot,
@@ -249,10 +253,8 @@ class BootLoader:
         src, dst = cfg.active_slot, 1 - cfg.active_slot
         state = cfg.slots[src]
         try:
-            self.copy_partition(self.layout.app[src].offset, self.layout.app[dst].offset, state.app_len)
-            fs_src, fs_dst = self.layout.fs[src], self.layout.fs[dst]
-            self.copy_partition(fs_src.offset, fs_dst.offset, fs_src.size)
-        except FlashError as exc:
+            self._copy_slot(src, dst, state.app_len)
+        except OSError as exc:  # FlashError is one too
             raise SnapshotError("Failed to create snapshot", code=-1) from exc
         new = cfg.with_slot(dst, state)
         if set_as_revert:
@@ -261,10 +263,33 @@ class BootLoader:
                 new = replace(new, commit_timeout_s=commit_timeout)
         try:
             self.store.save(new)
-        except FlashError as exc:
+        except OSError as exc:
             raise SnapshotError("Failed to set boot state", code=-3) from exc
         log.info("snapshot of slot %d written to slot %d", src, dst)
         return dst
+
+    def _copy_slot(self, src: int, dst: int, app_len: int) -> None:
+        """Copy slot ``src``'s app image (``app_len`` bytes) and whole fs over slot ``dst``'s."""
+        self.copy_partition(self.layout.app[src].offset, self.layout.app[dst].offset, app_len)
+        fs_src, fs_dst = self.layout.fs[src], self.layout.fs[dst]
+        self.copy_partition(fs_src.offset, fs_dst.offset, fs_src.size)
+
+    def finalize_update(
+        self, slot: int, state: SlotState, *, running: int, fs_updated: bool, commit_timeout_s: int
+    ) -> BootConfig:
+        """Switch to the freshly written ``slot``: active, uncommitted, first boot pending (the
+        one-shot BOOT_ATTEMPT permit), ``running`` as the revert slot, MERGE_FS when the fs was updated."""
+        cfg = self.load()
+        if slot == running:
+            raise UpdaterError("Failed to set boot config")
+        flags = BootFlags.FIRST_BOOT | BootFlags.BOOT_ATTEMPT | (BootFlags.MERGE_FS if fs_updated else 0)
+        new = replace(
+            cfg.with_slot(slot, state),
+            active_slot=slot,
+            revert_slot=running,
+            commit_timeout_s=max(0, commit_timeout_s),
+        ).with_flags(clear=BootFlags.COMMITTED | BootFlags.MERGE_FS)
+        return self.store.save(new.with_flags(set_=BootFlags(flags)))
 
     def copy_partition(self, src: int, dst: int, length: int) -> None:
         """Erase the sectors covering ``[dst, dst+length)`` and copy ``length`` bytes from ``src``."""

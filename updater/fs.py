@@ -264,8 +264,12 @@ class FlashFS:
             pass
 
 
-def merge_fs(old: FlashFS, new: FlashFS, *, should_copy: Callable[[str], bool] | None = None) -> list[str]:
-    """Copy every root file of ``old`` that ``new`` lacks into ``new``; returns the copied names."""
+def merge_fs(old: Any, new: Any, *, should_copy: Callable[[str], bool] | None = None) -> list[str]:
+    """Copy every root file of ``old`` that ``new`` lacks into ``new``; returns the copied names.
+
+    Any filesystem with ``list``/``listdir``/``read``/``write`` will do: a :class:`FlashFS` or a
+    data directory (:class:`updater.fsslots.DirFS`).
+    """
     present: set[str] = set(new.listdir())
     copied = []
     for name in old.list():
@@ -274,8 +278,14 @@ def merge_fs(old: FlashFS, new: FlashFS, *, should_copy: Callable[[str], bool] |
         new.write(name, old.read(name))
         copied.append(name)
     if copied:
-        log.info("FS merge: copied %s from %s to %s", ", ".join(copied), old.part.name, new.part.name)
+        log.info("FS merge: copied %s from %s to %s", ", ".join(copied), _label(old), _label(new))
     return copied
+
+
+def _label(fs: Any) -> str:
+    """A filesystem's name for logs: its partition's, or its own ``name`` (a directory)."""
+    part = getattr(fs, "part", None)
+    return str(part.name if part is not None else getattr(fs, "name", fs))
 
 
 def make_fs_image(files: Mapping[str, bytes], *, block_size: int, block_count: int) -> bytes:

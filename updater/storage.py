@@ -332,15 +332,6 @@ class DeviceStorage:
         self, slot: int, state: SlotState, *, fs_updated: bool, commit_timeout_s: int
     ) -> BootConfig:
         """Switch the boot config to the freshly written ``slot`` (uncommitted, first boot pending)."""
-        cfg = self.loader.load()
-        running = self.running_slot
-        if slot == running:
-            raise UpdaterError("Failed to set boot config")
-        flags = BootFlags.FIRST_BOOT | BootFlags.BOOT_ATTEMPT | (BootFlags.MERGE_FS if fs_updated else 0)
-        new = replace(
-            cfg.with_slot(slot, state),
-            active_slot=slot,
-            revert_slot=running,
-            commit_timeout_s=max(0, commit_timeout_s),
-        ).with_flags(clear=BootFlags.COMMITTED | BootFlags.MERGE_FS)
-        return self.bootcfg.save(new.with_flags(set_=BootFlags(flags)))
+        return self.loader.finalize_update(
+            slot, state, running=self.running_slot, fs_updated=fs_updated, commit_timeout_s=commit_timeout_s
+        )
