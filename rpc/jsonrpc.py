@@ -160,6 +160,9 @@ class JsonRpcReply:
 
     payload: dict[str, Any] | list[dict[str, Any]] | None
     body: bytes | None
+    # The ``src`` of a single request that carried the mgRPC envelope: where the reply goes on
+    # channels that route by it (MQTT publishes to ``<src>/rpc``).
+    reply_to: str = ""
 
     @property
     def auth_challenge(self) -> str | None:
@@ -206,6 +209,11 @@ def _deserialize(obj: Any) -> Any:
     return obj
 
 
+# mgRPC envelope members a JSON-RPC request may carry (docs/protocol/jsonrpc.md §1): the reply route
+# (``src``, needed on MQTT), our id (``dst``), ``tag`` and digest ``auth``. Of another type, they stay
+# in the request and make it invalid.
+_ENVELOPE: dict[str, type] = {"src": str, "dst": str, "tag": str, "auth": dict}
+
 _ANY_PARAMS = inspect.Signature(
     [
         inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
@@ -247,12 +255,15 @@ class JsonRpcDispatcher:
                 obj = json.loads(data)
         except (ValueError, RecursionError) as e:
             obj = _Unparsed(e)
+        reply_to = ""
         try:
             if isinstance(obj, list) and obj:
                 parts = await asyncio.gather(*(self._one(channel, item) for item in obj))
                 answered = [p for p in parts if p is not None]
                 payload: Any = answered or None  # a batch of notifications gets no reply at all
             else:
+                if isinstance(obj, dict) and isinstance(obj.get("src"), str):
+                    reply_to = obj["src"]
                 payload = await self._one(channel, obj)
         except asyncio.CancelledError:
             raise
@@ -260,17 +271,30 @@ class JsonRpcDispatcher:
             log.exception("JSON-RPC dispatch failed")
             return _fallback(type(e).__name__)
         try:
-            return JsonRpcReply(payload, _encode(payload))
+            return JsonRpcReply(payload, _encode(payload), reply_to)
         except (TypeError, ValueError) as e:
             log.error("JSON-RPC reply not serializable: %s", e)
             return _fallback("result is not JSON")
 
     async def _one(self, channel: Channel, obj: Any) -> dict[str, Any] | None:
-        methods = _MethodTable(self, channel, obj)
+        envelope: dict[str, Any] = {}
+        if isinstance(obj, dict) and not _ENVELOPE.keys().isdisjoint(obj):
+            # mgRPC's envelope members are taken off before jsonrpcserver validates the request.
+            obj = dict(obj)
+            for name, kind in _ENVELOPE.items():
+                if name in obj and isinstance(obj[name], kind):
+                    envelope[name] = obj.pop(name)
+            dst = envelope.get("dst")
+            if dst and not self.node.is_local_id(dst):
+                log.info("JSON-RPC request for dst %r on %s dropped", dst, channel.type)
+                return None
+        methods = _MethodTable(self, channel, obj, envelope)
         out = await self._dispatch(obj, methods, deserializer=_deserialize, validator=self._validate_one)
         return out  # type: ignore[return-value]
 
-    def method_for(self, handler: Handler, name: str, channel: Channel, user: str | None, obj: Any) -> Any:
+    def method_for(
+        self, handler: Handler, name: str, channel: Channel, user: str | None, obj: Any, envelope: Mapping[str, Any]
+    ) -> Any:
         """The callable jsonrpcserver calls for ``name``: binds params, runs the handler, maps errors."""
         from rpc.node import Context  # rpc.node imports this module
 
@@ -286,7 +310,8 @@ class JsonRpcDispatcher:
             # nr marks a notification (no id member), which an id of null is not.
             frame = Frame(
                 id=obj.get("id"), method=name, params=obj.get("params", ABSENT), nr="id" not in obj,
-                extra=JSONRPC_EXTRA,
+                src=envelope.get("src", ""), dst=envelope.get("dst", ""), tag=envelope.get("tag", ""),
+                auth=envelope.get("auth"), extra=JSONRPC_EXTRA,
             )  # fmt: skip
             ctx = Context(node, channel, frame, user)
             try:
@@ -328,26 +353,27 @@ class JsonRpcDispatcher:
 class _MethodTable(Mapping[str, Any]):
     """jsonrpcserver's ``methods`` for one request: the node's handler lookup, after auth and ACL."""
 
-    __slots__ = ("_channel", "_disp", "_obj")
+    __slots__ = ("_channel", "_disp", "_envelope", "_obj")
 
-    def __init__(self, disp: JsonRpcDispatcher, channel: Channel, obj: Any) -> None:
+    def __init__(self, disp: JsonRpcDispatcher, channel: Channel, obj: Any, envelope: Mapping[str, Any]) -> None:
         self._disp = disp
         self._channel = channel
         self._obj = obj
+        self._envelope = envelope
 
     def __getitem__(self, name: str) -> Any:
         node = self._disp.node
         channel = self._channel
         user = channel.user
         if node.auth is not None and channel is not getattr(node, "_local", None):
-            decision = node.auth.check(name, channel.type, None, user)
+            decision = node.auth.check(name, channel.type, self._envelope.get("auth"), user)
             if not decision.allowed:
                 return self._disp.refused(decision.code, decision.message)
             user = decision.user
         handler = node.find_handler(name)
         if handler is None:
             raise KeyError(name)  # jsonrpcserver answers -32601
-        return self._disp.method_for(handler, name, channel, user, self._obj)
+        return self._disp.method_for(handler, name, channel, user, self._obj, self._envelope)
 
     def __iter__(self) -> Iterator[str]:
         return iter([h.pattern for h in self._disp.node.handlers])
@@ -375,8 +401,10 @@ class JsonRpcCodec:
     # Stream transports write one JSON message per line for this codec (not mos's """ framing).
     line_framed = True
 
-    def __init__(self, inner: FrameCodec | None = None) -> None:
+    def __init__(self, inner: FrameCodec | None = None, *, envelope: bool = False) -> None:
         inner = inner if inner is not None else JsonCodec()
+        # With ``envelope`` requests also carry mgRPC's src/dst (a link that routes by them: MQTT).
+        self.envelope = envelope
         if inner.name != "json":
             raise UsageError(f"?dialect=jsonrpc needs the JSON codec, not {inner.name}")
         self.inner = inner
@@ -405,6 +433,13 @@ class JsonRpcCodec:
                 if not isinstance(params, dict | list):
                     raise FrameError("JSON-RPC 2.0 params must be an object or an array")
                 obj["params"] = params
+            if self.envelope:
+                if frame.src:
+                    obj["src"] = frame.src
+                if frame.dst:
+                    obj["dst"] = frame.dst
+            if frame.auth:  # the digest answer to a 401 (docs/protocol/jsonrpc.md §7)
+                obj["auth"] = frame.auth
             if frame.wants_reply:
                 self._next += 1
                 obj["id"] = self._next
@@ -441,10 +476,11 @@ class JsonRpcCodec:
         return Frame(id=req.id, src=req.dst, dst=req.src, tag=req.tag, result=frame.result, error=error)
 
 
-def with_dialect(codec: FrameCodec, dialect: str | None) -> FrameCodec:
-    """The codec a client channel uses for ``?dialect=`` (``mgrpc``, the default, or ``jsonrpc``)."""
+def with_dialect(codec: FrameCodec, dialect: str | None, *, envelope: bool = False) -> FrameCodec:
+    """The codec a client channel uses for ``?dialect=`` (``mgrpc``, the default, or ``jsonrpc``);
+    ``envelope`` for links that route by ``src``/``dst`` (see :class:`JsonRpcCodec`)."""
     if dialect is None or dialect.lower() in ("", "mgrpc"):
         return codec
     if dialect.lower() == "jsonrpc":
-        return JsonRpcCodec(codec)
+        return JsonRpcCodec(codec, envelope=envelope)
     raise UsageError(f"unknown dialect {dialect!r}; valid dialects: {', '.join(DIALECTS)}")

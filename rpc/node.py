@@ -516,7 +516,8 @@ class Node:
     async def _answer_jsonrpc(self, channel: Channel, data: bytes | Frame) -> None:
         reply = await self.serve_jsonrpc(channel, data)
         if reply.body is not None:
-            self._send(channel, Frame(extra=JSONRPC_EXTRA, raw=reply.body))
+            # dst only routes the reply (MQTT: <src>/rpc); the text sent is the JSON-RPC response.
+            self._send(channel, Frame(src=self.id, dst=reply.reply_to, extra=JSONRPC_EXTRA, raw=reply.body))
 
     # -- sending -----------------------------------------------------------------------------------
     def _send(self, channel: Channel, frame: Frame, *, fail_key: Any = None) -> None:

@@ -56,6 +56,7 @@ from transports.registry import TransportURL, parse_url
 __all__ = [
     "DEFAULT_PORTS",
     "EXTRA",
+    "JSONRPC_ENVELOPE",
     "OPTIONS",
     "SCHEMES",
     "MqttClientChannel",
@@ -69,6 +70,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("mgrpc.mqtt")
+
+# With ?dialect=jsonrpc a request keeps mgRPC's src/dst: the device replies on <src>/rpc
+# (docs/protocol/jsonrpc.md §1, §12).
+JSONRPC_ENVELOPE = True
 
 
 def mos_client_id() -> str:

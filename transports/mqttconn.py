@@ -99,7 +99,7 @@ class BrokerConfig:
         u = parse_url(url) if isinstance(url, str) else url
         if u.scheme not in SCHEMES:
             raise UsageError(f"not an MQTT URL: {u.raw or u.scheme!r} (schemes: {', '.join(SCHEMES)})")
-        unknown = sorted(set(u.query) - OPTIONS - {"codec"})
+        unknown = sorted(set(u.query) - OPTIONS - {"codec", "dialect"})  # the registry handles those
         if unknown:
             valid = ", ".join(sorted(OPTIONS))
             raise UsageError(f"unknown option(s) {', '.join(unknown)} for {u.scheme}://; valid: {valid}")

@@ -176,7 +176,8 @@ async def open_client(url: str | TransportURL, **opts: Any) -> Channel:
     dialect = u.option("dialect")
     if dialect is not None and not isinstance(channel.codec, JsonRpcCodec):
         try:
-            channel.codec = with_dialect(channel.codec, dialect)
+            # A transport that routes by src/dst (MQTT) sets JSONRPC_ENVELOPE: requests keep them.
+            channel.codec = with_dialect(channel.codec, dialect, envelope=getattr(mod, "JSONRPC_ENVELOPE", False))
         except UsageError:
             await channel.close()
             raise

@@ -132,7 +132,8 @@ async def test_invalid_requests(dev: Node) -> None:
         b'{"jsonrpc":"1.0","id":1,"method":"Sys.Echo"}',  # wrong version
         b'{"jsonrpc":"2.0","id":1,"method":"Sys.Echo","params":"scalar"}',  # params neither array nor object
         b'{"jsonrpc":"2.0","id":1}',  # no method
-        b'{"jsonrpc":"2.0","id":1,"method":"Sys.Echo","src":"mos"}',  # mgRPC members are not JSON-RPC
+        b'{"jsonrpc":"2.0","id":1,"method":"Sys.Echo","src":5}',  # an envelope member of the wrong type
+        b'{"jsonrpc":"2.0","id":1,"method":"Sys.Echo","key":"k"}',  # an mgRPC member outside the envelope
         b'[[{"jsonrpc":"2.0","id":1,"method":"Sys.Echo"}]]',  # a nested batch
     ):
         resp = await exchange(ch, wire)
@@ -211,11 +212,37 @@ async def test_auth_and_acl_apply_alike(tmp_path: Any) -> None:
     err = (await exchange(uart, b'{"jsonrpc":"2.0","id":3,"method":"Sys.Secret"}'))["error"]
     assert err["code"] == -32000 and err["data"] == {"mgrpc_code": 401}
     assert json.loads(err["message"])["auth_type"] == "digest"
+    # the request may answer the challenge itself, with mgRPC's auth member
+    from rpc.auth import Credentials, make_auth
+
+    answer = make_auth(json.loads(err["message"]), Credentials("admin", "secret"))
+    ok = await exchange(uart, json.dumps({"jsonrpc": "2.0", "id": 6, "method": "Sys.Secret", "auth": answer}).encode())
+    assert ok == {"jsonrpc": "2.0", "result": "admin", "id": 6}
     # a channel whose transport authenticated the user (HTTP digest) passes
     uart.user = "admin"
     assert (await exchange(uart, b'{"jsonrpc":"2.0","id":4,"method":"Sys.Secret"}'))["result"] == "admin"
     # an unknown method is refused before it is looked up, as over mgRPC
     assert (await exchange(mqtt, b'{"jsonrpc":"2.0","id":5,"method":"Pub.Nope"}'))["error"]["data"] == {"mgrpc_code": 403}
+
+
+async def test_mgrpc_envelope_members(dev: Node) -> None:
+    dev.add_handler("Who", lambda ctx, p: [ctx.src, ctx.frame.tag, ctx.frame.dst])
+    ch = dev.add_channel(RecordingChannel("MQTT"))
+    sent: list[Frame] = []
+    send = ch.send
+
+    async def recording_send(frame: Frame) -> None:
+        sent.append(frame)
+        await send(frame)
+
+    ch.send = recording_send  # type: ignore[method-assign]
+    resp = await exchange(ch, b'{"jsonrpc":"2.0","id":1,"method":"Who","src":"client/rpc-resp/x","tag":"t","dst":"dev"}')
+    # the answer is pure JSON-RPC; the envelope only routes it (dst = the request's src)
+    assert resp == {"jsonrpc": "2.0", "result": ["client/rpc-resp/x", "t", "dev"], "id": 1}
+    assert sent[-1].dst == "client/rpc-resp/x"
+    # a request for another device is dropped, as an mgRPC frame is
+    ch.deliver_bytes(b'{"jsonrpc":"2.0","id":2,"method":"Who","dst":"someone-else"}')
+    await no_reply(ch, dev)
 
 
 async def test_mgrpc_frames_untouched(dev: Node) -> None:

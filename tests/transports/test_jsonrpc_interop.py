@@ -28,6 +28,7 @@ from mgrpc.wiring import run_bridge
 from rpc.errors import HandlerError, RemoteError
 from rpc.node import Context, Node
 from tests.device_helpers import start_device
+from tests.mosquitto import mosquitto_broker  # noqa: F401  (fixture)
 
 T = 10.0
 REPO = Path(__file__).resolve().parents[2]
@@ -391,4 +392,50 @@ async def test_bridge_jsonrpc_clients_to_an_mgrpc_device() -> None:
             await lst.close()
         await bridge.close()
         await dev_lst.close()
+        await node.close()
+
+
+# -- the mgRPC envelope: MQTT and digest auth ------------------------------------------------------------
+
+
+async def test_jsonrpc_over_mqtt(mosquitto_broker: Any) -> None:  # noqa: F811
+    broker = mosquitto_broker()
+    node = make_node()
+    lst = await transports.listen(broker.url(), node)
+    try:
+        async with await transports.connect(broker.url("jr-dev", dialect="jsonrpc"), timeout_s=T) as client:
+            assert await client.call("Math.Add", [20, 22]) == 42
+            with pytest.raises(RemoteError) as ei:
+                await client.call("Sys.Fail")
+            assert ei.value.code == 418
+            with pytest.raises(RemoteError) as ei:
+                await client.call("No.Such")
+            assert ei.value.code == -32601
+            client.notify("Sys.Note", ["mqtt"])
+            assert await asyncio.wait_for(node.notes.get(), T) == (["mqtt"], "MQTT")  # type: ignore[attr-defined]
+    finally:
+        await lst.close()
+        await node.close()
+
+
+async def test_jsonrpc_digest_auth_over_tcp(tmp_path: Path) -> None:
+    from rpc.auth import Acl, Authenticator, htdigest_line, parse_creds
+
+    pw = tmp_path / "rpc_auth.txt"
+    pw.write_text(htdigest_line("admin", "RPC", "secret") + "\n")
+    node = make_node()
+    node.auth = Authenticator(password_file=pw, acl=Acl.parse('[{"method":"Sys.*","acl":"+admin"},{"method":"*","acl":"*"}]'))
+    lst = await transports.listen("tcp://127.0.0.1:0", node)
+    try:
+        url = lst.url + "?dialect=jsonrpc"
+        async with await transports.connect(url, timeout_s=T) as anonymous:
+            assert await anonymous.call("Math.Add", [1, 2]) == 3
+            with pytest.raises(RemoteError) as ei:
+                await anonymous.call("Sys.Echo", [1])
+            assert ei.value.code == 401
+        # the client answers the challenge in a retry that carries mgRPC's auth member
+        async with await transports.connect(url, timeout_s=T, creds=parse_creds("admin:secret")) as client:
+            assert await client.call("Sys.Echo", [1]) == [1]
+    finally:
+        await lst.close()
         await node.close()
