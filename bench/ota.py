@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -167,12 +168,75 @@ async def serial_section() -> bool:
     return met_json and met_bin
 
 
-async def main(*, ws: bool, serial: bool) -> bool:
+# ../shared/mgos-ubuntu next to the repository; $MGRPC_REAL_DEVICE overrides it (as in tests/real_device.py).
+ELF = (
+    Path(os.environ.get("MGRPC_REAL_DEVICE") or Path(__file__).resolve().parents[2] / "shared" / "mgos-ubuntu")
+    / "mgos-ubuntu.elf"
+)
+FAST_BAUD = 921600
+
+
+async def compression_section() -> bool:
+    """A real compiled binary (the mgos-ubuntu ELF, read now) as the app part, stored and deflated, over
+    msgpack on an emulated 921600-baud link; the effective firmware rate against the raw link."""
+    import io
+
+    from transports.linkemu import LinkEmulator
+    from updater.bundle import BundlePart, write_bundle
+    from updater.partitions import make_layout
+    from updater.storage import DeviceStorage
+
+    if not ELF.exists():
+        print(f"\ncompression: skipped, {ELF} is not here")
+        return True
+    elf = ELF.read_bytes()
+    raw_limit = FAST_BAUD / 10
+    print(f"\nCompressed bundles (update.allow_deflate on the device), app part = {ELF.name} ({len(elf):,} bytes),")
+    print(f"msgpack at {FAST_BAUD} baud (raw limit {raw_limit:,.0f} B/s); firmware bytes per second of transfer")
+    print(f"{'bundle':<10} {'bytes sent':>11} {'firmware B/s':>13} {'of raw link':>12}")
+    rates = {}
+    for compress in (False, True):
+        out = io.BytesIO()
+        part = BundlePart("app", elf, {"type": "app", "src": "app.bin", "ptn": "app_0"})
+        write_bundle(out, platform="esp32", version=f"{next(_versions)}.0", parts=[part], compress=compress)
+        bundle = out.getvalue()
+        with tempfile.TemporaryDirectory() as tmp, LinkEmulator(baud=FAST_BAUD) as link:
+            layout = make_layout(sector_size=4096, app_size=2 << 20, fs_size=256 << 10)
+            storage = DeviceStorage.open(Path(tmp) / "flash.bin", layout=layout)
+            dev = VirtualDevice(
+                id="esp32_ELF", state_dir=tmp, listen=[f"serial://{link.a_path}?codec=msgpack"],
+                listen_fn=transports.listen, storage=storage,
+            )  # fmt: skip
+            await dev.start()
+            try:
+                client = await transports.connect(f"serial://{link.b_path}?codec=msgpack", timeout_s=20.0)
+                try:
+                    await client.call("Config.Set", {"config": {"update": {"allow_deflate": True}}})
+                    t0 = time.perf_counter()
+                    res = await ota_update(client, bundle)
+                    dt = time.perf_counter() - t0
+                    await res.client.close()
+                finally:
+                    await client.close()
+            finally:
+                await dev.stop()
+        rates[compress] = len(elf) / dt
+        name = "deflated" if compress else "stored"
+        print(f"{name:<10} {len(bundle):>11,} {rates[compress]:>13,.0f} {rates[compress] / raw_limit:>11.2f}x")
+    met = rates[True] > raw_limit
+    print(f"goal: deflate raises the firmware rate above the raw link: {'met' if met else 'MISSED'} "
+          f"({rates[True] / rates[False]:.2f}x the stored bundle's rate)")  # fmt: skip
+    return met
+
+
+async def main(*, ws: bool, serial: bool, compression: bool) -> bool:
     ok = True
     if ws:
         ok = await ws_section() and ok
     if serial:
         ok = await serial_section() and ok
+    if compression:
+        ok = await compression_section() and ok
     return ok
 
 
@@ -180,7 +244,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-serial", action="store_true", help="skip the serial rows")
     ap.add_argument("--serial-only", action="store_true", help="only the serial rows")
+    ap.add_argument("--compression-only", action="store_true", help="only the compressed-bundle rows")
     logging.basicConfig(level=logging.ERROR)
     a = ap.parse_args()
-    met = asyncio.run(main(ws=not a.serial_only, serial=not a.no_serial))
+    only = a.serial_only or a.compression_only
+    met = asyncio.run(
+        main(
+            ws=not only, serial=not a.no_serial and not a.compression_only, compression=not a.serial_only
+        )
+    )
     print("OK: every goal met" if met else "MISSED: see the goals above")

@@ -38,6 +38,7 @@ def default_config(device_id: str, arch: str) -> dict[str, Any]:
         "update": {
             "timeout": 600, "commit_timeout": 0, "url": "", "interval": 0, "extra_http_headers": "",
             "enable_post": True, "sig_req_mask": -1,
+            "allow_deflate": False,  # mgrpc extension: accept deflated bundle entries (stock devices refuse)
             **{f"key{i}": "" for i in range(8)},
         },
         "mqtt": {"enable": False, "server": "", "user": "", "pass": "", "client_id": ""},

@@ -111,7 +111,7 @@ class OtaService:
         ctx = UpdaterContext(
             self.storage, arch=self.fw.arch, commit_timeout_s=max(0, commit_timeout_s), total_size=size,
             keys=keys, sig_req_mask=int(self._cfg("update.sig_req_mask", -1)),
-            ignore_same_version=ignore_same_version,
+            ignore_same_version=ignore_same_version, allow_deflate=bool(self._cfg("update.allow_deflate", False)),
         )  # fmt: skip
         timeout_s = timeout_s if timeout_s and timeout_s > 0 else self.default_timeout_s
         self.update = _Update(ctx, size, source=source, timeout_s=timeout_s)
