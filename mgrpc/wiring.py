@@ -124,19 +124,40 @@ class Fleet:
 
 async def start_fleet(
     *, broker: str, db_path: str | Path, listen: str = "http://127.0.0.1:0", public_url: str = "",
-    shadow: bool = True, **app_kw: Any,
+    shadow: bool = True, token: str | None = None, password_file: str | Path | None = None,
+    tls_cert: str | Path | None = None, tls_key: str | Path | None = None, **app_kw: Any,
 ) -> Fleet:  # fmt: skip
-    """Start the dashboard (and the shadow service) on ``listen``; port 0 picks a free port."""
+    """Start the dashboard (and the shadow service) on ``listen``; port 0 picks a free port.
+
+    ``http://`` on 127.0.0.1 may go without credentials; any other address needs ``token`` and/or
+    ``password_file`` (htdigest) (:class:`mgrpc.fleet.security.SecurityError` otherwise).
+    ``https://`` needs ``tls_cert`` and ``tls_key`` (PEM files).
+    """
+    import ssl
+
     from aiohttp import web
 
     import transports
     from mgrpc.fleet import FleetApp, FleetDB
+    from mgrpc.fleet.security import Guard, require_credentials
     from mgrpc.shadow_server import ShadowServer, ShadowStore
     from transports.mqttconn import open_connection
 
     u = urlsplit(listen)
-    if u.scheme != "http" or not u.hostname:
-        raise ValueError(f"--listen must be http://HOST:PORT, not {listen!r}")
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"--listen must be http://HOST:PORT or https://HOST:PORT, not {listen!r}")
+    ssl_ctx = None
+    if u.scheme == "https" or tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert, --tls-key)")
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_ctx.load_cert_chain(str(tls_cert), str(tls_key))
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"cannot load the TLS certificate/key: {e}") from None
+    require_credentials(u.hostname, token=token, password_file=password_file)
+    guard = Guard(token=token, password_file=password_file, secure_cookies=ssl_ctx is not None)
+    scheme = "https" if ssl_ctx is not None else "http"
     db = FleetDB(db_path)
     conn = None
     shadow_srv = None
@@ -149,13 +170,16 @@ async def start_fleet(
             conn = await open_connection(broker_base, client_id=f"mgrpc-dashboard-{id(db) & 0xFFFFFF:06x}")
             if shadow:
                 shadow_srv = await ShadowServer(conn, ShadowStore(db_path)).start()
-        fleet_app = FleetApp(db, mqtt=conn, rpc_connect=transports.connect, broker_url=broker_base, **app_kw)
+        fleet_app = FleetApp(db, mqtt=conn, rpc_connect=transports.connect, broker_url=broker_base, guard=guard,
+                             **app_kw)  # fmt: skip
         runner = web.AppRunner(fleet_app.web_app(), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, u.hostname, u.port if u.port is not None else 80)
+        default_port = 443 if ssl_ctx is not None else 80
+        site = web.TCPSite(runner, u.hostname, u.port if u.port is not None else default_port, ssl_context=ssl_ctx)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        url = f"http://{u.hostname}:{port}"
+        host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+        url = f"{scheme}://{host}:{port}"
         fleet_app.public_url = (public_url or url).rstrip("/")
         await fleet_app.start()
     except BaseException:

@@ -2,7 +2,11 @@
 demos) virtual devices attached to the broker.
 
 ``mgrpc dashboard --broker mqtt://127.0.0.1:1883 --db fleet.sqlite [--listen http://127.0.0.1:8080]
-[--public-url URL] [--no-shadow] [--demo-devices N]``
+[--public-url URL] [--no-shadow] [--demo-devices N] [--token-file F] [--password-file F]
+[--tls-cert PEM --tls-key PEM]``
+
+On 127.0.0.1 credentials are optional; on any other address the dashboard refuses to start without
+them.
 
 The wiring itself is :func:`mgrpc.wiring.start_fleet` and :func:`mgrpc.wiring.start_fleet_device`.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register"]
@@ -33,6 +38,11 @@ def register(sub: Any) -> None:
     p.add_argument("--listen", default="http://127.0.0.1:8080", help="where to serve the dashboard")
     p.add_argument("--public-url", default="", help="the dashboard URL as devices see it (default: --listen)")
     p.add_argument("--no-shadow", action="store_true", help="do not run the shadow service")
+    p.add_argument("--token-file", help="file holding the API token (Authorization: Bearer, or ?token= once "
+                   "in the browser); required with --password-file or instead of it off 127.0.0.1")
+    p.add_argument("--password-file", help="htdigest file (user:realm:HA1) for browser logins (HTTP Basic)")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    p.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
     p.add_argument("--demo-devices", type=int, default=0, metavar="N",
                    help="also run N virtual devices on the broker (in memory; ids demo-000...)")  # fmt: skip
     p.set_defaults(func=cmd_dashboard)
@@ -40,13 +50,32 @@ def register(sub: Any) -> None:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Run the dashboard until SIGINT/SIGTERM."""
-    from mgrpc.cli._common import err
+    from mgrpc.cli._common import EXIT_USAGE, CliError, err
+    from mgrpc.fleet.security import SecurityError
     from mgrpc.wiring import start_fleet, start_fleet_device
     from updater.storage import DeviceStorage
 
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            msg = f"cannot read --token-file {args.token_file!r}: {e.strerror}"
+            raise CliError(msg, exit_status=EXIT_USAGE) from None
+        if len(token) < 16:
+            raise CliError("the token in --token-file is too short (16 characters at least)", exit_status=EXIT_USAGE)
+    listen = args.listen
+    if args.tls_cert and listen.startswith("http://"):
+        listen = "https://" + listen[len("http://") :]
+
     async def run() -> None:
-        fleet = await start_fleet(broker=args.broker, db_path=args.db, listen=args.listen,
-                                  public_url=args.public_url, shadow=not args.no_shadow)  # fmt: skip
+        try:
+            fleet = await start_fleet(broker=args.broker, db_path=args.db, listen=listen,
+                                      public_url=args.public_url, shadow=not args.no_shadow, token=token,
+                                      password_file=args.password_file, tls_cert=args.tls_cert,
+                                      tls_key=args.tls_key)  # fmt: skip
+        except SecurityError as e:
+            raise CliError(str(e), exit_status=EXIT_USAGE) from None
         try:
             for i in range(max(0, args.demo_devices)):
                 fleet.devices.append(await start_fleet_device(

@@ -44,6 +44,7 @@ from aiohttp import BodyPartReader, web
 
 from mgrpc.fleet.model import DeviceRecord, FleetDB, FleetError
 from mgrpc.fleet.rollout import METHODS, Job, Rollout
+from mgrpc.fleet.security import COOKIE, Guard
 from rpc.errors import MgrpcError, RemoteError
 from rpc.host.ota import ota_update
 from services.shadow import ShadowTopics
@@ -60,6 +61,8 @@ PUSH_WINDOW = 4
 MAX_UPLOAD = 64 << 20
 
 RpcConnect = Callable[[str], Awaitable[Any]]
+# The request's session (for its CSRF token); aiohttp >= 3.11 wants typed request keys.
+_SESSION: Any = web.RequestKey("session", str) if hasattr(web, "RequestKey") else "session"
 
 
 class FleetApp:
@@ -75,8 +78,10 @@ class FleetApp:
         public_url: str = "",
         send_timeout_s: float = SEND_TIMEOUT_S,
         reboot_grace_s: float = REBOOT_GRACE_S,
+        guard: Guard | None = None,
     ) -> None:
         self.db = db
+        self.guard = guard or Guard()
         self.mqtt = mqtt
         self.rpc_connect = rpc_connect
         self.broker_url = broker_url.rstrip("/")
@@ -564,7 +569,7 @@ class FleetApp:
 
     def web_app(self) -> web.Application:
         """The aiohttp application (routes in the module docstring)."""
-        app = web.Application(client_max_size=MAX_UPLOAD)
+        app = web.Application(client_max_size=MAX_UPLOAD, middlewares=[self._guard_mw])
         app.router.add_get("/", self._h_index)
         app.router.add_static("/static/", STATIC_DIR)
         app.router.add_get("/api/state", self._h_state)
@@ -576,11 +581,26 @@ class FleetApp:
         app.router.add_get("/update", self._h_poll)
         return app
 
+    @web.middleware
+    async def _guard_mw(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                        ) -> web.StreamResponse:  # fmt: skip
+        own = frozenset({self.public_url} if self.public_url else set())
+        dec = self.guard.check(request.method, request.path, request.headers, request.cookies, request.query,
+                               own_origins=own)  # fmt: skip
+        if not dec.ok:
+            headers = {"WWW-Authenticate": 'Basic realm="mgrpc-dashboard", charset="UTF-8"'} if dec.challenge else {}
+            return web.json_response({"error": dec.reason}, status=dec.status, headers=headers)
+        request[_SESSION] = dec.set_cookie or (request.cookies.get(COOKIE, "") if self.guard.required else "")
+        resp = await handler(request)
+        if dec.set_cookie:
+            resp.headers.add("Set-Cookie", self.guard.cookie_header(dec.set_cookie))
+        return resp
+
     async def _h_index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC_DIR / "index.html")
 
     async def _h_state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.state())
+        return web.json_response({**self.state(), "csrf": self.guard.csrf_token(request.get(_SESSION, ""))})
 
     @staticmethod
     def _bad(message: str, status: int = 400) -> web.Response:

@@ -4,6 +4,7 @@
 const $ = (sel) => document.querySelector(sel);
 const selected = new Set();
 let lastState = null;
+let csrf = "";  // from /api/state: state-changing requests carry it (X-CSRF-Token)
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
@@ -68,6 +69,7 @@ async function refresh() {
     const resp = await fetch("/api/state", {cache: "no-store"});
     const state = await resp.json();
     lastState = state;
+    if (state.csrf) csrf = state.csrf;
     $("#broker").textContent = state.broker ? `broker ${state.broker}` : "no MQTT broker";
     renderDevices(state);
     renderRollouts(state);
@@ -83,7 +85,7 @@ function say(text, isError) {
 }
 
 async function postJSON(url, body) {
-  const resp = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const resp = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf}, body: JSON.stringify(body)});
   const obj = await resp.json();
   if (!resp.ok) throw new Error(obj.error || resp.statusText);
   return obj;
@@ -98,7 +100,7 @@ async function startUpdate() {
     say("uploading " + file.name + " ...");
     const form = new FormData();
     form.append("file", file, file.name);
-    const resp = await fetch("/api/bundles", {method: "POST", body: form});
+    const resp = await fetch("/api/bundles", {method: "POST", headers: {"X-CSRF-Token": csrf}, body: form});
     const bundle = await resp.json();
     if (!resp.ok) throw new Error(bundle.error || resp.statusText);
     const r = await postJSON("/api/rollouts", {
