@@ -1,4 +1,4 @@
-"""The mgRPC wire-conformance suite: check any device (by URL) or host tool against ``spec/``.
+"""The mgRPC wire-conformance suite: check any device (by URL) or host tool against ``docs/protocol/``.
 
 ``await run(url, options=Options(...), only=[...])`` returns a :class:`Report`; the CLI is
 ``mgrpc conformance``; the pytest plugin is :mod:`conformance.plugin`. See ``README.md``.

@@ -3,7 +3,7 @@
 ``run_client("mgrpc --port {url} call RPC.List", schemes=["tcp", "ws"])`` starts, per transport, the
 reference device (:mod:`conformance.refdevice`), substitutes ``{url}`` (and ``{bundle}``: a fw.zip
 the reference device accepts) into the command, runs it, and checks the recorded traffic against
-spec/frame.md §1.3 and §2 (member order, compact JSON, id range, src), transports.md (stream framing,
+docs/protocol/frames.md §1.3 and §2 (member order, compact JSON, id range, src), transports.md (stream framing,
 CRC and handshake on serial, MQTT topics, the BLE GATT length protocol) and, when the tool did an
 update, ota.md §2 (OTA sequence and chunking). Serial uses a pty (POSIX); MQTT needs a ``mosquitto``
 binary (started on 127.0.0.1).
@@ -148,7 +148,7 @@ async def _serve(
 ) -> tuple[str, Callable[[], ClientRun]]:
     """Start the recording reference device on ``scheme``; returns its URL and a snapshot function.
 
-    With ``creds`` every method needs that user (digest auth, frame.md §6 / transports.md §3.3).
+    With ``creds`` every method needs that user (digest auth, frames.md §6 / transports.md §3.3).
     """
     import transports
 
@@ -266,13 +266,13 @@ async def _c_exit(run: ClientRun) -> str | None:
     return None
 
 
-@_client_check("requests_seen", section="frame.md §1", title="the device received requests")
+@_client_check("requests_seen", section="frames.md §1", title="the device received requests")
 async def _c_seen(run: ClientRun) -> str | None:
     expect(bool(run.requests), "no request reached the device", seen="nothing", expected="at least one request")
     return f"{len(run.requests)} requests: {', '.join(dict.fromkeys(f.method for f in run.requests))}"
 
 
-@_client_check("member_order", section="frame.md §1.3", title="members in mos's Go struct order")
+@_client_check("member_order", section="frames.md §1.3", title="members in mos's Go struct order")
 async def _c_order(run: ClientRun) -> str | None:
     for f in run.requests:
         order = [m for m in member_order(_raw(f)) if m in GO_ORDER]
@@ -298,7 +298,7 @@ def _has_insignificant_ws(text: bytes) -> bool:
     return False
 
 
-@_client_check("compact", section="frame.md §1.3", title="compact JSON (params compacted)")
+@_client_check("compact", section="frames.md §1.3", title="compact JSON (params compacted)")
 async def _c_compact(run: ClientRun) -> str | None:
     for f in run.requests:
         expect(
@@ -310,7 +310,7 @@ async def _c_compact(run: ClientRun) -> str | None:
     return None
 
 
-@_client_check("id_range", section="frame.md §2", title="ids are integers in [2^40, 2^41)")
+@_client_check("id_range", section="frames.md §2", title="ids are integers in [2^40, 2^41)")
 async def _c_id_range(run: ClientRun) -> str | None:
     for f in run.requests:
         ok = isinstance(f.id, int) and MOS_ID_MIN <= f.id <= MOS_ID_MAX
@@ -320,7 +320,7 @@ async def _c_id_range(run: ClientRun) -> str | None:
     return None
 
 
-@_client_check("unique_ids", section="frame.md §2", title="a new id per call (same id only for the 401 retry)")
+@_client_check("unique_ids", section="frames.md §2", title="a new id per call (same id only for the 401 retry)")
 async def _c_unique(run: ClientRun) -> str | None:
     seen: dict[Any, Frame] = {}
     for f in run.requests:
@@ -339,7 +339,7 @@ async def _c_unique(run: ClientRun) -> str | None:
     return None
 
 
-@_client_check("src", section="frame.md §1; transports.md §4", title='src is "mos" (MQTT: <dst>/rpc-resp/<client id>)')
+@_client_check("src", section="frames.md §1; transports.md §4", title='src is "mos" (MQTT: <dst>/rpc-resp/<client id>)')
 async def _c_src(run: ClientRun) -> str | None:
     for f in run.requests:
         if run.scheme == "mqtt":
@@ -358,7 +358,9 @@ async def _c_src(run: ClientRun) -> str | None:
 AUTH_ORDER = ("realm", "username", "nonce", "cnonce", "algorithm", "response", "opaque")
 
 
-@_client_check("auth_retry", section="frame.md §6", title="after a 401: same id re-sent once with a digest auth object")
+@_client_check(
+    "auth_retry", section="frames.md §6", title="after a 401: same id re-sent once with a digest auth object"
+)
 async def _c_auth(run: ClientRun) -> str | None:
     if run.auth is None:
         raise CheckSkipped("the reference device did not require auth (--client-creds)")

@@ -23,7 +23,7 @@ from rpc.framing import HANDSHAKE, HANDSHAKE_ACK, HANDSHAKE_REPLY, MosStreamEnco
 
 __all__ = ["MOS_MEMBER_ORDER", "VECTORS_DIR", "generate", "load", "main"]
 
-# The mos frame struct's member order (frame.md §1.3); the client checks use it too.
+# The mos frame struct's member order (frames.md §1.3); the client checks use it too.
 MOS_MEMBER_ORDER = (
     "v", "src", "dst", "key", "tag", "id", "method", "params", "deadline", "timeout", "result",
     "error", "trace", "auth", "nr", "args",
@@ -33,7 +33,7 @@ log = logging.getLogger("mgrpc.conformance.golden")
 
 VECTORS_DIR = Path(__file__).with_name("vectors")
 DEVICE = "esp32_0A1B2C"
-ID = 1580229426716  # the spec's example id (frame.md §7)
+ID = 1580229426716  # the spec's example id (frames.md §7)
 
 
 def _hex(b: bytes) -> str:
@@ -58,51 +58,51 @@ def _frames() -> dict[str, Any]:
         "call",
         req,
         Frame(id=ID, src=DEVICE, dst="mos", result=RawJSON('{"id": "esp32_0A1B2C"}')),
-        "frame.md §1.2-1.3, §7.1: mos request; device reply in device order, src/dst swapped",
+        "frames.md §1.2-1.3, §7.1: mos request; device reply in device order, src/dst swapped",
     )
     pair(
         "params",
         Frame(id=ID, src="mos", method="Config.Get", params={"key": "device.id"}),
         Frame(id=ID, src=DEVICE, dst="mos", result="esp32_0A1B2C"),
-        "frame.md §7.2, §7.4",
+        "frames.md §7.2, §7.4",
     )
     pair(
         "compat_args",
         Frame(id=ID, src="mos", method="Config.Get", args={"key": "device.id"}),
         Frame(id=ID, src=DEVICE, dst="mos", result="esp32_0A1B2C"),
-        "frame.md §7.3: --mgrpc-compat-args",
+        "frames.md §7.3: --mgrpc-compat-args",
     )
     pair(
         "not_found",
         Frame(id=ID + 1, src="mos", method="Foo.Bar"),
         Frame(id=ID + 1, src=DEVICE, dst="mos", error=ErrorInfo(404, "No handler for Foo.Bar")),
-        "frame.md §5, §7.5",
+        "frames.md §5, §7.5",
     )
     pair(
         "null_result",
         Frame(id=ID + 2, src="mos", method="OTA.Commit"),
         Frame(id=ID + 2, src=DEVICE, dst="mos", result=None),
-        "frame.md §7.6",
+        "frames.md §7.6",
     )
     pair(
         "tag",
         Frame(id=7, src="joe", method="RPC.Ping", tag="t1"),
         Frame(id=7, src=DEVICE, dst="joe", tag="t1", result={"channel_info": "UART0"}),
-        "frame.md §1: tag copied",
+        "frames.md §1: tag copied",
     )
     pair(
         "dst_given",
         Frame(id=8, src="joe", dst=DEVICE, method="RPC.Ping"),
         Frame(id=8, src=DEVICE, dst="joe", result={"channel_info": ""}),
-        "frame.md §1.2: reply src = request dst",
+        "frames.md §1.2: reply src = request dst",
     )
     pair(
         "wrong_dst",
         Frame(id=9, src="joe", dst="other_device", method="RPC.Ping"),
         None,
-        "frame.md §3: dropped without reply",
+        "frames.md §3: dropped without reply",
     )
-    pair("notification", Frame(src="mos", method="Sys.GetInfo"), None, "frame.md §1: no id, no reply")
+    pair("notification", Frame(src="mos", method="Sys.GetInfo"), None, "frames.md §1: no id, no reply")
     id_echo: list[dict[str, Any]] = [
         {"id": 123, "echo": '"id":123'},
         {"id": "abc", "echo": '"id":"abc"'},
@@ -181,7 +181,7 @@ def _serial() -> dict[str, Any]:
                 "crc32": crc32_hex(minimal),
                 "wire_hex": _hex(minimal + crc32_hex(minimal).encode() + b"\n"),
                 "dropped": True,
-                "why": "frame.md §7.11: no id, so no reply (CRC 010a4ff9)",
+                "why": "frames.md §7.11: no id, so no reply (CRC 010a4ff9)",
             },
         ],
         "tcp_mos_request_hex": _hex(MosStreamEncoder(crc=False).encode(req)),

@@ -28,9 +28,13 @@ __all__ = [
     "Outcome",
     "check",
     "checks_for",
+    "citations",
+    "cite",
     "expect",
     "groups",
 ]
+
+PROTOCOL_DOCS = "docs/protocol"
 
 CheckFunc = Callable[["Session"], Awaitable[str | None]]
 
@@ -52,6 +56,32 @@ class CheckFailed(ConformanceError, AssertionError):
 
 class CheckSkipped(ConformanceError):
     """The check does not apply (transport, missing option, feature the device lacks)."""
+
+
+def citations(section: str) -> list[tuple[str, str]]:
+    """The (file, section) pairs a ``section`` string cites: ``"frames.md §1.2, §9; tool.md §4"`` ->
+    ``[("frames.md", "1.2"), ("frames.md", "9"), ("tool.md", "4")]``; ranges give both ends, real-device
+    observations their id (``("real-device.md", "RD-S7")``). Files are in :data:`PROTOCOL_DOCS`."""
+    import re
+
+    out: list[tuple[str, str]] = []
+    current = ""
+    for part in section.split(";"):
+        m = re.match(r"\s*([a-z][\w-]*\.md)\b", part)
+        if m:
+            current = m.group(1)
+        for num in re.findall(r"§(\d+(?:\.\d+)*)", part):
+            out.append((current, num))
+        for rd in re.findall(r"\bRD-[A-Z]\d+\b", part):
+            out.append((current, rd))
+    return out
+
+
+def cite(section: str) -> str:
+    """A section citation as repository paths: ``frames.md §1.2`` -> ``docs/protocol/frames.md §1.2``."""
+    import re
+
+    return re.sub(r"(?<![\w/.-])([a-z][\w-]*\.md)", PROTOCOL_DOCS + r"/\1", section)
 
 
 def _text(value: Any) -> str:
@@ -80,7 +110,7 @@ class Outcome(enum.StrEnum):
 class CheckSpec:
     """A registered check.
 
-    ``name`` is ``<group>.<short name>``; ``section`` the spec section (``frame.md §1.2``);
+    ``name`` is ``<group>.<short name>``; ``section`` the spec section (``frames.md §1.2``);
     ``destructive`` checks (OTA, reboot, config writes) only run when asked for; ``only_schemes``
     limits a check to some URL schemes, ``not_schemes`` excludes some. ``needs`` names the methods
     the check calls: when the device's ``RPC.List`` lacks one, the check is skipped ("not offered").

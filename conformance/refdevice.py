@@ -2,7 +2,7 @@
 
 :func:`make_node` builds a device :class:`rpc.node.Node` with ``Sys.GetInfo``, ``Sys.Reboot``, an
 in-memory ``Config.Get``/``Config.Set`` (``device.id``, ``debug.level``) and a
-minimal in-memory OTA service (:class:`FakeOta`) that follows spec/ota.md: streaming
+minimal in-memory OTA service (:class:`FakeOta`) that follows docs/protocol/ota.md: streaming
 ``OTA.Begin/Write/End/Status``, ``OTA.Commit/Revert``, ``OTA.GetBootState``, a simulated reboot into
 the new slot uncommitted, and a bundle check (stored zip, ``manifest.json`` first, platform match).
 It is used where the full virtual device (``services.device``) is not needed; it keeps no flash.

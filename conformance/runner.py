@@ -24,6 +24,7 @@ from conformance.model import (
     CheckSpec,
     Outcome,
     checks_for,
+    cite,
 )
 from conformance.session import Options, PreflightError, Session
 from rpc.errors import MgrpcError
@@ -41,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger("mgrpc.conformance")
 
-PREFLIGHT_SECTION = "transports.md §0; frame.md §4, §6"
+PREFLIGHT_SECTION = "transports.md §0; frames.md §4, §6"
 
 
 def _describe(r: CheckResult) -> str:
@@ -277,8 +278,8 @@ def to_junit_xml(report: Report) -> str:
                 suite, "testcase", classname=f"conformance.{group}", name=r.name, time=f"{r.duration_s:.3f}"
             )
             props = ET.SubElement(case, "properties")
-            ET.SubElement(props, "property", name="section", value=r.section)
-            detail = f"{r.message}\nsent: {r.sent}\nseen: {r.seen}\nexpected: {r.expected}\nspec: {r.section}"
+            ET.SubElement(props, "property", name="section", value=cite(r.section))
+            detail = f"{r.message}\nsent: {r.sent}\nseen: {r.seen}\nexpected: {r.expected}\nspec: {cite(r.section)}"
             if r.outcome is Outcome.FAIL:
                 ET.SubElement(case, "failure", message=r.message).text = detail
             elif r.outcome is Outcome.ERROR:

@@ -362,7 +362,7 @@ class Session:
         Sends ``frame``, then a barrier request (``RPC.Ping`` with a fresh id) and waits for the
         barrier's reply, then listens ``quiet_s`` longer. Frames other than the barrier's reply
         received in that window are returned (the caller decides which count as answers). A device
-        may close a non-persistent channel instead of answering (frame.md §3); then the barrier goes
+        may close a non-persistent channel instead of answering (frames.md §3); then the barrier goes
         on a new channel, and frames that came on the old one still count.
         """
         first = await self.probe()

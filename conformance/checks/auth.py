@@ -1,4 +1,4 @@
-"""Frame-level digest authentication (spec/frame.md §6); runs only when credentials are given."""
+"""Frame-level digest authentication (docs/protocol/frames.md §6); runs only when credentials are given."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ async def _challenge(s: Session, fid: int) -> tuple[Frame, dict[str, object]]:
     return resp, doc
 
 
-@check("auth.challenge", section="frame.md §6", title="401 digest challenge format", not_on=HTTP)
+@check("auth.challenge", section="frames.md §6", title="401 digest challenge format", not_on=HTTP)
 async def _auth_challenge(s: Session) -> str | None:
     if s.options.creds is None:
         raise CheckSkipped("no credentials given (--rpc-creds)")
@@ -69,7 +69,7 @@ async def _auth_challenge(s: Session) -> str | None:
 
 @check(
     "auth.digest_retry",
-    section="frame.md §6",
+    section="frames.md §6",
     title="same id re-sent with auth is accepted; bad password is not",
     not_on=HTTP,
 )

@@ -1,4 +1,4 @@
-"""BLE GATT length-protocol checks on raw characteristic operations (spec/transports.md §5)."""
+"""BLE GATT length-protocol checks on raw characteristic operations (docs/protocol/transports.md §5)."""
 
 from __future__ import annotations
 

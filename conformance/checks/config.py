@@ -1,4 +1,4 @@
-"""Config service checks (spec/tool.md §6, frame.md §7.2/§7.4): what ``mos config-get/-set`` rely on."""
+"""Config service checks (docs/protocol/tool.md §6, frames.md §7.2/§7.4): what ``mos config-get/-set`` rely on."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ async def _get(s: Session, key: str | None = None) -> Any:
 
 @check(
     "config.get",
-    section="tool.md §6; frame.md §7.2, §7.4",
+    section="tool.md §6; frames.md §7.2, §7.4",
     title="Config.Get: whole config and {key: device.id}",
     needs=["Config.Get"],
 )

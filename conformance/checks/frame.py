@@ -1,4 +1,4 @@
-"""Frame-level device checks (spec/frame.md §1-§3, §5, §8): what any transport must carry unchanged.
+"""Frame-level device checks (docs/protocol/frames.md §1-§3, §5, §8): what any transport must carry unchanged.
 
 Over MQTT the host side rewrites ``src``/``dst`` (transports.md §4), so the checks about those two
 members are done by the ``mqtt`` group on raw MQTT messages instead.
@@ -31,7 +31,7 @@ def _raw(frame: Frame) -> bytes:
     return frame.raw if frame.raw is not None else frame.encode("device")
 
 
-@check("frame.id_numeric_bare", section="frame.md §1.2", title="numeric id echoed bare")
+@check("frame.id_numeric_bare", section="frames.md §1.2", title="numeric id echoed bare")
 async def _id_numeric_bare(s: Session) -> str | None:
     fid = Probe.new_id()
     resp = await s.request("RPC.Ping", id=fid)
@@ -42,7 +42,7 @@ async def _id_numeric_bare(s: Session) -> str | None:
     return None
 
 
-@check("frame.id_string", section="frame.md §1.2, §9", title="string id echoed as a string")
+@check("frame.id_string", section="frames.md §1.2, §9", title="string id echoed as a string")
 async def _id_string(s: Session) -> str | None:
     fid = _token("conf-")
     resp = await s.request("RPC.Ping", id=fid)
@@ -56,7 +56,7 @@ async def _id_string(s: Session) -> str | None:
     return None
 
 
-@check("frame.id_non_digits_quoted", section="frame.md §1.2", title="a negative number id is echoed as a string")
+@check("frame.id_non_digits_quoted", section="frames.md §1.2", title="a negative number id is echoed as a string")
 async def _id_non_digits_quoted(s: Session) -> str | None:
     fid = -(Probe.new_id() % 100000) - 1
     resp = await s.request("RPC.Ping", id=fid)
@@ -70,7 +70,7 @@ async def _id_non_digits_quoted(s: Session) -> str | None:
     return None
 
 
-@check("frame.envelope_order", section="frame.md §1.2", title="reply envelope: id, src, dst, tag, payload")
+@check("frame.envelope_order", section="frames.md §1.2", title="reply envelope: id, src, dst, tag, payload")
 async def _envelope_order(s: Session) -> str | None:
     resp = await s.request("RPC.Ping", tag=_token("t"))
     raw = _raw(resp)
@@ -95,7 +95,9 @@ async def _envelope_order(s: Session) -> str | None:
     return None
 
 
-@check("frame.src_dst_swap", section="frame.md §1.2, §8", title="reply dst = request src, src = device id", not_on=MQTT)
+@check(
+    "frame.src_dst_swap", section="frames.md §1.2, §8", title="reply dst = request src, src = device id", not_on=MQTT
+)
 async def _src_dst_swap(s: Session) -> str | None:
     src = _token("conf-")
     resp = await s.request("RPC.Ping", src=src)
@@ -106,7 +108,7 @@ async def _src_dst_swap(s: Session) -> str | None:
     return None
 
 
-@check("frame.src_is_dst", section="frame.md §1.2", title="reply src = the request's non-empty dst", not_on=MQTT)
+@check("frame.src_is_dst", section="frames.md §1.2", title="reply src = the request's non-empty dst", not_on=MQTT)
 async def _src_is_dst(s: Session) -> str | None:
     dev = await s.device_id()
     resp = await s.request("RPC.Ping", dst=dev, src=_token("conf-"))
@@ -116,7 +118,7 @@ async def _src_is_dst(s: Session) -> str | None:
     return None
 
 
-@check("frame.tag_copied", section="frame.md §1", title="tag copied into the reply")
+@check("frame.tag_copied", section="frames.md §1", title="tag copied into the reply")
 async def _tag_copied(s: Session) -> str | None:
     tag = _token("tag-")
     resp = await s.request("RPC.Ping", tag=tag)
@@ -125,7 +127,7 @@ async def _tag_copied(s: Session) -> str | None:
 
 
 @check(
-    "frame.wrong_dst_dropped", section="frame.md §3", title="wrong dst dropped without reply", not_on=MQTT, upsets=True
+    "frame.wrong_dst_dropped", section="frames.md §3", title="wrong dst dropped without reply", not_on=MQTT, upsets=True
 )
 async def _wrong_dst_dropped(s: Session) -> str | None:
     fid = Probe.new_id()
@@ -141,7 +143,12 @@ async def _wrong_dst_dropped(s: Session) -> str | None:
     return None
 
 
-@check("frame.notification_silent", section="frame.md §1", title="request without id gets no reply", upsets=True)
+@check(
+    "frame.notification_silent",
+    section="frames.md §1; transports.md §3.1",
+    title="request without id gets no reply (HTTP: none, or the request left open)",
+    upsets=True,
+)
 async def _notification_silent(s: Session) -> str | None:
     frame = Frame(src="mos", method="RPC.Ping", tag=_token("n-"))
     got = await s.exchange_silent(frame)
@@ -155,7 +162,7 @@ async def _notification_silent(s: Session) -> str | None:
     return None
 
 
-@check("frame.args_accepted", section="frame.md §1", title="legacy args accepted like params", needs=["RPC.Describe"])
+@check("frame.args_accepted", section="frames.md §1", title="legacy args accepted like params", needs=["RPC.Describe"])
 async def _args_accepted(s: Session) -> str | None:
     resp = await s.request("RPC.Describe", args={"name": "RPC.Ping"})
     got = resp.result.get("name") if isinstance(resp.result, dict) else None
@@ -168,7 +175,7 @@ async def _args_accepted(s: Session) -> str | None:
     return None
 
 
-@check("frame.params_wins", section="frame.md §1", title="params wins over args", needs=["RPC.Describe"])
+@check("frame.params_wins", section="frames.md §1", title="params wins over args", needs=["RPC.Describe"])
 async def _params_wins(s: Session) -> str | None:
     resp = await s.request("RPC.Describe", {"name": "RPC.List"}, args={"name": "RPC.Ping"})
     got = resp.result.get("name") if isinstance(resp.result, dict) else None
@@ -181,7 +188,7 @@ async def _params_wins(s: Session) -> str | None:
     return None
 
 
-@check("frame.not_found_404", section="frame.md §3, §5", title="unknown method: 404 No handler for <M>")
+@check("frame.not_found_404", section="frames.md §3, §5", title="unknown method: 404 No handler for <M>")
 async def _not_found_404(s: Session) -> str | None:
     method = "Conformance." + _token("NoSuch")
     resp = await s.request(method)
@@ -197,7 +204,7 @@ async def _not_found_404(s: Session) -> str | None:
     return None
 
 
-@check("frame.method_case_insensitive", section="frame.md §3", title="method names match case-insensitively")
+@check("frame.method_case_insensitive", section="frames.md §3", title="method names match case-insensitively")
 async def _method_case_insensitive(s: Session) -> str | None:
     for name in ("rpc.ping", "RPC.PING", "Rpc.Ping"):
         resp = await s.request(name)
@@ -206,7 +213,7 @@ async def _method_case_insensitive(s: Session) -> str | None:
     return None
 
 
-@check("frame.unknown_members_ignored", section="frame.md §1, §1.1", title="v and unknown members ignored")
+@check("frame.unknown_members_ignored", section="frames.md §1, §1.1", title="v and unknown members ignored")
 async def _unknown_members_ignored(s: Session) -> str | None:
     fid = Probe.new_id()
     frame = Frame(id=fid, src="mos", method="RPC.Ping", v=2, extra={"conformance_extra": {"x": [1, 2]}})
@@ -245,7 +252,7 @@ async def _receive_budget(s: Session, limit: int) -> tuple[int, str]:
 
 @check(
     "frame.max_frame_size",
-    section="frame.md §2; transports.md §1.2 (rpc.max_frame_size)",
+    section="frames.md §2; transports.md §1.2 (6), §2.6, §3.6, §4.6",
     title="frames under the device's limits answered, oversize dropped, device survives",
     upsets=True,
     budget=2.0,

@@ -1,4 +1,4 @@
-"""MQTT checks on raw topics and payloads (spec/transports.md §4), with their own broker connection."""
+"""MQTT checks on raw topics and payloads (docs/protocol/transports.md §4), with their own broker connection."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def _id_of(payload: bytes) -> Any:
 
 @check(
     "mqtt.topics",
-    section="transports.md §4",
+    section="transports.md §4, §4.5",
     title="request on <id>/rpc, reply on <src>/rpc with src/dst swapped",
     only=MQTT,
 )
@@ -162,7 +162,7 @@ async def _mqtt_no_src_dropped(s: Session) -> str | None:
 
 
 @check(
-    "mqtt.wrong_dst_dropped", section="frame.md §3; transports.md §4", title="wrong dst on <id>/rpc dropped", only=MQTT
+    "mqtt.wrong_dst_dropped", section="frames.md §3; transports.md §4", title="wrong dst on <id>/rpc dropped", only=MQTT
 )
 async def _mqtt_wrong_dst_dropped(s: Session) -> str | None:
     async with _Mqtt(s) as m:

@@ -1,4 +1,4 @@
-"""OTA checks (spec/ota.md §1-§2, tool.md §4): the streaming update exactly as ``mos ota`` drives it.
+"""OTA checks (docs/protocol/ota.md §1-§2, tool.md §4): the streaming update exactly as ``mos ota`` drives it.
 
 All but the status/boot-state shape checks change the device (they install firmware and reboot it),
 so they run only when asked (``--ota BUNDLE`` or ``--ota-generate``). Each destructive check starts

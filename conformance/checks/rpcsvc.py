@@ -1,4 +1,4 @@
-"""Built-in services every device has (spec/frame.md §4): RPC.List, RPC.Describe, RPC.Ping, Sys.GetInfo."""
+"""Built-in services every device has (docs/protocol/frames.md §4): RPC.List, RPC.Describe, RPC.Ping, Sys.GetInfo."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _raw(frame: Frame) -> bytes:
     return frame.raw if frame.raw is not None else frame.encode("device")
 
 
-@check("rpc.list", section="frame.md §4", title="RPC.List: compact array of method names")
+@check("rpc.list", section="frames.md §4", title="RPC.List: compact array of method names")
 async def _rpc_list(s: Session) -> str | None:
     resp = await s.request("RPC.List")
     raw = _raw(resp)
@@ -60,7 +60,7 @@ async def _rpc_list(s: Session) -> str | None:
     return f"{len(res)} methods"
 
 
-@check("rpc.describe", section="frame.md §4", title="RPC.Describe: name/args_fmt, 400 and 404", needs=["RPC.Describe"])
+@check("rpc.describe", section="frames.md §4", title="RPC.Describe: name/args_fmt, 400 and 404", needs=["RPC.Describe"])
 async def _rpc_describe(s: Session) -> str | None:
     resp = await s.request("RPC.Describe", {"name": "RPC.Describe"})
     res = resp.result
@@ -95,7 +95,7 @@ async def _rpc_describe(s: Session) -> str | None:
     return None
 
 
-@check("rpc.ping", section="frame.md §4", title="RPC.Ping: {channel_info: <text>}")
+@check("rpc.ping", section="frames.md §4", title="RPC.Ping: {channel_info: <text>}")
 async def _rpc_ping(s: Session) -> str | None:
     resp = await s.request("RPC.Ping")
     res = resp.result
@@ -108,7 +108,7 @@ async def _rpc_ping(s: Session) -> str | None:
     return f"channel_info={res['channel_info']!r}"
 
 
-@check("sys.getinfo", section="frame.md §4", title="Sys.GetInfo: fields, order, types")
+@check("sys.getinfo", section="frames.md §4", title="Sys.GetInfo: fields, order, types")
 async def _sys_getinfo(s: Session) -> str | None:
     resp = await s.request("Sys.GetInfo")
     res = resp.result
@@ -145,7 +145,7 @@ async def _sys_getinfo(s: Session) -> str | None:
 
 @check(
     "sys.reboot_bad_delay",
-    section="frame.md §4",
+    section="frames.md §4",
     title="Sys.Reboot with delay_ms < 0: 400 invalid delay value",
     needs=["Sys.Reboot"],
 )
@@ -163,7 +163,7 @@ async def _sys_reboot_bad_delay(s: Session) -> str | None:
 
 @check(
     "sys.reboot",
-    section="frame.md §4",
+    section="frames.md §4",
     title="Sys.Reboot answers null, then the device restarts",
     destructive=True,
     needs=["Sys.Reboot", "Sys.GetInfo"],

@@ -1,4 +1,4 @@
-"""Stream framing checks on raw bytes: serial (spec/transports.md §1) and TCP (§7).
+"""Stream framing checks on raw bytes: serial (docs/protocol/transports.md §1) and TCP (§7).
 
 These talk to the port directly (:mod:`conformance.rawio`), closing the session's probe first so
 no other reader shares the port. On a serial device the link modes (``\"\"\"`` compat, CRC) are
@@ -194,7 +194,7 @@ async def _fresh_link(s: Session, raw: RawStream) -> _Reply:
 
 @check(
     "serial.learned_modes",
-    section="transports.md §1.1-§1.2; errata",
+    section="transports.md §1.1-§1.2, §1.9",
     title='CRC and """ switched on by the first frame carrying them, then sticky',
     only=SERIAL,
     upsets=True,
@@ -387,7 +387,7 @@ async def _serial_junk_tolerance(s: Session) -> str | None:
 
 @check(
     "serial.non_ascii_dropped",
-    section="transports.md §1.2 (1)",
+    section="transports.md §1.2 (1), §1.9",
     title="a byte >= 0x80 discards the buffered input",
     only=SERIAL,
     upsets=True,

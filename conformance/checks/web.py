@@ -1,4 +1,4 @@
-"""HTTP (spec/transports.md §3) and WebSocket (§2) checks, on raw HTTP requests and WS messages."""
+"""HTTP (docs/protocol/transports.md §3) and WebSocket (§2) checks, on raw HTTP requests and WS messages."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ async def _http_full_frame(s: Session) -> str | None:
 
 @check(
     "http.full_frame_error",
-    section="transports.md §3.1; frame.md §5",
+    section="transports.md §3.1; frames.md §5",
     title="POST /rpc error: still 200, error in frame",
     only=HTTP,
 )
@@ -149,7 +149,7 @@ async def _http_rest_result(s: Session) -> str | None:
 
 @check(
     "http.rest_status",
-    section="transports.md §3.2; frame.md §5",
+    section="transports.md §3.2; frames.md §5",
     title="REST errors: 404 -> 404, others -> 500, error object body",
     only=HTTP,
     needs=["RPC.Describe"],
@@ -188,7 +188,7 @@ async def _http_options_cors(s: Session) -> str | None:
 
 @check(
     "http.wrong_dst",
-    section="transports.md §3 errata; frame.md §3",
+    section="transports.md §3.5; frames.md §3",
     title="wrong dst: 400 Invalid request, no frame",
     only=HTTP,
 )
@@ -206,7 +206,7 @@ async def _http_wrong_dst(s: Session) -> str | None:
 
 @check(
     "http.auth_challenge",
-    section="transports.md §3.3; frame.md §6",
+    section="transports.md §3.3; frames.md §6",
     title="HTTP 401 with a Digest challenge; digest accepted",
     only=HTTP,
 )

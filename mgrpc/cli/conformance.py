@@ -244,7 +244,7 @@ def _print(console: Any, report: Any, *, show_skips: bool = False) -> None:
             detail += f"\n  spec:     {_cite(r.section)}"
         style = _STYLE.get(r.outcome.value, "")
         # Text, not markup: names like client.src[tcp] and JSON like ["a"] must print as they are.
-        table.add_row(Text(r.name), Text(r.section), Text(r.outcome.value.upper(), style=style), Text(detail))
+        table.add_row(Text(r.name), Text(_cite(r.section)), Text(r.outcome.value.upper(), style=style), Text(detail))
     console.print(table)
     counts = (
         ", ".join(f"{report.count(o)} {o.value}" for o in type(report.results[0].outcome)) if report.results else ""
@@ -258,10 +258,10 @@ def _print(console: Any, report: Any, *, show_skips: bool = False) -> None:
 
 
 def _cite(section: str) -> str:
-    """A section citation as a path in the repository: ``frames.md §1.2`` -> ``docs/protocol/frames.md §1.2``."""
-    import re
+    """``frames.md §1.2`` -> ``docs/protocol/frames.md §1.2`` (where the cited section is)."""
+    from conformance.model import cite
 
-    return re.sub(r"(?<![/\w])([a-z][\w-]*\.md)", r"docs/protocol/\1", section)
+    return cite(section)
 
 
 def _list(console: Any) -> int:
@@ -275,6 +275,6 @@ def _list(console: Any) -> int:
     for col in ("check", "spec", "what", "destructive"):
         table.add_column(col)
     for spec in checks_for(None):
-        table.add_row(Text(spec.name), Text(spec.section), Text(spec.title), "yes" if spec.destructive else "")
+        table.add_row(Text(spec.name), Text(_cite(spec.section)), Text(spec.title), "yes" if spec.destructive else "")
     console.print(table)
     return 0

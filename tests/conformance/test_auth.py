@@ -1,4 +1,4 @@
-"""The auth checks (frame.md §6) against a device with digest auth, and their failure modes."""
+"""The auth checks (frames.md §6) against a device with digest auth, and their failure modes."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def test_checked_in_vectors_are_current() -> None:
 def test_serial_streams_match_the_spec_examples() -> None:
     streams = {s["name"]: s for s in golden.load("serial")["streams"]}
     assert streams["mos_request"]["crc32"] == "0e34eaa7"  # transports.md §1.7
-    assert streams["minimal_notification"]["crc32"] == "010a4ff9"  # frame.md §7.11
+    assert streams["minimal_notification"]["crc32"] == "010a4ff9"  # frames.md §7.11
     assert golden.load("serial")["handshake_hex"] == "222222042222220a0a"
 
 
