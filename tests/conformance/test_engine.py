@@ -119,6 +119,19 @@ async def test_preflight_stops_on_a_401_without_credentials() -> None:
     assert not report.ok
 
 
+async def test_a_method_behind_the_acl_skips_without_credentials() -> None:
+    node = make_node()
+    node.auth = Authenticator(
+        users={"admin": "pw"}, acl=Acl.parse('[{"method":"Sys.*","acl":"+admin"},{"method":"*","acl":"*"}]')
+    )
+    report = await _run(node, "acl-getinfo", ["sys", "rpc", "frame"])
+    res = report.by_name()
+    assert res["sys.getinfo"].outcome is Outcome.SKIP
+    assert res["sys.getinfo"].message == "Sys.GetInfo requires authentication (401): pass --rpc-creds"
+    assert res["rpc.ping"].outcome is Outcome.PASS
+    assert report.ok, [(r.name, r.message) for r in report.failed()]
+
+
 async def test_preflight_on_a_device_that_answers_nothing() -> None:
     node = make_node()
     node.add_handler("RPC.List", _never)
