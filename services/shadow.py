@@ -390,7 +390,7 @@ class _Session:
             "online": online, "id": self.id, "arch": self.fw.arch, "app": self.fw.app,
             "version": self.fw.version, "build_id": self.fw.build_id,
             "committed": bool(st.is_committed) if st is not None else True,
-            "slot": info.slot if info else 0, "reverted": self._rolled_back,
+            "slot": info.slot if info else 0, "reverted": self._rolled_back or bool(info and info.reverted),
             "reason": info.reason if info else "", "boots": self.dev.boots, "url": self.client_url,
         }  # fmt: skip
 

@@ -3,7 +3,10 @@
 Routes (everything is served by this app; the page uses no CDN):
 
 * ``GET /`` the page; ``GET /static/<file>`` its JS and CSS.
-* ``GET /api/state`` devices, bundles and the latest rollouts with per-device jobs (the page polls it).
+* ``GET /api/state`` devices, bundles and the latest rollouts with per-device jobs, and the CSRF
+  token for this session; ``GET /api/events`` the same as server-sent events after every change
+  (the page listens to it instead of polling).
+* ``POST /api/rollouts/<id>/pause|resume|abort`` controls a rollout (409 if it cannot now).
 * ``POST /api/devices`` ``{"url": "ws://..."}`` adds a device by RPC URL (asks ``Sys.GetInfo`` and
   ``OTA.GetBootState``); ``POST /api/devices/refresh`` asks every URL device again.
 * ``POST /api/bundles`` multipart upload of a fw.zip (any file field) → the bundle's info.
@@ -12,6 +15,8 @@ Routes (everything is served by this app; the page uses no CDN):
   pending ``poll`` job gets its bundle, anyone else ``304 Not Modified``.
 * ``POST /api/rollouts`` ``{"devices": [...], "bundle": sha, "method": "push"|"url"|"shadow"|"poll",
   "commit_timeout": s, "autocommit": bool, "stage_size": N, "max_failures": K}``.
+
+Access rules (credentials, CSRF, loopback default) are :mod:`mgrpc.fleet.security`'s.
 
 Devices are seen over MQTT through the topics of :mod:`services.shadow` (``<id>/status``,
 ``<id>/ota/progress``, the shadow's ``update/accepted``). Methods: ``push`` = OTA.Begin/Write/End
@@ -43,7 +48,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from mgrpc.fleet.model import DeviceRecord, FleetDB, FleetError
-from mgrpc.fleet.rollout import METHODS, Job, Rollout
+from mgrpc.fleet.rollout import METHODS, InvalidTransition, Job, Rollout
 from mgrpc.fleet.security import COOKIE, Guard
 from rpc.errors import MgrpcError, RemoteError
 from rpc.host.ota import ota_update
@@ -59,6 +64,8 @@ REBOOT_GRACE_S = 60.0  # beyond the commit timeout, for a device to come back af
 PUSH_CHUNK = 2048  # raw bytes per OTA.Write: ~2.8 KB frames, under the default 4096 max frame size
 PUSH_WINDOW = 4
 MAX_UPLOAD = 64 << 20
+EVENT_MIN_GAP_S = 0.05  # server-sent events: at most 20 state updates a second per browser
+EVENT_KEEPALIVE_S = 15.0
 
 RpcConnect = Callable[[str], Awaitable[Any]]
 # The request's session (for its CSRF token); aiohttp >= 3.11 wants typed request keys.
@@ -96,6 +103,7 @@ class FleetApp:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self.changes = 0  # bumped on every change (the page can skip redraws)
+        self._listeners: set[asyncio.Event] = set()  # one per server-sent-events client
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> FleetApp:
@@ -112,7 +120,7 @@ class FleetApp:
                 self.mqtt.on_state(self._on_broker_state)
         self._ticker = asyncio.ensure_future(self._tick_loop())
         for r in self.rollouts.values():
-            if r.state != "running":
+            if r.state == "finished" or r.settled:
                 continue
             if r.method in ("push", "url"):
                 # The transfer ran in the previous dashboard process; it cannot be resumed from here.
@@ -130,6 +138,12 @@ class FleetApp:
             t.cancel()
         await asyncio.gather(*self._tasks, *(x for x in [self._ticker] if x), return_exceptions=True)
 
+    def _bump(self) -> None:
+        """Something the page shows changed: wake the event streams."""
+        self.changes += 1
+        for ev in self._listeners:
+            ev.set()
+
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -143,7 +157,7 @@ class FleetApp:
         return d.url
 
     def _touch(self, d: DeviceRecord, *, save: bool = True) -> None:
-        self.changes += 1
+        self._bump()
         if save:
             self.db.save_device(d)
 
@@ -166,6 +180,8 @@ class FleetApp:
         if "committed" in st:
             d.committed = bool(st["committed"])
         d.reverted = bool(st.get("reverted"))
+        if isinstance(st.get("reason"), str):
+            d.reason = st["reason"]
         if isinstance(st.get("boots"), int):
             d.boots = st["boots"]
         if isinstance(st.get("url"), str) and not d.url:
@@ -374,6 +390,37 @@ class FleetApp:
         self.db.save_rollout(r)
         return r
 
+    def control(self, rollout_id: str, action: str) -> Rollout:
+        """``pause``, ``resume`` or ``abort`` a rollout (:class:`FleetError` if it cannot be done now).
+
+        Abort skips the queued jobs and withdraws the offer from devices that have not begun
+        (shadow: ``desired.ota`` is cleared; poll: the next poll gets 304); transfers under way finish.
+        """
+        r = self.rollouts.get(rollout_id)
+        if r is None:
+            raise FleetError(f"unknown rollout {rollout_id!r}")
+        try:
+            if action == "pause":
+                r.pause()
+            elif action == "resume":
+                r.resume()
+            elif action == "abort":
+                waiting = r.abort()
+                for dev_id in waiting:
+                    job = r.jobs[dev_id]
+                    if r.method == "shadow" and self.mqtt is not None:
+                        body = json.dumps({"state": {"desired": {"ota": None}}, "clientToken": f"fleet-{r.id}-abort"})
+                        self._spawn(self.mqtt.publish(ShadowTopics(dev_id).update, body, qos=1))
+                    if r.method in ("shadow", "poll"):
+                        self._event(r, job, "abort", message="aborted by the operator before the device began")
+            else:
+                raise FleetError(f"unknown action {action!r}: pause, resume or abort")
+        except InvalidTransition as e:
+            raise FleetError(str(e)) from None
+        log.info("rollout %s: %s by the operator", r.id, action)
+        self._pump(r)
+        return r
+
     def _pump(self, r: Rollout) -> None:
         for dev_id in r.startable():
             job = r.jobs[dev_id]
@@ -381,7 +428,7 @@ class FleetApp:
             job.message = {"push": "connecting", "url": "OTA.Update sent", "shadow": "desired.ota.url set",
                            "poll": "waiting for the device to poll"}[r.method]  # fmt: skip
             self._spawn(self._run_job(r, job))
-        self.changes += 1
+        self._bump()
         self.db.save_rollout(r)
 
     def _event(self, r: Rollout, job: Job, event: str, *, message: str = "", error: str = "") -> None:
@@ -397,7 +444,7 @@ class FleetApp:
         if error:
             job.error = error
             job.message = error
-        self.changes += 1
+        self._bump()
         if job.state != before:
             log.info("rollout %s: %s %s -> %s %s", r.id, job.device, before, job.state, error or message)
             if job.state == "committing":
@@ -484,7 +531,7 @@ class FleetApp:
         await self.mqtt.publish(ShadowTopics(d.id).update, body, qos=1)
         if not d.online:
             job.message = "desired.ota.url set; waiting for the device to come online"
-            self.changes += 1
+            self._bump()
 
     def _device_online(self, d: DeviceRecord) -> None:
         found = self._active_job(d.id)
@@ -500,7 +547,13 @@ class FleetApp:
         elif job.state in ("rebooting", "committing", "done") and not d.reboot_pending and (
             job.applied_boots < 0 or d.boots > job.applied_boots  # a new boot, not an old message
         ):
-            self._event(r, job, "online_old", error=f"rolled back to {d.version}")
+            if d.reverted and d.reason:
+                why = d.reason
+            elif job.state == "rebooting":
+                why = f"{r.version} never came online within the commit timeout ({r.commit_timeout_s} s)"
+            else:
+                why = f"{r.version} was not committed within the commit timeout ({r.commit_timeout_s} s)"
+            self._event(r, job, "online_old", error=f"rolled back to {d.version}: {why}")
 
     def _committing(self, r: Rollout, job: Job) -> None:
         d = self.devices[job.device]
@@ -542,7 +595,8 @@ class FleetApp:
         """Fail jobs that waited too long (called every second)."""
         t = time.time() if now is None else now
         for r in list(self.rollouts.values()):
-            if r.state != "running":
+            if r.state == "finished" or r.settled:
+                r.startable()
                 continue
             for job in r.jobs.values():
                 limit: float | None = None
@@ -577,6 +631,8 @@ class FleetApp:
         app.router.add_post("/api/devices/refresh", self._h_refresh)
         app.router.add_post("/api/bundles", self._h_upload)
         app.router.add_post("/api/rollouts", self._h_rollout)
+        app.router.add_post("/api/rollouts/{id}/{action}", self._h_control)
+        app.router.add_get("/api/events", self._h_events)
         app.router.add_get("/fw/{sha}.zip", self._h_fw)
         app.router.add_get("/update", self._h_poll)
         return app
@@ -639,7 +695,7 @@ class FleetApp:
                     info = self.db.add_bundle(bytes(data), filename=str(filename))
                 except FleetError as e:
                     return self._bad(str(e))
-                self.changes += 1
+                self._bump()
                 log.info("bundle %s uploaded: %s %s for %s", info.sha[:12], info.name, info.version, info.arch)
                 return web.json_response(info.to_json())
         return self._bad("no file in the upload")
@@ -660,6 +716,40 @@ class FleetApp:
             return self._bad(str(e))
         return web.json_response(r.to_json())
 
+    async def _h_control(self, request: web.Request) -> web.Response:
+        try:
+            r = self.control(request.match_info["id"], request.match_info["action"])
+        except FleetError as e:
+            return self._bad(str(e), 404 if "unknown rollout" in str(e) else 409)
+        return web.json_response(r.to_json())
+
+    async def _h_events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: ``event: state`` with everything the page shows, after each change
+        (at most every ``EVENT_MIN_GAP_S``), and a comment every ``EVENT_KEEPALIVE_S`` to keep proxies open."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})  # fmt: skip
+        await resp.prepare(request)
+        ev = asyncio.Event()
+        ev.set()  # the current state at once
+        self._listeners.add(ev)
+        csrf = self.guard.csrf_token(request.get(_SESSION, ""))
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(ev.wait(), EVENT_KEEPALIVE_S)
+                except TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                ev.clear()
+                data = json.dumps({**self.state(), "csrf": csrf, "sent_at": time.time()}, separators=(",", ":"))
+                await resp.write(f"event: state\ndata: {data}\n\n".encode())
+                await asyncio.sleep(EVENT_MIN_GAP_S)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self._listeners.discard(ev)
+        return resp
+
     async def _h_fw(self, request: web.Request) -> web.Response:
         sha = request.match_info["sha"]
         try:
@@ -675,7 +765,7 @@ class FleetApp:
             return web.Response(status=304)
         r, job = found
         job.message = "device polled; downloading"
-        self.changes += 1
+        self._bump()
         return web.Response(body=self.db.bundle_data(r.bundle), content_type="application/zip")
 
 

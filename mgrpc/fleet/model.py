@@ -42,6 +42,7 @@ class DeviceRecord:
     url: str = ""  # RPC URL (mqtt://broker/<id>, ws://..., ...)
     last_seen: float = 0.0
     reverted: bool = False
+    reason: str = ""  # the boot loader's word on the last boot (why it fell back, after a rollback)
     boots: int = 0  # the device's boot counter (MQTT status), tells a new boot from an old message
     reboot_pending: bool = False  # URL devices: the boot config already names another slot
     progress: dict[str, Any] = field(default_factory=dict)

@@ -8,6 +8,10 @@ A :class:`Rollout` updates ``stage_size`` devices first (0 = all at once); when 
 finished it stops, skipping the rest, if more than ``max_failures`` of them failed or rolled back;
 otherwise it goes on with the others, still stopping as soon as the failures exceed
 ``max_failures``. ``concurrency`` bounds the jobs between start and result (0 = no bound).
+
+The operator may :meth:`Rollout.pause` (no job starts; those under way go on), :meth:`Rollout.resume`
+and :meth:`Rollout.abort` (queued jobs are skipped; a running rollout never restarts).
+Rollout states: ``running``, ``paused``, ``halted`` (too many failures), ``aborted``, ``finished``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ METHODS = ("push", "url", "shadow", "poll")
 #   error     the device or the transport reported a failure
 #   timeout   no result in time
 #   skip      the rollout stopped before this job started
+#   abort     the operator aborted the rollout while the device had not begun (shadow/poll waiting)
 TRANSITIONS: dict[tuple[str, str], str] = {
     ("queued", "start"): "sending",
     ("queued", "skip"): "skipped",
@@ -67,6 +72,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("committing", "error"): "failed",
     ("committing", "timeout"): "failed",
     ("done", "online_old"): "rolled_back",  # left uncommitted and the commit timeout reverted it
+    ("sending", "abort"): "skipped",  # the operator aborted before the device took the update
 }
 
 TERMINAL_STATES = frozenset({"done", "failed", "rolled_back", "skipped"})
@@ -157,7 +163,7 @@ class Rollout:
     stage_size: int = 0
     max_failures: int = -1  # -1: never stop
     concurrency: int = 0
-    state: str = "running"  # running, halted, finished
+    state: str = "running"  # running, paused, halted, aborted, finished
     created_at: float = field(default_factory=time.time)
     jobs: dict[str, Job] = field(default_factory=dict)
 
@@ -208,11 +214,37 @@ class Rollout:
             pool = pool[: max(0, self.concurrency - active)]
         return pool
 
-    def _halt(self) -> None:
-        self.state = "halted"
+    def _halt(self, state: str = "halted", message: str = "") -> None:
+        self.state = state
         for j in self.jobs.values():
             if j.state == "queued":
                 j.fire("skip")
+                j.message = message or "not started: the rollout halted (too many failures)"
+
+    def pause(self) -> None:
+        """Start no more jobs until :meth:`resume` (those under way go on); InvalidTransition if not running."""
+        if self.state != "running":
+            raise InvalidTransition(f"rollout {self.id} is {self.state}, not running: it cannot be paused")
+        self.state = "paused"
+
+    def resume(self) -> None:
+        """Go on after :meth:`pause`."""
+        if self.state != "paused":
+            raise InvalidTransition(f"rollout {self.id} is {self.state}, not paused: it cannot be resumed")
+        self.state = "running"
+
+    def abort(self) -> list[str]:
+        """Stop for good: queued jobs are skipped; returns the devices whose started jobs the caller
+        should abort if the device has not begun (state ``sending``)."""
+        if self.state in ("finished", "aborted", "halted"):
+            raise InvalidTransition(f"rollout {self.id} is already {self.state}")
+        self._halt("aborted", "not started: the operator aborted the rollout")
+        return [d for d in self.devices if self.jobs[d].state == "sending"]
+
+    @property
+    def settled(self) -> bool:
+        """No job is between start and result any more."""
+        return all(j.terminal or j.state == "queued" for j in self.jobs.values())
 
     def summary(self) -> dict[str, int]:
         """Job count per state."""

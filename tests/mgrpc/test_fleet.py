@@ -314,3 +314,67 @@ def test_cli_dashboard_arguments() -> None:
 async def test_start_fleet_refuses_a_bad_listen_url(tmp_path) -> None:
     with pytest.raises(ValueError, match="--listen"):
         await start_fleet(broker="", db_path=tmp_path / "x.sqlite", listen="ftp://127.0.0.1:0")
+
+
+def test_rollout_pause_resume_abort() -> None:
+    r = Rollout(id="r", bundle="b", version="2", method="poll", devices=["a", "b", "c"], concurrency=1)
+    assert r.startable() == ["a"]
+    r.jobs["a"].fire("start")
+    r.pause()
+    _finish(r, "a", ok=True)
+    assert r.startable() == [] and r.state == "paused"  # nothing starts while paused
+    with pytest.raises(InvalidTransition, match="cannot be paused"):
+        r.pause()
+    r.resume()
+    assert r.startable() == ["b"]
+    r.jobs["b"].fire("start")
+    assert r.abort() == ["b"]  # the started job the caller may withdraw
+    assert r.state == "aborted" and r.jobs["c"].state == "skipped" and "aborted" in r.jobs["c"].message
+    r.jobs["b"].fire("abort")
+    assert r.summary() == {"done": 1, "skipped": 2} and r.startable() == [] and r.state == "aborted"
+    for bad in (r.resume, r.abort, r.pause):
+        with pytest.raises(InvalidTransition):
+            bad()
+
+
+async def test_control_api_and_server_sent_events(fleet) -> None:
+    import json
+
+    await _devices(fleet, "ctl", 2)
+    info = fleet.app.db.add_bundle(bundle("1.1"))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(fleet.url + "/api/events") as events:
+            assert events.headers["Content-Type"].startswith("text/event-stream")
+
+            async def next_state() -> dict[str, Any]:
+                data = ""
+                async for raw in events.content:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("data: "):
+                        data = line[6:]
+                    elif line == "" and data:
+                        return json.loads(data)
+                raise AssertionError("the event stream ended")
+
+            first = await next_state()  # the state at once
+            assert {d["id"] for d in first["devices"]} >= {"ctl0", "ctl1"} and first["csrf"]
+            # devices never poll: the jobs wait, so the controls act on a live rollout
+            r = fleet.app.start_rollout(devices=["ctl0", "ctl1"], bundle=info.sha, method="poll", concurrency=1)
+            for action, state in (("pause", "paused"), ("resume", "running")):
+                async with s.post(f"{fleet.url}/api/rollouts/{r.id}/{action}") as resp:
+                    assert resp.status == 200 and (await resp.json())["state"] == state
+                while True:  # the change is pushed
+                    st = await next_state()
+                    if st["rollouts"] and st["rollouts"][0]["state"] == state:
+                        break
+            async with s.post(f"{fleet.url}/api/rollouts/{r.id}/resume") as resp:
+                assert resp.status == 409 and "not paused" in (await resp.json())["error"]
+            async with s.post(f"{fleet.url}/api/rollouts/{r.id}/abort") as resp:
+                assert resp.status == 200 and (await resp.json())["summary"] == {"skipped": 2}
+            async with s.post(f"{fleet.url}/api/rollouts/nope/abort") as resp:
+                assert resp.status == 404
+            async with s.post(f"{fleet.url}/api/rollouts/{r.id}/explode") as resp:
+                assert resp.status == 409 and "unknown action" in (await resp.json())["error"]
+        # an aborted poll job is no longer offered
+        async with s.get(fleet.url + "/update", headers={"X-MGOS-Device-ID": "ctl0 0A"}) as resp:
+            assert resp.status == 304

@@ -1,4 +1,5 @@
-// mgrpc fleet dashboard: polls /api/state and renders it; no framework, no CDN.
+// mgrpc fleet dashboard: listens to /api/events (server-sent events) and renders each state; no
+// framework, no CDN. Falls back to fetching /api/state while the event stream is down.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
@@ -35,47 +36,75 @@ function renderDevices(state) {
     const pct = j ? j.percent : (d.progress && d.progress.state === "progress" ? d.progress.percent : null);
     const bytes = j && j.total ? `${fmtBytes(j.done)} / ${fmtBytes(j.total)}` : "";
     const bar = pct == null ? "" :
-      `<div class="bar" title="${esc(bytes)}"><div style="width:${pct}%"></div><span class="pct">${pct}%</span></div>`;
+      `<div class="bar" title="${esc(bytes)}"><div style="width:${pct}%"></div></div><span class="pct">${pct}%</span>`;
     const jstate = j ? j.state : "";
+    const failed = j && (j.state === "failed" || j.state === "rolled_back");
     const msg = j ? (j.error || j.message) : (d.ota && d.ota.message) || "";
+    const seen = d.presence === "shadow" ? ` title="seen by its shadow reports, ${esc(ago(d.last_seen))}"` : "";
     return `<tr data-id="${esc(d.id)}">
       <td><input type="checkbox" class="sel" data-id="${esc(d.id)}" ${selected.has(d.id) ? "checked" : ""}></td>
-      <td class="id">${esc(d.id)}</td><td class="arch">${esc(d.arch)}</td>
-      <td class="version">${esc(d.version)}</td>
+      <td class="id" title="${esc(d.id)}">${esc(d.id)}</td><td class="arch">${esc(d.arch)}</td>
+      <td class="version" title="${esc(d.build_id)}">${esc(d.version)}</td>
       <td class="committed">${d.committed ? "yes" : "<b>no</b>"}</td>
-      <td class="online ${d.online ? "online" : "offline"}">${d.online ? "online" : "offline"}</td>
+      <td class="online ${d.online ? "online" : "offline"}"${seen}>${d.online ? "online" : "offline"}</td>
       <td class="progress">${bar}<span class="bytes">${esc(bytes)}</span></td>
       <td class="jobstate st-${esc(jstate)}">${esc(jstate.replace("_", " "))}</td>
-      <td class="message">${esc(msg)}</td></tr>`;
+      <td class="message${failed ? " reason" : ""}" title="${esc(msg)}">${esc(msg)}</td></tr>`;
   });
   $("#devices tbody").innerHTML = rows.join("");
   const online = state.devices.filter((d) => d.online).length;
   $("#counts").textContent = `${state.devices.length} devices, ${online} online`;
 }
 
+function ago(t) {
+  if (!t) return "never";
+  const s = Math.max(0, Math.round(Date.now() / 1000 - t));
+  return s < 60 ? `${s} s ago` : s < 3600 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
+}
+
 function renderRollouts(state) {
   $("#rollouts tbody").innerHTML = state.rollouts.map((r) => {
     const sum = Object.entries(r.summary).map(([k, v]) => `${v} ${k.replace("_", " ")}`).join(", ");
     const stage = r.stage_size ? ` (first ${r.stage_size}, max ${r.max_failures} failures)` : "";
+    const btn = (action, label, cls) =>
+      `<button type="button" class="small ${cls || ""}" data-rollout="${esc(r.id)}" data-action="${action}">${label}</button>`;
+    const controls = r.state === "running" ? btn("pause", "Pause") + btn("abort", "Abort", "danger")
+      : r.state === "paused" ? btn("resume", "Resume") + btn("abort", "Abort", "danger") : "";
     return `<tr data-rollout="${esc(r.id)}"><td>${esc(r.id)}</td><td>${esc(r.version)}</td>
-      <td>${esc(r.method)}${r.autocommit ? ", auto-commit" : ""}, commit timeout ${r.commit_timeout}s</td>
+      <td class="method">${esc(r.method)}${r.autocommit ? ", auto-commit" : ""}, commit timeout ${r.commit_timeout}s</td>
       <td>${r.devices.length}${esc(stage)}</td><td class="rstate st-${esc(r.state)}">${esc(r.state)}</td>
-      <td class="summary">${esc(sum)}</td></tr>`;
+      <td class="summary">${esc(sum)}</td><td class="controls">${controls}</td></tr>`;
   }).join("");
+}
+
+function render(state) {
+  lastState = state;
+  if (state.csrf) csrf = state.csrf;
+  $("#broker").textContent = state.broker ? `broker ${state.broker}` : "no MQTT broker";
+  renderDevices(state);
+  renderRollouts(state);
 }
 
 async function refresh() {
   try {
     const resp = await fetch("/api/state", {cache: "no-store"});
-    const state = await resp.json();
-    lastState = state;
-    if (state.csrf) csrf = state.csrf;
-    $("#broker").textContent = state.broker ? `broker ${state.broker}` : "no MQTT broker";
-    renderDevices(state);
-    renderRollouts(state);
+    render(await resp.json());
   } catch (e) {
     $("#counts").textContent = "dashboard unreachable: " + e;
   }
+}
+
+function listen() {
+  const live = $("#live");
+  const es = new EventSource("/api/events");
+  es.addEventListener("state", (ev) => {
+    live.textContent = "live";
+    live.className = "on";
+    render(JSON.parse(ev.data));
+  });
+  es.onerror = () => { live.textContent = "reconnecting"; live.className = "off"; };
+  // while the stream is down, fetch now and then (EventSource reconnects on its own)
+  setInterval(() => { if (es.readyState !== EventSource.OPEN) refresh(); }, 5000);
 }
 
 function say(text, isError) {
@@ -114,7 +143,6 @@ async function startUpdate() {
     say(String(e.message || e), true);
   } finally {
     $("#start").disabled = false;
-    refresh();
   }
 }
 
@@ -134,9 +162,18 @@ $("#add-device").addEventListener("click", async () => {
     say(`added ${d.id}`);
     $("#device-url").value = "";
   } catch (e) { say(String(e.message || e), true); }
-  refresh();
 });
-$("#refresh").addEventListener("click", async () => { await postJSON("/api/devices/refresh", {}); refresh(); });
+$("#refresh").addEventListener("click", async () => { await postJSON("/api/devices/refresh", {}); });
+document.addEventListener("click", async (ev) => {
+  const t = ev.target;
+  if (!t.dataset || !t.dataset.action || !t.dataset.rollout) return;
+  if (t.dataset.action === "abort" && !confirm(`Abort rollout ${t.dataset.rollout}? Queued devices are skipped.`)) return;
+  t.disabled = true;
+  try {
+    await postJSON(`/api/rollouts/${encodeURIComponent(t.dataset.rollout)}/${t.dataset.action}`, {});
+    say(`rollout ${t.dataset.rollout}: ${t.dataset.action}`);
+  } catch (e) { say(String(e.message || e), true); t.disabled = false; }
+});
 $("#poll-url").textContent = location.origin + "/update";
 refresh();
-setInterval(refresh, 500);
+listen();
