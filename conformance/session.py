@@ -318,7 +318,9 @@ class Session:
             except ValueError:
                 return resp
             if isinstance(challenge, dict):
-                retry = await p.request(method, params, id=fid, auth=make_auth(challenge, creds), **kw)
+                timeout_s = kw.pop("timeout_s")
+                again = Frame(id=fid, src=kw.pop("src", "mos"), method=method, params=params, **kw)
+                retry = await self.auth_retry(p, again.replace(auth=make_auth(challenge, creds)), timeout_s)
                 if retry is not None:
                     return retry
         if auto_auth and creds is None and err is not None and err.code == 401 and "auth" not in kw:
@@ -346,10 +348,36 @@ class Session:
             except ValueError:
                 return resp
             if isinstance(challenge, dict):
-                retry = await p.exchange(frame.replace(auth=make_auth(challenge, creds)), timeout_s=t)
+                retry = await self.auth_retry(p, frame.replace(auth=make_auth(challenge, creds)), t)
                 if retry is not None:
                     return retry
         return resp
+
+    async def auth_retry(self, p: Probe, frame: Frame, timeout_s: float) -> Frame | None:
+        """Send the retry (same id, with ``auth``) and return its answer.
+
+        A 401 that arrives first may be a duplicate of the first challenge (an MQTT broker delivers
+        a request once per matching subscription, and the device answers each), so a 401 is only
+        taken as the answer when no other reply with the id follows within a second.
+        """
+        key = id_key(frame.id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            mark = await p.send(frame, timeout_s=timeout_s)
+        except TimeoutError:
+            return None
+        got = await p.wait_for(
+            lambda f: f.is_response and id_key(f.id) == key, start=mark, timeout_s=max(0.0, deadline - loop.time())
+        )
+        if got is None or got.error is None or got.error.code != 401:
+            return got
+        better = await p.wait_for(
+            lambda f: f.is_response and id_key(f.id) == key and not (f.error is not None and f.error.code == 401),
+            start=mark,
+            timeout_s=min(1.0, max(0.0, deadline - loop.time())),
+        )
+        return better or got
 
     async def call(self, method: str, params: Any = ABSENT, **kw: Any) -> Any:
         """Call ``method`` and return its result; an error reply fails the check."""

@@ -60,6 +60,9 @@ __all__ = ["LOCAL_ADDR", "Context", "Handler", "Node"]
 
 LOCAL_ADDR = "RPC.LOCAL"
 DEFAULT_ROUTE = "*"
+# After an auth retry, how long a 401 waits for the retry's own answer (it may be a duplicate of the
+# first challenge: MQTT brokers deliver a request once per matching subscription).
+AUTH_DUPLICATE_GRACE_S = 1.0
 
 log = logging.getLogger("mgrpc.rpc")
 _frame_std = logging.getLogger("mgrpc.frame")
@@ -137,6 +140,7 @@ class _Pending:
     channel: Channel | None
     timer: asyncio.TimerHandle | None = None
     auth_retried: bool = field(default=False)
+    late_401: asyncio.TimerHandle | None = None
 
 
 class _LocalChannel(Channel):
@@ -485,7 +489,22 @@ class Node:
                 p.frame = retry
                 self._send(p.channel or channel, retry, fail_key=key)
                 return
-        del self._pending[key]
+        if frame.error is not None and frame.error.code == 401 and p.auth_retried and p.late_401 is None:
+            # The retry reuses the id, so a 401 now may be a duplicate of the first challenge (an MQTT
+            # broker delivering the request once per matching subscription, the device answering
+            # each) rather than the verdict on the retry: give the retry's answer a moment to come.
+            p.late_401 = asyncio.get_running_loop().call_later(AUTH_DUPLICATE_GRACE_S, self._settle, key, frame)
+            return
+        if p.late_401 is not None and frame.error is not None and frame.error.code == 401:
+            return
+        self._settle(key, frame)
+
+    def _settle(self, key: Any, frame: Frame) -> None:
+        p = self._pending.pop(key, None)
+        if p is None:
+            return
+        if p.late_401 is not None:
+            p.late_401.cancel()
         if p.timer is not None:
             p.timer.cancel()
         if not p.future.done():

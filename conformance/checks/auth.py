@@ -82,7 +82,7 @@ async def _auth_digest_retry(s: Session) -> str | None:
     _, doc = await _challenge(s, fid)
     p = await s.probe()
     good = Frame(id=fid, src="mos", method=s.options.auth_method, auth=make_auth(doc, creds))
-    resp = await p.exchange(good, timeout_s=s.options.timeout_s)
+    resp = await s.auth_retry(p, good, s.options.timeout_s)
     expect(
         resp is not None and resp.ok,
         "the retry with valid digest auth (same id) must succeed",

@@ -68,6 +68,33 @@ class _Mqtt:
                 return None
         return self.replies(fid)[0]
 
+    async def ask(self, topic: str, doc: dict[str, Any], fid: int) -> tuple[str, bytes] | None:
+        """Publish a request and return its reply; with ``--rpc-creds`` a 401 challenge is answered
+        once with the same id (a duplicate of the 401 may arrive after the retry: it is skipped)."""
+        await self.publish(topic, doc)
+        got = await self.wait_reply(fid, self.s.options.timeout_s)
+        creds = self.s.options.creds
+        challenge = _challenge(got[1]) if got is not None else None
+        if got is None or creds is None or challenge is None:
+            return got
+        from rpc.auth import make_auth
+
+        seen = len(self.messages)
+        auth = make_auth(challenge, creds)
+        await self.publish(topic, {**doc, "auth": auth})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.s.options.timeout_s
+        while loop.time() < deadline:
+            later = [(t, p) for t, p in self.messages[seen:] if _id_of(p) == fid and _challenge(p) is None]
+            if later:
+                return later[0]
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
+        return got
+
     async def silent(self, topic: str, doc: dict[str, Any], fid: int) -> list[tuple[str, bytes]]:
         """Publish a request that must not be answered, then a barrier; replies that came for ``fid``."""
         await self.publish(topic, doc)
@@ -77,6 +104,19 @@ class _Mqtt:
         expect(got is not None, "no reply to the barrier request", seen="nothing", expected="a reply")
         await asyncio.sleep(self.s.options.quiet_s)
         return self.replies(fid)
+
+
+def _challenge(payload: bytes) -> dict[str, Any] | None:
+    """The digest challenge of a 401 reply, else None."""
+    try:
+        doc = json.loads(payload)
+        err = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(err, dict) and err.get("code") == 401:
+            ch = json.loads(err.get("message") or "")
+            return ch if isinstance(ch, dict) else None
+    except ValueError:
+        return None
+    return None
 
 
 def _id_of(payload: bytes) -> Any:
@@ -135,8 +175,7 @@ async def _mqtt_topics(s: Session) -> str | None:
 async def _mqtt_method_topic(s: Session) -> str | None:
     async with _Mqtt(s) as m:
         fid = Probe.new_id()
-        await m.publish(f"{m.dev}/rpc/RPC.Describe", {"id": fid, "src": m.src, "params": {"name": "RPC.Ping"}})
-        got = await m.wait_reply(fid, s.options.timeout_s)
+        got = await m.ask(f"{m.dev}/rpc/RPC.Describe", {"id": fid, "src": m.src, "params": {"name": "RPC.Ping"}}, fid)
         expect(got is not None, "no reply to a request on <id>/rpc/<Method>", seen="nothing", expected="a reply")
         assert got is not None
         doc = json.loads(got[1])

@@ -175,13 +175,15 @@ ACL = '[{"method":"*","acl":"+user"}]'
 
 
 @pytest.fixture(scope="module")
-def auth_device(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealDevice]:
-    dev = RealDevice(workdir=tmp_path_factory.mktemp("mgos-auth"), auth=("user", "s3cret"), acl=ACL).start()
+def auth_device(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealDevice]:
+    dev = RealDevice(
+        workdir=tmp_path_factory.mktemp("mgos-auth"), auth=("user", "s3cret"), acl=ACL, mqtt=broker
+    ).start()
     yield dev
     dev.cleanup()
 
 
-@pytest.mark.parametrize("transport", ["ws", "http", "serial"])
+@pytest.mark.parametrize("transport", ["ws", "http", "serial", "mqtt"])
 def test_cli_with_digest_auth(auth_device: RealDevice, transport: str, tmp_path: Path) -> None:
     url = _url(auth_device, transport)
     refused = mgrpc("--port", url, "--timeout", "5s", "call", "Sys.GetInfo", cwd=tmp_path, check=False)
@@ -201,7 +203,7 @@ def test_cli_with_digest_auth(auth_device: RealDevice, transport: str, tmp_path:
     assert mgrpc("--port", url, *creds, "config-get", "device.id", cwd=tmp_path).stdout.strip() == auth_device.id
 
 
-@pytest.mark.parametrize("transport", ["ws", "http", "serial"])
+@pytest.mark.parametrize("transport", ["ws", "http", "serial", "mqtt"])
 def test_conformance_with_auth(auth_device: RealDevice, transport: str, tmp_path: Path) -> None:
     url = _url(auth_device, transport)
     # Without credentials: one clear preflight verdict, not a page of unrelated failures.

@@ -152,3 +152,31 @@ def test_parse_creds(tmp_path) -> None:
     assert parse_creds(f"@{f}") == Credentials("joe", "pw")
     with pytest.raises(UsageError):
         parse_creds("nocolon")
+
+
+async def test_retry_survives_a_duplicated_challenge(tmp_path) -> None:
+    """An MQTT broker may deliver a request twice (two matching subscriptions) and the device answers
+    both: the duplicate 401 of the first attempt arrives after the retry was sent, with the same id.
+    The client must take the retry's answer, not the stale challenge."""
+    dev = make_device(tmp_path)
+    a, b = loop_pair()
+    dev.add_channel(b)
+    orig = dev.frame_received
+
+    def twice(channel, frame):  # every request handled (and answered) twice
+        orig(channel, frame)
+        if frame.method:
+            orig(channel, frame)
+
+    dev.frame_received = twice  # type: ignore[method-assign]
+    client = AsyncClient(a, creds=Credentials("admin", "secret"))
+    assert await client.call("Sys.Secret") == {"user": "admin"}
+    await client.close()
+    # A real rejection still fails (after the grace period), as a 401.
+    a, b = loop_pair()
+    dev.add_channel(b)
+    client = AsyncClient(a, creds=Credentials("admin", "wrong"))
+    with pytest.raises(RemoteError) as ei:
+        await client.call("Sys.Secret")
+    assert ei.value.code == 401
+    await client.close()
