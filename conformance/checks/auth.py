@@ -69,7 +69,7 @@ async def _auth_challenge(s: Session) -> str | None:
 
 @check(
     "auth.digest_retry",
-    section="frames.md §6",
+    section="frames.md §6; transports.md §4.5",
     title="same id re-sent with auth is accepted; bad password is not",
     not_on=HTTP,
 )
