@@ -105,11 +105,25 @@ class _Runner:
 
         self.session = Session(url, options)  # first: a bad URL raises before a loop exists to leak
         self.loop = asyncio.new_event_loop()
+        self._preflight: str | None = None  # None: not run yet; "": passed; else why the run cannot go on
 
     def run(self, spec: Any) -> Any:
-        from conformance.runner import run_check
+        from conformance.model import CheckResult, Outcome
+        from conformance.runner import _recover, run_check
+        from conformance.session import PreflightError
 
-        return self.loop.run_until_complete(run_check(spec, self.session))
+        if self._preflight is None:
+            try:
+                self.loop.run_until_complete(self.session.preflight())
+                self._preflight = ""
+            except PreflightError as e:
+                self._preflight = str(e)
+        if self._preflight:
+            return CheckResult(spec.name, spec.group, spec.section, spec.title, Outcome.FAIL, self._preflight)
+        result = self.loop.run_until_complete(run_check(spec, self.session))
+        if spec.upsets or result.outcome in (Outcome.FAIL, Outcome.ERROR):
+            self.loop.run_until_complete(_recover(self.session))
+        return result
 
     def close(self) -> None:
         self.loop.run_until_complete(self.session.close())

@@ -224,3 +224,21 @@ def test_conformance_with_auth(auth_device: RealDevice, transport: str, tmp_path
         assert by["auth.challenge"]["outcome"] == "pass" and by["auth.digest_retry"]["outcome"] == "pass"
     else:
         assert by["http.auth_challenge"]["outcome"] == "pass"
+
+
+def test_pytest_plugin_against_the_real_device(device: RealDevice, tmp_path: Path) -> None:
+    """The pytest plugin (``--pyargs conformance --rpc-url``) runs the same preflight: OTA checks skip
+    as not offered, everything else passes."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--pyargs", "conformance",
+         "--rpc-url", device.ws_url, "--rpc-only", "frame,rpc,sys,ota", "--rootdir", str(tmp_path)],
+        cwd=str(Path(__file__).parents[2]),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_env(),
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "failed" not in out
+    assert "not offered: OTA.Status is not in the device's RPC.List" in out
