@@ -77,7 +77,10 @@ class MsgpackCodec:
 
     def encode(self, frame: Frame, style: Style) -> bytes:
         """Encode ``frame`` (member order of ``style``)."""
-        data: bytes = self._msgpack.packb(frame_map(frame, style), use_bin_type=True)
+        try:
+            data: bytes = self._msgpack.packb(frame_map(frame, style), use_bin_type=True)
+        except (OverflowError, TypeError, ValueError) as e:  # e.g. an integer beyond 64 bits
+            raise FrameError(f"cannot encode the frame as msgpack: {e}") from None
         return data
 
     def decode(self, data: bytes) -> Frame:

@@ -203,11 +203,16 @@ class Frame:
         A response to a JSON-RPC 2.0 request (``extra`` holds ``"jsonrpc": "2.0"``) is always
         written in JSON-RPC 2.0 form, whatever the style.
         """
-        if self.extra and not self.method and self.extra.get("jsonrpc") == "2.0":
-            return _encode_jsonrpc(self)
-        if style == "device":
-            return _encode_device(self)
-        return _encode_mos(self, html_escape)
+        try:
+            if self.extra and not self.method and self.extra.get("jsonrpc") == "2.0":
+                return _encode_jsonrpc(self)
+            if style == "device":
+                return _encode_device(self)
+            return _encode_mos(self, html_escape)
+        except FrameError:
+            raise
+        except (TypeError, ValueError) as e:  # e.g. bytes from a msgpack peer: JSON has no form for them
+            raise FrameError(f"cannot encode the frame as JSON: {e}") from None
 
     def encode(self, style: Style = "mos", *, html_escape: bool = False) -> bytes:
         """The frame as UTF-8 bytes in the given style (no trailing newline)."""
@@ -232,7 +237,28 @@ def parse_frame(data: bytes | bytearray | memoryview | str, *, max_size: int = D
         obj = _retry_vt(raw, e)
     if not isinstance(obj, dict):
         raise FrameError(f"a frame must be a JSON object, not {type(obj).__name__}")
+    if _SURROGATE_RE.search(raw) and _has_lone_surrogate(obj):
+        # JSON lets "\ud800" stand alone; such a string has no UTF-8 form, so no reply or forwarded
+        # copy of the frame could ever be written. Refuse it here, as bad input.
+        raise FrameError("invalid JSON: a lone UTF-16 surrogate escape")
     return _from_obj(obj, raw)
+
+
+_SURROGATE_RE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 _DECODE = json.JSONDecoder().decode
