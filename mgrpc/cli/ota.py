@@ -21,6 +21,7 @@ from typing import Any
 
 from mgrpc.cli._common import CliError, connect_from_args, duration_arg, err, usage
 from mgrpc.cli.files import read_or_fetch
+from rpc.errors import MgrpcError
 from rpc.host.ota import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_WINDOW,
@@ -174,6 +175,21 @@ def _commit_timeout_from(begin_args: str | None, default_s: float) -> float:
     return default_s
 
 
+async def _applied_uncommitted(client: Any, version: str | None) -> bool:
+    """Whether the device already runs ``version`` of the bundle, uncommitted (first boot)."""
+    if not version:
+        return False
+    try:
+        info = await client.call("Sys.GetInfo")
+        state = await client.call("OTA.GetBootState")
+    except MgrpcError:
+        return False  # let the update itself report what is wrong
+    return (
+        isinstance(info, dict) and isinstance(state, dict)
+        and info.get("fw_version") == version and state.get("is_committed") is False
+    )  # fmt: skip
+
+
 def cmd_ota(args: argparse.Namespace) -> int:
     """Run ``mgrpc ota``."""
     rest: list[str] = list(args.rest)
@@ -206,6 +222,11 @@ def cmd_ota(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = await connect()
         try:
+            if args.commit and await _applied_uncommitted(client, manifest.version):
+                # An earlier `ota --commit` got as far as the reboot into this very firmware and was
+                # cut off before the commit (the link or the device went away): resume with the commit.
+                err(f"Device already runs {manifest.version} uncommitted; committing it.")
+                return await commit_step({"file": source, "fw_version": manifest.version, "resumed_commit": True})
             limits = await check_device(client, manifest, timeout_s=args.timeout)
             try:
                 res = await ota_update(
@@ -237,6 +258,9 @@ def cmd_ota(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(summary, indent=2))
             return 0
+        return await commit_step(summary)
+
+    async def commit_step(summary: dict[str, Any]) -> int:
         version = manifest_version(fw)
         wait_s = _commit_timeout_from(begin_args, args.commit_timeout)
         cr = await wait_and_commit(

@@ -615,6 +615,7 @@ async def wait_and_commit(
     deadline = t0 + timeout_s
     last = "no answer"
     committed_since: float | None = None
+    reverted_since: float | None = None
     if on_message is not None:
         on_message("Waiting for the device to come back...")
     await asyncio.sleep(max(0.0, min(initial_delay_s, timeout_s)))
@@ -644,6 +645,17 @@ async def wait_and_commit(
                     return CommitResult(version, info.get("fw_id"), now - t0, already_committed=True)
             else:
                 committed_since = None
+                # Another version, committed: the boot loader fell back (a reset during the first
+                # boot, a crash, or the commit timer). Before its reboot the old firmware reports
+                # itself uncommitted, so this is never the moment between OTA.End and the reboot;
+                # settle_s guards against a device that shows it for an instant anyway.
+                if committed and expected_version is not None:
+                    now = time.monotonic()
+                    reverted_since = reverted_since if reverted_since is not None else now
+                    if now - reverted_since >= settle_s:
+                        raise OtaError(f"the update was reverted: {last}")
+                else:
+                    reverted_since = None
         except OtaError:
             raise
         except (MgrpcError, OSError) as e:  # TimeoutError is an OSError

@@ -195,3 +195,17 @@ def test_ota_progress_bar_on_a_terminal(device, fw_path, bundle2, capsys, monkey
     assert f"Update sent: {len(bundle2)} bytes in " in err
     assert not re.search(r"^  \d+ of \d+ \(", err, re.M)  # the bar replaces mos's lines
     wait_boots(device, 2)
+
+
+def test_ota_commit_resumes_an_update_cut_off_before_its_commit(device, fw_path, capsys):
+    """`ota --commit` again on a device already running that firmware uncommitted just commits it
+    (the kill -9 soak found the retry refused with "Previous update has not been committed yet")."""
+    assert cli(device, "ota", str(fw_path)) == 0  # applied; the commit step never ran
+    wait_boots(device, 2)
+    assert device.dev.boot_info.version == "2.0" and not device.dev.storage.is_committed
+    capsys.readouterr()
+    assert cli(device, "ota", "--commit", str(fw_path)) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "Device already runs 2.0 uncommitted; committing it."
+    assert err[-1] == "Committed: device runs 2.0."
+    assert device.dev.storage.is_committed and device.dev.boot_info.version == "2.0"

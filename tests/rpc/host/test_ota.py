@@ -421,3 +421,27 @@ async def test_stock_style_ws_device_that_stalls_on_big_messages(tmp_path):
         assert dev.boot_info is not None and dev.boot_info.version == "2.0"
     finally:
         await dev.stop()
+
+
+async def test_wait_and_commit_reports_a_revert_instead_of_waiting_it_out(vdev):
+    """The device came back on the old firmware, committed (the boot loader fell back): the wait
+    ends after settle_s with that, instead of polling until the commit timeout (300 s by default)."""
+    import time
+
+    from updater.bundle import make_virtual_bundle
+
+    fw = make_virtual_bundle("esp32", "2.0", app_size=16384)
+    client = await transports.connect(vdev.urls[0], timeout_s=5.0)
+    res = await ota_update(client, fw)
+    await res.client.close()
+    await vdev.wait_booted(boots=2)
+    assert vdev.storage.revert()  # what a reset during the first boot leads to
+    await vdev.reboot()
+    assert vdev.boot_info.version == "1.0" and vdev.storage.is_committed
+    t0 = time.monotonic()
+    with pytest.raises(OtaError, match=r"reverted: device runs 1.0 \(committed\)"):
+        await wait_and_commit(
+            lambda: transports.connect(vdev.urls[0], timeout_s=5.0), timeout_s=120, expected_version="2.0",
+            initial_delay_s=0.1, poll_interval_s=0.1, settle_s=0.5,
+        )  # fmt: skip
+    assert time.monotonic() - t0 < 60
