@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint venv system-deps clean
+.PHONY: demo test bench soak lint venv system-deps clean
+SCALE ?= 1
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +32,12 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/*.py; do [ $$b = bench/soak.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Reliability soak (issue #14): power cuts, fuzzing, malformed bundles, kill -9 (SCALE=0.05 for a short run;
+# tests/test_soak.py runs that one in `make test`).
+soak: $(STAMP) system-deps
+	$(PY) bench/soak.py --scale $(SCALE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
