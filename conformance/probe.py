@@ -24,6 +24,8 @@ __all__ = ["Probe", "id_key"]
 log = logging.getLogger("mgrpc.conformance")
 
 
+CLOSE_TIMEOUT_S = 3.0
+
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -178,9 +180,9 @@ class Probe:
         return await self.wait_for(lambda f: f.is_response and id_key(f.id) == key, start=mark, timeout_s=left)
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Close the channel (bounded: a wedged peer that never completes a close handshake is left)."""
         try:
-            await self.channel.close()
+            await asyncio.wait_for(self.channel.close(), CLOSE_TIMEOUT_S)
         except Exception:  # closing a half-broken transport must not hide the check's result
             log.debug("closing the probe channel failed", exc_info=True)
         self.closed = True
