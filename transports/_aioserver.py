@@ -29,10 +29,9 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
-from rpc.channel import FrameCodec, JsonCodec
-from rpc.codec import codec_by_name
 from rpc.errors import TransportError, UsageError
 from rpc.node import Node
+from transports._urlopts import client_ssl_context, codec_from_url
 from transports.registry import TransportURL
 
 __all__ = [
@@ -212,23 +211,6 @@ async def serve_role(url: TransportURL, node: Node, role: str, *, tls: bool, mak
 # -- TLS -----------------------------------------------------------------------------------------
 
 
-def client_ssl_context(url: TransportURL) -> ssl.SSLContext:
-    """TLS for wss/https clients: verify only when ``?ca=`` is given (as mos), client cert if ``cert``."""
-    ca, cert, key = url.option("ca"), url.option("cert"), url.option("key")
-    try:
-        if ca:
-            ctx = ssl.create_default_context(cafile=ca)
-        else:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if cert:
-            ctx.load_cert_chain(cert, key or None)
-    except (OSError, ssl.SSLError) as e:
-        raise UsageError(f"cannot load TLS files: {e}") from None
-    return ctx
-
-
 def server_ssl_context(url: TransportURL) -> ssl.SSLContext:
     """TLS for wss/https listeners: ``cert`` (and ``key``) required; ``ca`` makes client certs required."""
     ca, cert, key = url.option("ca"), url.option("cert"), url.option("key")
@@ -243,14 +225,3 @@ def server_ssl_context(url: TransportURL) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as e:
         raise UsageError(f"cannot load TLS files: {e}") from None
     return ctx
-
-
-# -- codecs --------------------------------------------------------------------------------------
-
-
-def codec_from_url(url: TransportURL) -> FrameCodec:
-    """The codec named by ``?codec=`` (default ``json``); ``msgpack`` only between two mgrpc ends."""
-    name = (url.option("codec") or "json").lower()
-    if name == "json":
-        return JsonCodec()
-    return codec_by_name(name)

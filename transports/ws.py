@@ -33,29 +33,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
-from aiohttp import web
-
-from rpc.auth import Authenticator, verify_http_digest
 from rpc.channel import Channel, FrameCodec
-from rpc.codec import device_codec
 from rpc.errors import ChannelClosed, FrameError, FrameTooLarge, TransportError, UsageError
 from rpc.frame import Frame, Style
 from rpc.node import Node
-from transports._aioserver import (
-    SharedServer,
-    client_ssl_context,
-    codec_from_url,
-    peer_address,
-    serve_role,
-)
+from transports import _wsclient
+from transports._urlopts import client_ssl_context, codec_from_url
 from transports.registry import TransportURL
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from transports._aioserver import SharedServer
+
+# The device side runs on aiohttp's server, imported when a listener starts; the client side is
+# transports._wsclient (aiohttp's client alone takes longer to import than a whole `mgrpc call`).
 
 __all__ = [
     "EXTRA",
@@ -107,32 +106,44 @@ async def _send_message(ws: Any, data: bytes, *, binary: bool) -> None:
             await ws.send_bytes(data)
         else:
             await ws.send_str(data.decode("utf-8"))
-    except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
+    except (ConnectionError, RuntimeError, OSError) as e:
         raise ChannelClosed(f"WebSocket send failed: {e}") from e
 
 
-async def _pump(ws: Any, channel: Channel, *, close_on_bad_frame: bool, stall_over: int | None = None) -> None:
-    """Deliver every TEXT/BINARY message of ``ws`` to ``channel`` until the connection ends.
+async def _server_messages(ws: web.WebSocketResponse, channel: Channel) -> AsyncIterator[tuple[bool, bytes]]:
+    """The TEXT/BINARY messages of an accepted (aiohttp) connection as ``(is_text, data)``."""
+    import aiohttp
 
-    ``stall_over``: after a message longer than that, nothing more is delivered (see ``?stall_over=``).
-    """
-    stalled = False
     async for msg in ws:
         if msg.type == aiohttp.WSMsgType.TEXT:
-            data = msg.data.encode("utf-8")
+            yield True, msg.data.encode("utf-8")
         elif msg.type == aiohttp.WSMsgType.BINARY:
-            data = bytes(msg.data)
+            yield False, bytes(msg.data)
         elif msg.type == aiohttp.WSMsgType.ERROR:
             log.info("%s: connection error: %s", channel.type, ws.exception())
             break
-        else:
-            continue
+
+
+async def _pump(
+    messages: AsyncIterator[tuple[bool, bytes]],
+    channel: Channel,
+    *,
+    close: Callable[[int], Awaitable[Any]] | None,
+    stall_over: int | None = None,
+) -> None:
+    """Deliver every message (``(is_text, data)``) to ``channel`` until the connection ends.
+
+    ``close(code)``: how a bad frame closes the connection (None: it is logged and skipped).
+    ``stall_over``: after a message longer than that, nothing more is delivered (see ``?stall_over=``).
+    """
+    stalled = False
+    async for is_text, data in messages:
         if stall_over is not None and (stalled or len(data) > stall_over):
             if not stalled:
                 log.warning("%s %s: a %d-byte message: the connection stalls", channel.type, channel.info(), len(data))
             stalled = True
             continue
-        if msg.type == aiohttp.WSMsgType.TEXT or channel.codec.name == "json":
+        if is_text or channel.codec.name == "json":
             # mos's Go encoder ends each message with "\n"; it is not part of the frame (nor of its size).
             data = data.rstrip(b"\r\n\t ")
             if not data:
@@ -143,8 +154,8 @@ async def _pump(ws: Any, channel: Channel, *, close_on_bad_frame: bool, stall_ov
             if not isinstance(e, FrameTooLarge) and channel.deliver_jsonrpc(data):
                 continue  # a JSON-RPC 2.0 batch, or JSON-RPC text that does not parse: answered
             log.warning("%s %s: bad frame: %s", channel.type, channel.info(), e)
-            if close_on_bad_frame:
-                await ws.close(code=_CLOSE_TOO_BIG if isinstance(e, FrameTooLarge) else _CLOSE_BAD_DATA)
+            if close is not None:
+                await close(_CLOSE_TOO_BIG if isinstance(e, FrameTooLarge) else _CLOSE_BAD_DATA)
                 break
             continue
         channel.deliver(frame)
@@ -154,16 +165,21 @@ async def _pump(ws: Any, channel: Channel, *, close_on_bad_frame: bool, stall_ov
 # device side: inbound connections
 
 
-class _EchoProtocolResponse(web.WebSocketResponse):
+@functools.cache
+def _echo_protocol_response() -> type[web.WebSocketResponse]:
     """A WebSocket response that echoes the request's ``Sec-WebSocket-Protocol`` verbatim (mongoose 6)."""
+    from aiohttp import web
 
-    def _handshake(self, request: web.BaseRequest) -> Any:
-        headers, protocol, compress, notakeover = super()._handshake(request)
-        value = request.headers.get("Sec-WebSocket-Protocol")
-        if value is not None:
-            headers["Sec-WebSocket-Protocol"] = value
-            protocol = value
-        return headers, protocol, compress, notakeover
+    class EchoProtocolResponse(web.WebSocketResponse):
+        def _handshake(self, request: web.BaseRequest) -> Any:
+            headers, protocol, compress, notakeover = super()._handshake(request)
+            value = request.headers.get("Sec-WebSocket-Protocol")
+            if value is not None:
+                headers["Sec-WebSocket-Protocol"] = value
+                protocol = value
+            return headers, protocol, compress, notakeover
+
+    return EchoProtocolResponse
 
 
 class WsChannel(Channel):
@@ -198,7 +214,10 @@ class WsChannel(Channel):
 
     async def run(self) -> None:
         """Read messages until the connection ends."""
-        await _pump(self.ws, self, close_on_bad_frame=True, stall_over=self.stall_over)
+        await _pump(
+            _server_messages(self.ws, self), self, close=lambda code: self.ws.close(code=code),
+            stall_over=self.stall_over,
+        )  # fmt: skip
 
     async def close(self) -> None:
         """Drop the connection as mongoose does (send what is queued, then close; no close frame).
@@ -243,9 +262,13 @@ class WsListener:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Upgrade the request and serve the connection as one channel."""
+        from rpc.auth import Authenticator, verify_http_digest
+        from rpc.codec import device_codec
+        from transports._aioserver import peer_address
+
         requested = request.headers.get("Sec-WebSocket-Protocol", "")
         protocols = tuple(p.strip() for p in requested.split(",") if p.strip())
-        ws = _EchoProtocolResponse(protocols=protocols, compress=False, autoping=True)
+        ws = _echo_protocol_response()(protocols=protocols, compress=False, autoping=True)
         await ws.prepare(request)
         # A device listening with a binary codec still serves JSON peers (mos): the codec follows the peer.
         codec = device_codec(codec_from_url(self._url))
@@ -340,9 +363,8 @@ class WsClientChannel(Channel):
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
         self.connect_timeout_s = connect_timeout_s
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.ws: _wsclient.WsConnection | None = None
         self.connections = 0  # how many times a connection was established
-        self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
@@ -359,24 +381,15 @@ class WsClientChannel(Channel):
 
     async def connect(self) -> None:
         """Dial once; raise :class:`TransportError` (with mos's message for a non-101 answer)."""
-        if self._session is None:
-            # mos (Go) sends neither a User-Agent nor Accept-Encoding on the upgrade request.
-            self._session = aiohttp.ClientSession(skip_auto_headers=("User-Agent", "Accept-Encoding"))
         try:
-            # Bounded like tcp://'s connect: aiohttp's own default would wait minutes on a wedged peer.
-            async with asyncio.timeout(self.connect_timeout_s):  # in this task: aiohttp binds to it
-                ws = await self._session.ws_connect(
-                    self.target,
-                    protocols=self.protocols,
-                    origin=self.origin,
-                    headers=self.headers,
-                    ssl=self.ssl_context if self.ssl_context is not None else True,
-                    compress=0,
-                    autoping=True,
-                    heartbeat=None,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
-                )
-        except aiohttp.WSServerHandshakeError as e:
+            # Bounded like tcp://'s connect: a wedged peer must not hold the caller for minutes.
+            # mos (Go) sends neither a User-Agent nor Accept-Encoding on the upgrade request; nor do we.
+            async with asyncio.timeout(self.connect_timeout_s):  # (wait_for may swallow a cancel: 3.11)
+                ws = await _wsclient.connect(
+                    self.target, protocols=self.protocols, origin=self.origin, headers=self.headers,
+                    ssl_context=self.ssl_context,
+                )  # fmt: skip
+        except _wsclient.WsHandshakeError as e:
             if e.status != 101:
                 raise TransportError(BAD_STATUS_MESSAGE) from e
             raise TransportError(f"WebSocket handshake with {self.target} failed: {e.message}") from e
@@ -384,7 +397,7 @@ class WsClientChannel(Channel):
             raise TransportError(
                 f"cannot connect to {self.target}: timed out after {self.connect_timeout_s:g} s"
             ) from None
-        except (aiohttp.ClientError, OSError) as e:
+        except OSError as e:
             raise TransportError(f"cannot connect to {self.target}: {e or type(e).__name__}") from e
         self.ws = ws
         self.connections += 1
@@ -411,7 +424,8 @@ class WsClientChannel(Channel):
                     delay = min(delay * 2, self.reconnect_max_s)
                     continue
             ws = self.ws
-            await _pump(ws, self, close_on_bad_frame=False)
+            if ws is not None:
+                await _pump(ws.__aiter__(), self, close=None)
             self._connected.clear()
             if ws is not None:
                 with contextlib.suppress(Exception):
@@ -421,13 +435,7 @@ class WsClientChannel(Channel):
             log.info("%s: connection to %s lost", self.type, self.target)
         if not self._closing:
             # Gone for good: the router forgets the channel, so nobody will call close() on it.
-            await self._close_session()
             self.mark_closed()
-
-    async def _close_session(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
 
     async def _sleep(self, delay_s: float) -> None:
         """Sleep for the backoff delay, or less if a sender wants the connection now."""
@@ -464,7 +472,9 @@ class WsClientChannel(Channel):
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        await self._close_session()
+        if self.ws is not None and not self.ws.closed:  # connected while we were cancelling
+            with contextlib.suppress(Exception):
+                await self.ws.close()
         self.mark_closed()
 
 
@@ -556,6 +566,13 @@ async def listen(
         return await dial_out(url, node, **opts)
     if url.path not in ("", "/", "/rpc"):
         raise UsageError(f"the WebSocket endpoint is /rpc; got path {url.path!r}")
+    try:
+        from transports._aioserver import serve_role
+    except ImportError as e:  # the client side needs nothing, the device side aiohttp's server
+        raise TransportError(
+            f"the ws:// device side needs {e.name or 'aiohttp'}; install it with: pip install 'mgrpc[ws]'"
+        ) from e
+
     return await serve_role(
         url, node, "ws", tls=url.scheme == "wss",
         make=lambda server: WsListener(server, node, url, ping_interval_s=ping_interval_s),

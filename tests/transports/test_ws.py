@@ -81,7 +81,7 @@ async def test_call_and_channel_facts(listener: Any, device: Node) -> None:
     try:
         assert await client.call("Sys.Echo", {"a": [1, "ü"]}) == {"a": [1, "ü"]}
         ping = await client.call("RPC.Ping")
-        local_port = client.channel.ws._response.connection.transport.get_extra_info("sockname")[1]  # type: ignore[attr-defined]
+        local_port = client.channel.ws.get_extra_info("sockname")[1]  # type: ignore[union-attr,index]
         assert ping == {"channel_info": f"127.0.0.1:{local_port}"}
         (ch,) = [c for c in device.channels if isinstance(c, WsChannel)]
         assert (ch.type, ch.persistent, ch.broadcast, ch.style) == ("WS_in", False, True, "device")
