@@ -2,6 +2,7 @@
 benches share (this package is the only composition root).
 
 - :func:`virtual_device`: a :class:`services.device.VirtualDevice` whose listeners are the transports';
+- :func:`linux_device`: the RPC side of a program on a Linux device, run by ``mgrpc supervise``;
 - :func:`run_bridge`: a device reachable at one URL, served on others;
 - :func:`start_fleet` / :func:`start_fleet_device`: the fleet dashboard (and shadow service) on a
   broker, and virtual devices attached to that broker.
@@ -71,6 +72,16 @@ def attach_agent(dev: Any, url: str, *, base_listen: Any = None, autocommit: boo
     dev.listen_fn = agent.listen
     dev.agent = agent
     return agent
+
+
+def linux_device(**kw: Any) -> Any:
+    """A :class:`services.linux.LinuxDevice` (a program run by ``mgrpc supervise``) serving its URLs
+    (``listen=``, default ``MGRPC_RPC_URL``) through :mod:`transports`."""
+    import transports
+    from services.linux import LinuxDevice
+
+    kw.setdefault("listen_fn", transports.listen)
+    return LinuxDevice(**kw)
 
 
 async def run_bridge(to: str, listen: list[str], *, device_id: str | None = None, timeout_s: float = 20.0) -> Any:

@@ -45,6 +45,10 @@ COMMAND_TABLE: dict[str, tuple[str, str]] = {
     "commit": ("mgrpc.cli.files", "commit the running firmware (OTA.Commit)"),
     "revert": ("mgrpc.cli.files", "revert to the previous firmware (OTA.Revert; the device reboots)"),
     "boot-state": ("mgrpc.cli.files", "print the boot state (OTA.GetBootState)"),
+    "supervise": (
+        "mgrpc.cli.supervise",
+        "run a program from A/B slot directories; roll back updates that crash, hang or never commit",
+    ),
     "dashboard": (
         "mgrpc.cli.dashboard",
         "fleet web dashboard: devices over MQTT or by URL, staged OTA rollouts with live progress",
@@ -84,7 +88,7 @@ def command_in(argv: Sequence[str]) -> str | None:
 GROUPS: dict[str, tuple[str, ...]] = {
     "device": ("call", "config-get", "config-set", "console"),
     "files": ("ls", "get", "put", "rm"),
-    "firmware": ("ota", "commit", "revert", "boot-state", "fw"),
+    "firmware": ("ota", "commit", "revert", "boot-state", "fw", "supervise"),
     "tools": ("device", "bridge", "dashboard", "conformance", "demo", "completion"),
 }
 

@@ -6,6 +6,7 @@
         --attr foo=bar --sign-key k0.pem 'app:src=build/demo.bin,type=app,ptn=app_0' \\
         'fs:src=build/fs.img,type=fs,ptn=fs_0,fs_size=262144' 'nvs:type=nvs,fill=255,size=16384'
     mgrpc fw build -o v.zip --virtual --arch esp32 --fw-version 1.1 --behavior hang
+    mgrpc fw build -o app.zip --name demo --version 1.1 --app-dir app/ [--data-dir data/]   # Linux program
 
 Part specs are ``name:prop=value,...`` with mos' value rules: ``true``/``false`` are booleans, an
 integer literal (``123``, ``0x1000``, ``0755`` octal) within 32 bits is a number, ``'..'``/``".."``
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import posixpath
@@ -183,6 +185,16 @@ def cmd_build(args: argparse.Namespace) -> int:
                 else:
                     data = _src_path(str(src), args.src_dir)
                 parts[pname] = BundlePart(pname, data, props)
+            for tree, pname in ((args.app_dir, "app"), (args.data_dir, "fs")):
+                if tree:
+                    # A Linux program (mgrpc supervise): the part is a tar of the directory.
+                    from updater.fsslots import pack_tree
+
+                    tar = io.BytesIO()
+                    pack_tree(tree, tar)
+                    parts[pname] = BundlePart(pname, tar.getvalue(), {"type": pname, "src": f"{pname}.tar"})
+                    if not obj.get("platform"):
+                        obj["platform"] = "linux"
             obj.update(attrs)
             for key, value in (
                 ("version", args.version),
@@ -413,6 +425,9 @@ def register(sub: Any) -> None:
     b.add_argument("--manifest", help="start from this manifest.json (part src relative to --src-dir or its dir)")
     b.add_argument("--src-dir", help="directory for relative part src paths")
     b.add_argument("parts", nargs="*", metavar="PART", help="part spec name:src=path,type=..,prop=value,...")
+    lx = b.add_argument_group("Linux programs (mgrpc supervise)")
+    lx.add_argument("--app-dir", metavar="DIR", help="the app part: a tar of this program directory (platform linux)")
+    lx.add_argument("--data-dir", metavar="DIR", help="the fs part: a tar of this data directory (e.g. conf0.json)")
     v = b.add_argument_group("virtual-device bundles")
     v.add_argument("--virtual", action="store_true", help="make a bundle for the virtual device")
     v.add_argument("--arch", help="device arch (the manifest platform)")
