@@ -8,7 +8,10 @@ URL: ``mqtt://[user[:pass]@]broker[:port]/<device_id>`` (default ports 1883, and
 ``qos``         QoS of publishes and subscriptions, 0/1/2 (default 1, as ``rpc.mqtt.qos``).
 ``id``          device side only: the device id to serve (default: the URL path, else ``node.id``).
 ``ca``          ``mqtts://``: CA certificate file (PEM) to verify the broker with. Without it the
-                broker's certificate is **not verified**, as mos does without ``--ca-cert-file``.
+                broker is verified against the system's CA certificates (unlike mos, which then
+                verifies nothing: a man in the middle could read the credentials and take over).
+``insecure``    ``mqtts://``: ``1`` skips the verification of the broker's certificate (mos's
+                behaviour without ``--ca-cert-file``; only for test brokers).
 ``cert``, ``key``  ``mqtts://``: client certificate and key files (PEM).
 ``keepalive``   MQTT keep-alive in seconds (default 60).
 

@@ -48,7 +48,7 @@ __all__ = [
 SCHEMES = ("mqtt", "mqtts")
 # Every option a mqtt:// URL may carry: the broker's, plus ``id`` (the device id the mgRPC channel
 # serves), so the same URL opens a device channel and a plain connection.
-OPTIONS: frozenset[str] = frozenset({"client_id", "qos", "id", "ca", "cert", "key", "keepalive"})
+OPTIONS: frozenset[str] = frozenset({"client_id", "qos", "id", "ca", "cert", "key", "keepalive", "insecure"})
 EXTRA = "mqtt"
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
@@ -89,6 +89,7 @@ class BrokerConfig:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    insecure: bool = False
     keepalive_s: int = 60
     client_id: str | None = None
     qos: int = 1
@@ -107,8 +108,14 @@ class BrokerConfig:
             raise UsageError(f"no broker host in {u.raw!r}; use mqtt://[user[:pass]@]broker[:port]/<device_id>")
         tls = u.scheme == "mqtts"
         ca, cert, key = u.option("ca") or None, u.option("cert") or None, u.option("key") or None
-        if not tls and (ca or cert or key):
-            raise UsageError("the ca/cert/key options need an mqtts:// URL")
+        insecure_text = u.option("insecure", "0") or "0"
+        if insecure_text not in ("0", "1"):
+            raise UsageError(f"invalid insecure {insecure_text!r}: must be 0 or 1")
+        insecure = insecure_text == "1"
+        if not tls and (ca or cert or key or insecure):
+            raise UsageError("the ca/cert/key/insecure options need an mqtts:// URL")
+        if ca and insecure:
+            raise UsageError("give either ca (verify the broker with it) or insecure=1 (verify nothing), not both")
         if key and not cert:
             raise UsageError("the key option needs a cert option too")
         qos_text = u.option("qos", "1") or "1"
@@ -131,6 +138,7 @@ class BrokerConfig:
             ca=ca,
             cert=cert,
             key=key,
+            insecure=insecure,
             keepalive_s=keepalive,
             client_id=client_id,
             qos=int(qos_text),
@@ -149,10 +157,12 @@ class BrokerConfig:
         try:
             if self.ca:
                 ctx.load_verify_locations(self.ca)
-            else:
-                # mos semantics: without a CA file the broker's certificate is not verified.
+            elif self.insecure:
+                # ?insecure=1: mos's behaviour without a CA file, nothing is verified.
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
+            else:
+                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)  # the system's CAs
             if self.cert:
                 ctx.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as e:

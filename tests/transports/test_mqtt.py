@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -439,9 +440,11 @@ async def test_tls_with_and_without_ca(mosquitto_broker: Callable[..., Mosquitto
         verified = await connect(b.url("dev1", ca=ca), timeout_s=WAIT_S)
         assert await verified.call("Test.Echo", "tls") == "tls"
         await verified.close()
-        unverified = await connect(b.url("dev1"), timeout_s=WAIT_S)  # no CA: not verified, like mos
+        unverified = await connect(b.url("dev1", insecure="1"), timeout_s=WAIT_S)  # as mos without a CA
         assert await unverified.call("Test.Echo", "tls2") == "tls2"
         await unverified.close()
+        with pytest.raises(TransportError):  # no CA: the system CAs, which do not know the test CA
+            await connect(b.url("dev1"), timeout_s=WAIT_S)
         other = make_tls_files(tmp_path / "other")
         with pytest.raises(TransportError):
             await connect(b.url("dev1", ca=str(other.ca_cert)), timeout_s=WAIT_S)
@@ -481,6 +484,11 @@ def test_url_defaults_and_options() -> None:
     cfg = mqttconn.BrokerConfig.from_url("mqtts://broker/dev?ca=/x/ca.pem&qos=0&client_id=me&keepalive=5")
     assert (cfg.port, cfg.tls, cfg.ca, cfg.qos, cfg.client_id, cfg.keepalive_s) == (8883, True, "/x/ca.pem", 0, "me", 5)
     assert mqttconn.BrokerConfig.from_url("mqtt://broker:1999/d").port == 1999
+    # mqtts:// verifies the broker against the system CAs unless ?insecure=1 (issue #14)
+    strict = mqttconn.BrokerConfig.from_url("mqtts://broker/d").ssl_context()
+    assert strict is not None and strict.verify_mode == ssl.CERT_REQUIRED and strict.check_hostname
+    loose = mqttconn.BrokerConfig.from_url("mqtts://broker/d?insecure=1").ssl_context()
+    assert loose is not None and loose.verify_mode == ssl.CERT_NONE
 
 
 @pytest.mark.parametrize(
@@ -490,6 +498,9 @@ def test_url_defaults_and_options() -> None:
         "mqtt://broker/d?keepalive=no",
         "mqtt://broker/d?ca=/x.pem",  # TLS options need mqtts://
         "mqtts://broker/d?key=/k.pem",  # a key without a cert
+        "mqtt://broker/d?insecure=1",  # TLS options need mqtts://
+        "mqtts://broker/d?insecure=yes",
+        "mqtts://broker/d?insecure=1&ca=/x.pem",  # verify with a CA, or verify nothing: not both
         "mqtt:///d",  # no broker
         "mqtt://broker/d?codec=cbor",
     ],
