@@ -497,6 +497,10 @@ class TarExtractor:
                     self._member(ev)
                 elif isinstance(ev, TarMemberEnd):
                     self._end_member()
+        except OSError as exc:  # the disk refused (full, read-only, I/O error): as a flash write failure
+            self._close_fd()
+            log.error("writing %s failed: %s", self.dest, exc)
+            raise UpdaterError("Write failed", code=-11) from exc
         except BaseException:
             self._close_fd()
             raise
@@ -505,10 +509,14 @@ class TarExtractor:
         """The archive must be complete; everything extracted is made durable."""
         try:
             self._parser.close()
+            self._close_fd()
+            for d in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
+                fsync_dir(d)
+        except OSError as exc:
+            log.error("writing %s failed: %s", self.dest, exc)
+            raise UpdaterError("Write failed", code=-11) from exc
         finally:
             self._close_fd()
-        for d in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
-            fsync_dir(d)
 
     def set_crc32(self, crc32: int) -> None:
         """The part's CRC-32 (from the zip parser)."""
@@ -970,10 +978,13 @@ class FsSlotStorage:
         if slot == self._running:
             raise UpdaterError("Failed to write data")
         staging = self.root / "staging"
-        _rmtree(self.root / "trash")
-        _rmtree(staging)
-        (staging / "app").mkdir(parents=True)
-        (staging / "data").mkdir()
+        try:
+            _rmtree(self.root / "trash")
+            _rmtree(staging)
+            (staging / "app").mkdir(parents=True)
+            (staging / "data").mkdir()
+        except OSError as exc:
+            raise UpdaterError("Write failed", code=-11) from exc
 
     def part_capacity(self, slot: int, kind: str) -> int:
         """The archive size a part may have."""
@@ -991,8 +1002,11 @@ class FsSlotStorage:
         if dst_slot == self._running:
             raise UpdaterError("Failed to write data")
         src = self.data_dir(src_slot)
-        if src.is_dir():
-            _copy_dir(src, self.root / "staging" / "data")
+        try:
+            if src.is_dir():
+                _copy_dir(src, self.root / "staging" / "data")
+        except OSError as exc:
+            raise UpdaterError("Write failed", code=-11) from exc
 
     def finalize_update(self, slot: int, state: SlotState, *, fs_updated: bool, commit_timeout_s: int) -> Any:
         """Make the staged slot durable, swap it in as ``slot``, then ask the boot loader to switch."""

@@ -330,3 +330,37 @@ def test_factory_slot_record(tmp_path: Path) -> None:
     cfg = slots.state.load()
     assert cfg is not None and cfg.flags == BootFlags.COMMITTED and cfg.slots[1] == SlotState()
     assert cfg.slots[0].version == "1.0" and slots.loader.slot_valid(cfg, 0) and not slots.loader.slot_valid(cfg, 1)
+
+
+@pytest.mark.parametrize(("op", "nth"), [("rename", 1), ("rename", 2), ("fsync", 1), ("fsync", 20)])
+def test_disk_failures_during_an_update_leave_the_running_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str, nth: int
+) -> None:
+    """The n-th rename (swapping the new slot in) or fsync (of an extracted file) fails: the update
+    fails with the flash path's messages, the record still boots slot 0, and a retry succeeds."""
+    slots = provisioned(tmp_path)
+    slots.boot()
+    FsSlotStorage(slots.root, running_slot=0, control=LocalControl(slots, 0)).create_snapshot()
+    before = slots.state.load()  # slot 1 holds a snapshot: the swap renames it away first
+    bundle = linux_bundle("2.0", {f"m{i}.py": b"x" * 100 for i in range(30)})
+    real = getattr(os, op)
+    calls = 0
+
+    def boom(*a: object, **k: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == nth:
+            raise OSError(5, f"injected {op} failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(os, op, boom)
+    try:
+        r, msg = apply(slots, 0, bundle)
+    finally:
+        monkeypatch.setattr(os, op, real)
+    assert calls >= nth and r < 0 and msg in ("Write failed", "Failed to set boot config"), (calls, r, msg)
+    assert slots.state.load() == before
+    info = slots.boot()
+    assert (info.slot, info.version) == (0, "1.0")
+    assert apply(slots, 0, bundle)[0] == 1
+    assert slots.boot().version == "2.0"
