@@ -6,6 +6,14 @@ Decisions: a download with chunked transfer encoding is accepted (real devices r
 ``Invalid content-length, perhaps chunked-encoding``; we can stream it, so we do); a connection that
 closes before ``Content-Length`` bytes is ``-5 Update failed``; a refused connection ``-10 Failed to
 connect``; any HTTP status but 200/304 ``-<status> Invalid HTTP response code``.
+
+Access: the endpoints are checked against the node's RPC authenticator and ACL as the RPC methods
+they stand for (``/update`` = ``OTA.Update``, ``/update/commit`` = ``OTA.Commit``, ``/update/revert``
+= ``OTA.Revert``, on channel type ``HTTP``), with the HTTP digest of ``Authorization``. Where the ACL
+asks for a user, a request without valid credentials gets ``401`` and a ``WWW-Authenticate: Digest``
+challenge, a user the ACL denies ``403`` -- before any byte of an upload is read. (A stock device
+protects them only with its separate ``http.auth_*`` settings; one rule for every path to OTA
+leaves no back door.)
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from rpc.auth import http_challenge_header, verify_http_digest
 from rpc.errors import HandlerError
 from services.ota import OtaService, OtaState, _Update
 from updater.bootcfg import MAX_COMMIT_TIMEOUT_S
@@ -102,6 +111,9 @@ def register_http_endpoints(node: Any, svc: OtaService, *, commit_timeout_defaul
         from aiohttp import web
 
         path = request.path.rstrip("/")
+        refused = _refusal(request, node, _PATH_METHODS.get(path, "OTA.Update"))
+        if refused is not None:
+            return refused
         if path == "/update/commit":
             ok = svc.commit()
             return web.Response(status=200 if ok else 400, text="Ok\r\n" if ok else "Error\r\n",
@@ -119,6 +131,30 @@ def register_http_endpoints(node: Any, svc: OtaService, *, commit_timeout_defaul
         return await _pull(request, svc, commit_timeout_default)
 
     node.http_handlers["/update"] = handle
+
+
+_PATH_METHODS = {"/update": "OTA.Update", "/update/commit": "OTA.Commit", "/update/revert": "OTA.Revert"}
+
+
+def _refusal(request: Any, node: Any, method: str) -> Any:
+    """None when the node's auth/ACL allows ``method`` for this request, else the 401/403 response."""
+    from aiohttp import web
+
+    auth = getattr(node, "auth", None)
+    if auth is None:
+        return None
+    user = None
+    header = request.headers.get("Authorization", "")
+    if header and hasattr(auth, "realm"):
+        user = verify_http_digest(auth, header, request.method)
+    decision = auth.check(method, "HTTP", None, user)
+    if decision.allowed:
+        return None
+    headers = {"Connection": "close"}
+    if decision.code == 401 and hasattr(auth, "realm"):
+        headers["WWW-Authenticate"] = http_challenge_header(auth.realm, auth.algorithm, int(auth.nonce()))
+        return web.Response(status=401, text="Unauthorized\r\n", headers=headers)
+    return web.Response(status=403, text="Forbidden\r\n", headers=headers)
 
 
 async def _push(request: Any, svc: OtaService, commit_timeout_default: int) -> Any:
