@@ -54,6 +54,7 @@ __all__ = [
     "boot_state",
     "default_begin_args",
     "device_frame_limit",
+    "fitted_chunk_size",
     "link_message_limit",
     "load_firmware",
     "ota_commit",
@@ -529,18 +530,27 @@ async def ota_update(
     )  # fmt: skip
 
 
+def fitted_chunk_size(client: AsyncClient, device_limit: int | None, *, total_size: int) -> int:
+    """The chunk size :func:`ota_update` picks: the largest multiple of :data:`CHUNK_STEP` (up to
+    :data:`MAX_AUTO_CHUNK_SIZE`) whose ``OTA.Write`` frames fit both ``device_limit`` (the device's
+    ``rpc.max_frame_size``; None: :data:`DEVICE_FRAME_DEFAULT`) and the link's message limit."""
+    frame_limit = device_limit or DEVICE_FRAME_DEFAULT
+    link_limit = link_message_limit(client)
+    if link_limit is not None:
+        frame_limit = min(frame_limit, link_limit)
+    largest = max_chunk_size(client, frame_limit, total_size=total_size)  # exact: codec, id, dst, auth
+    fits = min(MAX_AUTO_CHUNK_SIZE, largest // CHUNK_STEP * CHUNK_STEP if largest >= MIN_CHUNK_SIZE else largest)
+    if fits <= 0:
+        raise OtaError(f"no OTA.Write frame fits in {frame_limit} bytes")
+    return fits
+
+
 async def _fit_chunk(up: _Updater, *, explicit: bool, timeout_s: float, device_limit: int | None) -> None:
     """Choose (or shrink) the chunk size for the device's frame limit and the link's message limit."""
     if device_limit == ASK_DEVICE:
         device_limit = await device_frame_limit(up.client, timeout_s=min(timeout_s, PROBE_TIMEOUT_S))
-    frame_limit = device_limit or DEVICE_FRAME_DEFAULT
+    fits = fitted_chunk_size(up.client, device_limit, total_size=up.size)
     link_limit = link_message_limit(up.client)
-    if link_limit is not None:
-        frame_limit = min(frame_limit, link_limit)
-    largest = max_chunk_size(up.client, frame_limit, total_size=up.size)  # exact: codec, id, dst, auth
-    fits = min(MAX_AUTO_CHUNK_SIZE, largest // CHUNK_STEP * CHUNK_STEP if largest >= MIN_CHUNK_SIZE else largest)
-    if fits <= 0:
-        raise OtaError(f"no OTA.Write frame fits in {frame_limit} bytes")
     said = f"rpc.max_frame_size {device_limit or DEVICE_FRAME_DEFAULT}{'' if device_limit else ' (assumed)'}"
     if link_limit is not None and link_limit < (device_limit or DEVICE_FRAME_DEFAULT):
         said += f", {link_limit}-byte messages on {up.client.channel.type}"
