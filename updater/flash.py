@@ -268,8 +268,19 @@ class Flash:
         self.stats.bytes_written += len(data)
         self._raw_write(addr, data)
 
-    def write_run(self, addr: int, data: bytes | bytearray | memoryview, *, chunk_size: int, erased_to: int) -> int:
-        """Stream ``data`` to ``addr`` the way a flash driver does; return the new ``erased_to``.
+    def write_run(
+        self,
+        addr: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        chunk_size: int,
+        erased_to: int,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> int:
+        """Stream ``data[start:stop]`` to ``addr`` the way a flash driver does; return the new ``erased_to``.
+
+        (``start``/``stop`` spare the caller a copy of a slice.)
 
         The run is a sequence of ordinary operations: ``data`` is cut into ``chunk_size`` programs
         (from ``addr``); before each one, the sectors from ``erased_to`` (a sector boundary: everything
@@ -287,14 +298,18 @@ class Flash:
             raise ValueError("chunk_size must be positive")
         if erased_to % sector:
             raise ValueError(f"erased_to 0x{erased_to:x} is not a sector boundary")
-        view = memoryview(data).cast("B")
+        whole = memoryview(data).cast("B")
+        view = whole[start:stop]
         length = len(view)
         if not length:
             return erased_to
         end = addr + length
         new_erased_to = max(erased_to, -(-end // sector) * sector)
         n_erases = (new_erased_to - erased_to) // sector
-        skipped = self._blank_chunks(data if isinstance(data, (bytes, bytearray)) else view.tobytes(), chunk_size)
+        if isinstance(data, bytes | bytearray):
+            skipped = self._blank_chunks(data, chunk_size, start, start + length)
+        else:
+            skipped = self._blank_chunks(view.tobytes(), chunk_size, 0, length)
         n_writes = -(-length // chunk_size) - len(skipped)
         cut = self._cut
         mem = self._mem
@@ -338,18 +353,19 @@ class Flash:
             self._mem[addr : addr + len(data)] = data
 
     @staticmethod
-    def _blank_chunks(data: bytes | bytearray, chunk_size: int) -> list[int]:
-        """Indexes of the all-0xFF chunks of ``data`` (a search for a blank run rules most data out)."""
-        length = len(data)
+    def _blank_chunks(data: bytes | bytearray, chunk_size: int, start: int, stop: int) -> list[int]:
+        """Indexes of the all-0xFF chunks of ``data[start:stop]`` (a search for a blank run rules most
+        data out)."""
+        length = stop - start
         tail = length % chunk_size
         blank = b"\xff" * chunk_size
-        if blank not in data and not (tail and data[length - tail :] == b"\xff" * tail):
-            return []
         view = memoryview(data)
+        if data.find(blank, start, stop) < 0 and not (tail and view[stop - tail : stop] == b"\xff" * tail):
+            return []
         return [
             i
-            for i, off in enumerate(range(0, length, chunk_size))
-            if view[off : off + chunk_size] == blank[: min(chunk_size, length - off)]
+            for i, off in enumerate(range(start, stop, chunk_size))
+            if view[off : min(off + chunk_size, stop)] == blank[: min(chunk_size, stop - off)]
         ]
 
     def _write_run_ops(self, addr: int, view: memoryview, chunk_size: int, erased_to: int) -> int:

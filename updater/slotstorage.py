@@ -153,34 +153,32 @@ class FlashPartWriter:
             self._buf += data[:start]
             if len(self._buf) < WRITE_CHUNK_SIZE:
                 return
-            self._program(bytes(self._buf))
+            self._program(bytes(self._buf), 0, WRITE_CHUNK_SIZE)
             self._buf.clear()
         stop = n - (n - start) % WRITE_CHUNK_SIZE
-        if (start, stop) == (0, n) and n <= _RUN_BYTES:
-            self._program(data)
-        else:
-            # Slices of a bounded size: a big piece is not copied whole.
-            for off in range(start, stop, _RUN_BYTES):
-                self._program(data[off : min(off + _RUN_BYTES, stop)])
+        # Runs of a bounded size, handed over as (data, start, stop): nothing is copied here.
+        for off in range(start, stop, _RUN_BYTES):
+            self._program(data, off, min(off + _RUN_BYTES, stop))
         if stop < n:
             self._buf += data[stop:]
 
     def close(self) -> None:
         """Program the buffered tail."""
         if self._buf:
-            self._program(bytes(self._buf))
+            self._program(bytes(self._buf), 0, len(self._buf))
             self._buf.clear()
 
     def set_crc32(self, crc32: int) -> None:
         """The CRC-32 of the part's data, as the zip parser computed it."""
         self.crc32 = crc32
 
-    def _program(self, data: bytes) -> None:
+    def _program(self, data: bytes, start: int, stop: int) -> None:
         # One call per run; the flash still counts (and can cut) every erase and 512-byte program.
         self._erased_to = self.flash.write_run(
-            self.partition.offset + self._flushed, data, chunk_size=WRITE_CHUNK_SIZE, erased_to=self._erased_to
-        )
-        self._flushed += len(data)
+            self.partition.offset + self._flushed, data, chunk_size=WRITE_CHUNK_SIZE, erased_to=self._erased_to,
+            start=start, stop=stop,
+        )  # fmt: skip
+        self._flushed += stop - start
 
     def verify(self) -> None:
         """``Invalid size`` / ``Digest mismatch`` against the manifest part."""

@@ -254,11 +254,11 @@ def test_flash_failure_is_write_failed() -> None:
     real_write_run = st.flash.write_run
     calls = {"n": 0}
 
-    def failing_write_run(addr: int, data: bytes, *, chunk_size: int, erased_to: int) -> int:
+    def failing_write_run(addr: int, data: bytes, *, chunk_size: int, erased_to: int, **kw: int) -> int:
         calls["n"] += 1
         if calls["n"] == 2:
             raise FlashError("simulated program failure")
-        return real_write_run(addr, data, chunk_size=chunk_size, erased_to=erased_to)
+        return real_write_run(addr, data, chunk_size=chunk_size, erased_to=erased_to, **kw)
 
     st.flash.write_run = failing_write_run  # type: ignore[method-assign]
     ctx = UpdaterContext(st, arch="esp32")

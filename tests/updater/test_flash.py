@@ -252,7 +252,8 @@ def test_write_run_is_the_same_operations(case: tuple[str, bytes, int, int, int]
         return (result, f.snapshot(), f.stats.erases, f.stats.writes, f.stats.bytes_written, f.powered)
 
     def by_run(f: Flash, a: int, d: bytes, c: int, e: int) -> int:
-        return f.write_run(a, d, chunk_size=c, erased_to=e)
+        # handed over inside a bigger buffer (start/stop), as the updater does
+        return f.write_run(a, b"\x00\x01" + d + b"\xff", chunk_size=c, erased_to=e, start=2, stop=2 + len(d))
 
     reference = outcome(_prepared(case), _run_op_by_op)
     assert outcome(_prepared(case), by_run) == reference
