@@ -62,6 +62,7 @@ def test_help_and_a_call_import_no_heavy_module() -> None:
         heavy = {"asyncio", "aiohttp", "structlog", "rich", "updater.context", "rpc.node"}
         print(sorted(heavy & set(sys.modules)))
         main(["--port", "tcp://127.0.0.1:1", "--timeout", "1s", "call", "RPC.Ping"])
+        main(["--port", "ws://127.0.0.1:1/rpc", "--timeout", "1s", "call", "RPC.Ping"])  # our own ws client
         print(sorted({"aiohttp", "structlog", "rich", "updater.context", "mgrpc.cli.fw"} & set(sys.modules)))
         """
     )
