@@ -11,7 +11,8 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ __all__ = [
 
 ALGORITHMS = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 NONCE_MAX_AGE_S = 3600
+USED_NONCES_MAX = 65536  # digest answers remembered against replay (older ones: their nonces expire)
 
 
 def digest_hash(algorithm: str, text: str) -> str:
@@ -229,12 +231,43 @@ class Authenticator:
         self.acl = acl
         self.clock = clock
         self._ha1: dict[tuple[str, str], str] = {}
+        self._last_nonce = 0
+        self._used: OrderedDict[Hashable, int] = OrderedDict()
+        self._used_floor = 0
         for user, password in (users or {}).items():
             self._ha1[(user, realm)] = digest_hash(self.algorithm, f"{user}:{realm}:{password}")
 
     def nonce(self) -> int:
-        """A fresh nonce: the current unix time, as a device issues it."""
-        return int(self.clock())
+        """A fresh nonce: the current unix time, as a device issues it -- but never the same twice
+        (a second challenge within a second gets the next number), so that every digest answer is
+        for a nonce of its own and a replayed one can be told apart (:meth:`first_use`)."""
+        n = max(int(self.clock()), self._last_nonce + 1)
+        self._last_nonce = n
+        return n
+
+    def fresh(self, nonce: int) -> bool:
+        """Whether ``nonce`` is neither stale (over :data:`NONCE_MAX_AGE_S` old, or below the floor
+        left by forgotten answers) nor from the future (beyond what this authenticator issued)."""
+        now = self.clock()
+        return self._used_floor < nonce <= max(now, self._last_nonce) and now - nonce < NONCE_MAX_AGE_S
+
+    def first_use(self, key: Hashable, nonce: int) -> bool:
+        """Record a verified digest answer; False when the same one was seen before (a replay).
+
+        ``key`` identifies the answer (user, nonce, cnonce, nc, ...). At most
+        :data:`USED_NONCES_MAX` are kept: expired ones are dropped, and when the table is full the
+        oldest goes and every nonce up to its one counts as stale from then on.
+        """
+        if key in self._used:
+            return False
+        horizon = self.clock() - NONCE_MAX_AGE_S
+        while self._used and next(iter(self._used.values())) <= horizon:
+            self._used.popitem(last=False)
+        while len(self._used) >= USED_NONCES_MAX:
+            _, old = self._used.popitem(last=False)
+            self._used_floor = max(self._used_floor, old)
+        self._used[key] = nonce
+        return True
 
     def challenge(self) -> tuple[int, str]:
         """The 401 error (code, message) asking for digest credentials."""
@@ -267,8 +300,7 @@ class Authenticator:
             nonce_i = int(nonce)
         except (TypeError, ValueError):
             return None, AuthDecision(False, code=400, message="bad request")
-        now = self.clock()
-        if not (now >= nonce_i and now - nonce_i < NONCE_MAX_AGE_S):
+        if not self.fresh(nonce_i):
             return None, None  # stale nonce: silently not authenticated
         table = self._table()
         if table is None:
@@ -278,6 +310,8 @@ class Authenticator:
             return None, None
         if _response(self.algorithm, ha1, nonce_i, cnonce) != str(response).lower():
             return None, None
+        if not self.first_use(("frame", str(user), nonce_i, str(cnonce)), nonce_i):
+            return None, None  # a replayed answer: not authenticated (the reply is a fresh challenge)
         return str(user), None
 
     def check(self, method: str, ch_type: str, auth: Mapping[str, Any] | None, user: str | None) -> AuthDecision:
@@ -380,7 +414,8 @@ def verify_http_digest(authenticator: Authenticator, header: str, method: str) -
 
     Returns the user name, or None when the header is missing, malformed, for another realm or
     algorithm, carries a stale nonce (hex unix time older than an hour or in the future), names an
-    unknown user, or has a wrong response. ``method`` is the request's HTTP method.
+    unknown user, has a wrong response, or was accepted before (a replay: nonce, cnonce and nc
+    already used). ``method`` is the request's HTTP method.
     """
     p = parse_digest_header(header) if header else None
     if p is None:
@@ -396,8 +431,7 @@ def verify_http_digest(authenticator: Authenticator, header: str, method: str) -
         nonce_t = int(nonce, 16)
     except ValueError:
         return None
-    now = authenticator.clock()
-    if not (now >= nonce_t and now - nonce_t < NONCE_MAX_AGE_S):
+    if not authenticator.fresh(nonce_t):
         return None
     table = authenticator._table()
     ha1 = table.get((user, realm)) if table is not None else None
@@ -411,4 +445,7 @@ def verify_http_digest(authenticator: Authenticator, header: str, method: str) -
     else:  # RFC 2069 form, no qop
         ha2 = digest_hash(authenticator.algorithm, f"{method}:{uri}")
         expected = digest_hash(authenticator.algorithm, f"{ha1}:{nonce}:{ha2}")
-    return user if expected == response.lower() else None
+    if expected != response.lower():
+        return None
+    key = ("http", user, nonce, p.get("cnonce", ""), p.get("nc", ""), qop)
+    return user if authenticator.first_use(key, nonce_t) else None  # a replayed header: refused

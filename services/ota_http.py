@@ -18,6 +18,7 @@ leaves no back door.)
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -152,7 +153,11 @@ def _refusal(request: Any, node: Any, method: str) -> Any:
         return None
     headers = {"Connection": "close"}
     if decision.code == 401 and hasattr(auth, "realm"):
-        headers["WWW-Authenticate"] = http_challenge_header(auth.realm, auth.algorithm, int(auth.nonce()))
+        try:  # the challenge the authenticator just made (a new nonce() call would waste one)
+            nonce = int(json.loads(decision.message or "")["nonce"])
+        except (ValueError, KeyError, TypeError):
+            nonce = int(auth.nonce())
+        headers["WWW-Authenticate"] = http_challenge_header(auth.realm, auth.algorithm, nonce)
         return web.Response(status=401, text="Unauthorized\r\n", headers=headers)
     return web.Response(status=403, text="Forbidden\r\n", headers=headers)
 

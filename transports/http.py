@@ -315,13 +315,15 @@ class HttpListener:
         auth = self.node.auth
         realm = auth.realm if isinstance(auth, Authenticator) else "RPC"
         algorithm = auth.algorithm if isinstance(auth, Authenticator) else "MD5"
-        nonce = int(auth.nonce()) if isinstance(auth, Authenticator) else 0
+        nonce: int | None = None
         with contextlib.suppress(ValueError, TypeError):
             challenge = json.loads(message or "")
             if isinstance(challenge, dict):
                 realm = str(challenge.get("realm", realm))
                 algorithm = str(challenge.get("algorithm", algorithm))
-                nonce = int(challenge.get("nonce", nonce))
+                nonce = int(challenge["nonce"]) if "nonce" in challenge else None
+        if nonce is None:  # each nonce() is a new one: take it only when the challenge has none
+            nonce = int(auth.nonce()) if isinstance(auth, Authenticator) else 0
         return _response(
             request,
             401,

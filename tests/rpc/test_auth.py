@@ -180,3 +180,79 @@ async def test_retry_survives_a_duplicated_challenge(tmp_path) -> None:
         await client.call("Sys.Secret")
     assert ei.value.code == 401
     await client.close()
+
+
+# -- nonce staleness and replay (issue #14 §5) ----------------------------------------------------
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _auth(clock: Clock) -> Authenticator:
+    return Authenticator(users={"admin": "secret"}, acl=Acl.parse('[{"method":"*","acl":"+admin"}]'), clock=clock)
+
+
+def _answer(auth: Authenticator, nonce: int, cnonce: int = 7) -> dict:
+    return make_auth({"realm": "RPC", "nonce": nonce, "algorithm": "MD5"}, Credentials("admin", "secret"), cnonce=cnonce)
+
+
+def test_nonces_are_never_issued_twice() -> None:
+    clock = Clock(NOW)
+    auth = _auth(clock)
+    assert [auth.nonce() for _ in range(3)] == [NOW, NOW + 1, NOW + 2]  # three challenges in one second
+    clock.t = NOW + 100
+    assert auth.nonce() == NOW + 100  # back on the clock as soon as it has caught up
+
+
+def test_a_replayed_digest_answer_is_refused() -> None:
+    clock = Clock(NOW)
+    auth = _auth(clock)
+    answer = _answer(auth, auth.nonce())
+    assert auth.check("Sys.Reboot", "WS", answer, None).allowed
+    again = auth.check("Sys.Reboot", "WS", answer, None)  # the same frame auth, captured and resent
+    assert not again.allowed and again.code == 401
+    assert auth.check("Sys.Reboot", "WS", _answer(auth, auth.nonce(), cnonce=8), None).allowed  # a fresh one is fine
+
+
+@pytest.mark.parametrize("age_s, ok", [(0, True), (3599, True), (3600, False), (-1, False), (-3600, False)])
+def test_stale_and_future_nonces_are_refused(age_s: int, ok: bool) -> None:
+    clock = Clock(NOW)
+    auth = _auth(clock)
+    answer = _answer(auth, NOW - age_s)
+    assert auth.check("Sys.Reboot", "WS", answer, None).allowed is ok
+
+
+def test_forgetting_old_answers_makes_their_nonces_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rpc.auth as auth_mod
+
+    monkeypatch.setattr(auth_mod, "USED_NONCES_MAX", 2)
+    clock = Clock(NOW)
+    auth = _auth(clock)
+    first = auth.nonce()
+    assert auth.check("X", "WS", _answer(auth, first, 1), None).allowed
+    assert auth.check("X", "WS", _answer(auth, auth.nonce(), 2), None).allowed
+    assert auth.check("X", "WS", _answer(auth, auth.nonce(), 3), None).allowed  # evicts the first answer
+    # it is no longer remembered, so its nonce must not be accepted any more (else it could be replayed)
+    assert not auth.check("X", "WS", _answer(auth, first, 1), None).allowed
+    assert not auth.check("X", "WS", _answer(auth, first, 99), None).allowed
+
+
+def test_a_replayed_http_authorization_header_is_refused() -> None:
+    from rpc.auth import http_challenge_header, http_digest_authorization, parse_digest_header, verify_http_digest
+
+    clock = Clock(NOW)
+    auth = _auth(clock)
+    challenge = parse_digest_header(http_challenge_header("RPC", "MD5", auth.nonce()))
+    assert challenge is not None
+    header = http_digest_authorization(challenge, Credentials("admin", "secret"), method="POST", uri="/update")
+    assert verify_http_digest(auth, header, "POST") == "admin"
+    assert verify_http_digest(auth, header, "POST") is None  # the same header again: a replay
+    # mos's HTTP codec sends a fixed cnonce; a new challenge (a new nonce) makes the same client work again
+    challenge2 = parse_digest_header(http_challenge_header("RPC", "MD5", auth.nonce()))
+    assert challenge2 is not None
+    assert verify_http_digest(auth, http_digest_authorization(challenge2, Credentials("admin", "secret")), "POST")
