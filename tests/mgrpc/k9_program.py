@@ -19,6 +19,11 @@ from updater.errors import UpdaterError
 from updater.fsslots import FsSlotStorage, SupervisorClient
 
 
+def phase(name: str) -> None:
+    """What the program is doing now, for the test's tally of where its kills landed."""
+    Path(os.environ["K9_PHASE"]).write_text(f"{os.getpid()} {name}")
+
+
 def main() -> int:
     behavior = Path("behavior").read_text().strip()
     pidfile = Path(os.environ["K9_PIDFILE"])
@@ -41,28 +46,36 @@ def main() -> int:
 
     threading.Thread(target=beat, daemon=True).start()
     rng = random.Random()
+    phase(behavior)
     if behavior in ("hang", "nocommit"):
         time.sleep(60)
         return 0
     if not st.is_committed:
         time.sleep(rng.uniform(0, 0.05))
         if rng.random() < 0.15:
+            phase("revert")
             sup.request("revert")
         else:
+            phase("commit")
             sup.request("commit")
+        phase("idle")
         time.sleep(rng.uniform(0, 0.3))  # runs a while, then restarts (an update to apply next)
         sup.request("reboot")
         time.sleep(60)
         return 0
     if rng.random() < 0.1:
+        phase("snapshot")
         sup.request("snapshot", set_as_revert=False, commit_timeout=-1)
+    phase("update")
     bundles = sorted(Path(os.environ["K9_BUNDLES"]).iterdir())
     data = rng.choice(bundles).read_bytes()
     ctx = UpdaterContext(st, arch="linux", commit_timeout_s=1, total_size=len(data))
     for off in range(0, len(data), 4096):
         if ctx.process(data[off : off + 4096]) != 0:
             break
+    phase("finalize")
     if ctx.finish() > 0:
+        phase("idle")
         time.sleep(rng.uniform(0, 0.2))
         sup.request("reboot")
     time.sleep(60)
