@@ -33,6 +33,7 @@ from .errors import FlashError, PowerCut
 __all__ = ["DEFAULT_SECTOR_SIZE", "Flash", "FlashStats", "TornMode"]
 
 DEFAULT_SECTOR_SIZE = 4096
+_PWRITE_MIN = 16384  # smaller stores go through the mapping (a system call costs more than a page fault)
 
 TornMode = Literal[False, "keep", "random"]
 
@@ -338,12 +339,12 @@ class Flash:
         return new_erased_to
 
     def _store(self, addr: int, data: bytes | memoryview) -> None:
-        """Store bytes as they are (no program rules): a file-backed flash writes them with pwrite.
+        """Store bytes as they are (no program rules): a file-backed flash writes big ones with pwrite.
 
         Into the same page cache the shared mapping shows (so just as durable against a kill), and
         without the page fault per 4 KiB page that storing through the fresh mapping costs.
         """
-        if self._fd is not None:
+        if self._fd is not None and len(data) >= _PWRITE_MIN:
             view = memoryview(data)
             done = 0
             while done < len(view):
