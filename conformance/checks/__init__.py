@@ -1,5 +1,35 @@
 """The check groups; importing this package registers every check (run order: model.GROUP_ORDER)."""
 
-from conformance.checks import auth, ble, config, frame, jsonrpc, mqtt, ota, rpcsvc, stream, web
+from conformance.checks import (
+    auth,
+    ble,
+    config,
+    config_keys,
+    frame,
+    fs,
+    jsonrpc,
+    mqtt,
+    ota,
+    ota_rules,
+    rpcsvc,
+    stream,
+    web,
+    ws_raw,
+)
 
-__all__ = ["auth", "ble", "config", "frame", "jsonrpc", "mqtt", "ota", "rpcsvc", "stream", "web"]
+__all__ = [
+    "auth",
+    "ble",
+    "config",
+    "config_keys",
+    "frame",
+    "fs",
+    "jsonrpc",
+    "mqtt",
+    "ota",
+    "ota_rules",
+    "rpcsvc",
+    "stream",
+    "web",
+    "ws_raw",
+]

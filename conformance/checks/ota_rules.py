@@ -1,0 +1,113 @@
+"""More OTA state rules (docs/protocol/ota.md §1.2, §1.8, §1.10): a second Begin, SetBootState and
+CreateSnapshot. All change the device, so they run only when asked (``--destructive``), and each
+leaves the device idle and committed with its boot state as it found it.
+"""
+
+from __future__ import annotations
+
+from conformance.checks.fs import offered
+from conformance.checks.ota import _begin_args, _boot_state, _err, _ready, _status
+from conformance.model import CheckFailed, check, expect
+from conformance.rawjson import show
+from conformance.session import Session
+
+__all__: list[str] = []
+
+
+@check("ota.begin_busy", section="ota.md §1.2", title="OTA.Begin refused while an update runs", destructive=True)
+async def _ota_begin_busy(s: Session) -> str | None:
+    await offered(s, "OTA.Begin", "OTA.End", "OTA.Status", "OTA.GetBootState")
+    await _ready(s)
+    resp = await s.request("OTA.Begin", _begin_args(4096))
+    expect(resp.ok, "OTA.Begin must succeed", seen=_err(resp), expected="result null")
+    try:
+        again = await s.request("OTA.Begin", _begin_args(4096))
+        expect(
+            again.error is not None and again.error.code != 0,
+            "a second OTA.Begin while an update runs must be an error",
+            seen=_err(again),
+            expected="an error (update already in progress)",
+        )
+    finally:
+        await s.request("OTA.End")  # abort: no data was written
+    st = await _status(s)
+    expect(st["state"] in (0, 2), "after the abort the device must not be updating", seen=show(st), expected="0 or 2")
+    return None
+
+
+@check(
+    "ota.set_boot_state",
+    section="ota.md §1.10",
+    title="OTA.SetBootState: -2 without a known field; a given commit_timeout is stored",
+    destructive=True,
+)
+async def _ota_set_boot_state(s: Session) -> str | None:
+    await offered(s, "OTA.SetBootState", "OTA.GetBootState")
+    before = await _boot_state(s)
+    resp = await s.request("OTA.SetBootState", {"conformance": 1})
+    expect(
+        resp.error is not None and resp.error.code == -2,
+        "OTA.SetBootState with no recognised field must be error -2",
+        seen=_err(resp),
+        expected='"error":{"code":-2}',
+    )
+    want = int(before["commit_timeout"]) + 17
+    try:
+        resp = await s.request("OTA.SetBootState", {"commit_timeout": want})
+        expect(resp.ok, "OTA.SetBootState {commit_timeout} must succeed", seen=_err(resp), expected="result null")
+        after = await _boot_state(s)
+        expect(
+            after["commit_timeout"] == want
+            and {k: after[k] for k in ("active_slot", "is_committed", "revert_slot")}
+            == {k: before[k] for k in ("active_slot", "is_committed", "revert_slot")},
+            "the given field must be stored and the absent ones kept",
+            seen=show(after),
+            expected=f"commit_timeout {want}, other fields as before {show(before)}",
+        )
+    finally:
+        await s.request("OTA.SetBootState", {"commit_timeout": int(before["commit_timeout"])})
+    return None
+
+
+@check(
+    "ota.create_snapshot",
+    section="ota.md §1.8",
+    title="OTA.CreateSnapshot: {slot: inactive}; set_as_revert leaves the firmware uncommitted",
+    destructive=True,
+)
+async def _ota_create_snapshot(s: Session) -> str | None:
+    await offered(s, "OTA.CreateSnapshot", "OTA.GetBootState", "OTA.Commit")
+    before = await _ready(s)
+    resp = await s.request("OTA.CreateSnapshot", {"set_as_revert": True, "commit_timeout": 0})
+    if resp.error is not None and resp.error.code == -1 and "Failed to create snapshot" in (resp.error.message or ""):
+        return "not supported on this platform (-1 Failed to create snapshot)"
+    expect(resp.ok, "OTA.CreateSnapshot of committed firmware must succeed", seen=_err(resp), expected='{"slot": N}')
+    res = resp.result
+    after = await _boot_state(s)
+    try:
+        expect(
+            isinstance(res, dict) and isinstance(res.get("slot"), int) and res["slot"] != before["active_slot"],
+            "the snapshot goes to the inactive slot",
+            seen=show(res),
+            expected=f'{{"slot": N}} with N != {before["active_slot"]}',
+        )
+        expect(
+            after["is_committed"] is False and after["revert_slot"] == res["slot"],
+            "set_as_revert: the firmware becomes uncommitted with the snapshot as revert slot",
+            seen=show(after),
+            expected=f"is_committed false, revert_slot {res['slot']}",
+        )
+        again = await s.request("OTA.CreateSnapshot", {})
+        expect(
+            again.error is not None and again.error.code != 0,
+            "a snapshot while uncommitted must be refused",
+            seen=_err(again),
+            expected='"error":{"code":-1,"message":"Cannot create snapshots in uncommitted state"}',
+        )
+    finally:
+        bs = await _boot_state(s)
+        if not bs["is_committed"]:
+            done = await s.request("OTA.Commit")
+            if not done.ok:
+                raise CheckFailed("OTA.Commit after the snapshot failed", seen=_err(done), expected="result null")
+    return None
