@@ -24,7 +24,7 @@ from tests.faultdev.faults import FAULTS
 __all__ = ["WRONG_DST", "Channel", "Device", "RpcError"]
 
 WRONG_DST = object()
-REBOOT_S = 1.0  # how long a reboot keeps the device silent
+REBOOT_S = 0.5  # how long a reboot keeps the device silent
 
 GETINFO_ORDER = (
     "id", "app", "fw_version", "fw_id", "mg_version", "mg_id", "mac", "arch", "uptime", "public_key",

@@ -1,7 +1,8 @@
 """The named faults: each bends one statement of the protocol reference and names the check that must
 catch it. ``transport`` is where the fault shows (the device serves it there in the self-tests);
 ``only`` are the checks to run (default: just ``check``); ``destructive`` marks faults whose check
-changes the device (OTA, Config.Set, FS writes).
+changes the device (OTA, Config.Set, FS writes). ``check`` is ``preflight`` for a fault that leaves no
+request answered at all (the run's preflight then stops it with one FAIL).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ FAULTS: dict[str, Fault] = {
             "frames.md §1.2",
             "an id that is not all digits is quoted",
         ),
-        _F("wrong_id_echo", "frame.id_numeric_bare", "tcp", "frames.md §1", "responses copy the request id"),
+        _F("wrong_id_echo", "preflight", "tcp", "frames.md §1", "responses copy the request id"),
         _F("member_order", "frame.envelope_order", "ws", "frames.md §1.2", "envelope order id, src, dst, tag, payload"),
         _F(
             "envelope_spaces",
@@ -386,7 +387,7 @@ FAULTS: dict[str, Fault] = {
         ),
         _F(
             "serial_crc_wrong",
-            "serial.crc_reply",
+            "preflight",
             "serial",
             "transports.md §1.1",
             "the reply CRC is the CRC-32 of its JSON",
@@ -410,10 +411,10 @@ FAULTS: dict[str, Fault] = {
         ),
         _F(
             "serial_mixed_delimiters",
-            "serial.line_style",
+            "serial.mos_style",
             "serial",
             "transports.md §1.1",
-            'newline style replies have no """',
+            'compat replies open and close with """',
         ),
         _F(
             "serial_junk_not_skipped",
@@ -501,8 +502,7 @@ FAULTS: dict[str, Fault] = {
             "wrong dst: 400 Invalid request",
         ),
         # -- mqtt (transports.md §4) ---------------------------------------------------------------------
-        _F("mqtt_reply_topic_wrong", "mqtt.topics", "mqtt", "transports.md §4", "replies go to <request src>/rpc"),
-        _F("mqtt_reply_twice", "mqtt.topics", "mqtt", "transports.md §4 errata", "a request is answered once"),
+        _F("mqtt_reply_topic_wrong", "preflight", "mqtt", "transports.md §4", "replies go to <request src>/rpc"),
         _F(
             "mqtt_src_dst_not_swapped",
             "mqtt.topics",

@@ -524,8 +524,6 @@ class MqttLink:
                 continue  # "Cannot reply to RPC over MQTT, no dst"
             reply_topic = f"{dst}/resp" if f == "mqtt_reply_topic_wrong" else f"{dst}/rpc"
             self.publish(reply_topic, text.encode())
-            if f == "mqtt_reply_twice":
-                self.publish(reply_topic, text.encode())
 
     async def close(self) -> None:
         if self.writer is not None:

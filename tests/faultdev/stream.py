@@ -102,10 +102,10 @@ class StreamLink:
             if self.has("serial_crc_wrong"):
                 c = f"{int(c, 16) ^ 1:08x}"
             crc = c.encode()
-        if self.compat:
-            data = b"\n" + Q3 + js + crc + Q3 + b"\n"
-        elif self.has("serial_mixed_delimiters"):
+        if self.compat and self.has("serial_mixed_delimiters"):
             data = b"\n" + js + crc + Q3 + b"\n"
+        elif self.compat:
+            data = b"\n" + Q3 + js + crc + Q3 + b"\n"
         else:
             data = b"\n" + js + crc + b"\n"
         data = self.pending_nl + data
