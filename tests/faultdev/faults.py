@@ -387,7 +387,7 @@ FAULTS: dict[str, Fault] = {
         ),
         _F(
             "serial_crc_wrong",
-            "preflight",
+            "serial.crc_reply",
             "serial",
             "transports.md §1.1",
             "the reply CRC is the CRC-32 of its JSON",
