@@ -12,7 +12,7 @@ __all__: list[str] = []
 
 @check(
     "config.get_unknown_key",
-    section="tool.md §6; real-device.md",
+    section="tool.md §6; real-device.md RD-E13",
     title="Config.Get of an unknown key: 404 invalid config key",
 )
 async def _config_get_unknown_key(s: Session) -> str | None:

@@ -62,7 +62,7 @@ async def _fs_list(s: Session) -> str | None:
 
 @check(
     "fs.get_errors",
-    section="tool.md §6; real-device.md",
+    section="tool.md §6; real-device.md RD-E13",
     title="FS.Get: 400 without filename, error for a missing file",
 )
 async def _fs_get_errors(s: Session) -> str | None:

@@ -150,7 +150,7 @@ async def _ws_upgrade(s: Session) -> str | None:
 
 @check(
     "ws.ping_pong",
-    section="transports.md §2; RFC 6455 §5.5.2-§5.5.3",
+    section="transports.md §2",
     title="a PING is answered with its PONG",
     only=WS,
 )
@@ -174,7 +174,7 @@ async def _ws_ping_pong(s: Session) -> str | None:
 
 @check(
     "ws.close_handshake",
-    section="transports.md §2; RFC 6455 §5.5.1",
+    section="transports.md §2",
     title="a CLOSE is answered (CLOSE or disconnect)",
     only=WS,
 )

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from conformance import runner
-from conformance.model import CHECKS, Outcome
+from conformance.model import CHECKS, Outcome, citations
 from conformance.session import Options
+from tests.conformance.test_citations import DOCS, _anchors
 from tests.faultdev import FAULTS, TRANSPORTS, FaultDevice
 from tests.mosquitto import Mosquitto, find_mosquitto
 
@@ -82,6 +83,10 @@ def test_faults_cover_every_section_and_transport() -> None:
     docs = {f.section.split(" ", 1)[0] for f in FAULTS.values()}
     assert {"frames.md", "transports.md", "ota.md", "tool.md"} <= docs
     for f in FAULTS.values():
+        cited = citations(f.section)
+        assert cited, f"{f.name} cites no statement"
+        for file, anchor in cited:  # each fault breaks a statement of docs/protocol
+            assert anchor in _anchors(DOCS / file), f"{f.name} cites {file} §{anchor}, which does not exist"
         if f.check == "preflight":  # nothing is answered: the run stops before any check
             continue
         assert f.check in CHECKS, f"{f.name} names an unknown check {f.check}"

@@ -159,7 +159,7 @@ FAULTS: dict[str, Fault] = {
             "config_unknown_key_null",
             "config.get_unknown_key",
             "serial",
-            "real-device.md",
+            "real-device.md RD-E13",
             "Config.Get of an unknown key is an error",
         ),
         # -- FS (tool.md §6) -----------------------------------------------------------------------------
@@ -168,14 +168,14 @@ FAULTS: dict[str, Fault] = {
             "fs_required_500",
             "fs.get_errors",
             "http",
-            "tool.md §6; real-device.md",
+            "tool.md §6; real-device.md RD-E13",
             "FS.Get without filename: 400 filename is required",
         ),
         _F(
             "fs_get_missing_ok",
             "fs.get_errors",
             "ws",
-            "tool.md §6; real-device.md",
+            "tool.md §6; real-device.md RD-E13",
             "FS.Get of a missing file is an error",
         ),
         _F(
@@ -441,10 +441,10 @@ FAULTS: dict[str, Fault] = {
             "ws_ping_ignored",
             "ws.ping_pong",
             "ws",
-            "transports.md §2; RFC 6455 §5.5.2",
+            "transports.md §2",
             "a PING is answered with a PONG",
         ),
-        _F("ws_close_ignored", "ws.close_handshake", "ws", "transports.md §2; RFC 6455 §5.5.1", "a CLOSE is answered"),
+        _F("ws_close_ignored", "ws.close_handshake", "ws", "transports.md §2", "a CLOSE is answered"),
         _F("ws_binary_replies", "ws.text_frames", "ws", "transports.md §2", "replies are TEXT messages"),
         _F(
             "ws_newline_appended",
@@ -498,7 +498,7 @@ FAULTS: dict[str, Fault] = {
             "http_wrong_dst_answered",
             "http.wrong_dst",
             "http",
-            "transports.md §3 errata; frames.md §3",
+            "transports.md §3.5; frames.md §3",
             "wrong dst: 400 Invalid request",
         ),
         # -- mqtt (transports.md §4) ---------------------------------------------------------------------

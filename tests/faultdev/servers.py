@@ -151,7 +151,7 @@ class HttpServer(_Closer):
         ch = Channel("http", info)
         if path in ("/rpc", "/rpc/"):
             if verb == "OPTIONS" or not body.strip():
-                self._respond(writer, 400, b"Invalid request", keep)  # an empty frame (transports.md §3 errata)
+                self._respond(writer, 400, b"Invalid request", keep)  # an empty frame (transports.md §3.5)
                 await writer.drain()
                 return keep
             out = self.dev.handle(body.strip(), ch)
@@ -208,7 +208,7 @@ class HttpServer(_Closer):
                 status = 200
                 text = _member_text(out[0], "result")
                 if isinstance(doc.get("result"), str):
-                    text = doc["result"]  # a string result is sent without its quotes (§3 errata)
+                    text = doc["result"]  # a string result is sent without its quotes (transports.md §3.5)
             self._respond(writer, status, text.encode() + b"\r\n", keep)
             await writer.drain()
             return keep
@@ -269,7 +269,7 @@ class HttpServer(_Closer):
                 continue
             out = self.dev.handle(bytes(message).strip(), ch)
             if out is WRONG_DST:
-                writer.transport.abort()  # closed without a close frame (transports.md §3 errata)
+                writer.transport.abort()  # closed without a close frame (transports.md §3.5)
                 return
             assert isinstance(out, list)
             for text in out:
