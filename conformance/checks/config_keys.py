@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from conformance.checks.fs import offered
 from conformance.model import check, expect
 from conformance.rawjson import show
 from conformance.session import Session
@@ -14,9 +13,9 @@ __all__: list[str] = []
     "config.get_unknown_key",
     section="tool.md §6; real-device.md RD-E13",
     title="Config.Get of an unknown key: 404 invalid config key",
+    needs=["Config.Get"],
 )
 async def _config_get_unknown_key(s: Session) -> str | None:
-    await offered(s, "Config.Get")
     resp = await s.request("Config.Get", {"key": "conformance.no_such_key"})
     err = resp.error
     expect(

@@ -1,6 +1,6 @@
 """FS service checks (docs/protocol/tool.md §6; real-device.md): what ``mos ls/get/put/rm`` rely on.
 
-Each check runs only when the device lists the FS methods it needs in ``RPC.List``. The write check
+Each check runs only when the device lists the FS methods it needs in ``RPC.List`` (``needs``). The write check
 is destructive (it creates, appends to and removes one file named ``conformance-<random>.txt``).
 """
 
@@ -16,23 +16,11 @@ from conformance.rawjson import show
 from conformance.session import Session
 from rpc.frame import Frame
 
-__all__ = ["offered"]
+__all__: list[str] = []
 
 
 def _raw(frame: Frame) -> bytes:
     return frame.raw if frame.raw is not None else frame.encode("device")
-
-
-async def offered(s: Session, *methods: str) -> None:
-    """Skip the check unless ``RPC.List`` lists every one of ``methods`` (case-insensitively)."""
-    if "rpc_list" not in s.facts:
-        resp = await s.request("RPC.List")
-        names = resp.result if isinstance(resp.result, list) else []
-        s.facts["rpc_list"] = {str(n).lower() for n in names}
-    have: set[str] = s.facts["rpc_list"]
-    missing = [m for m in methods if m.lower() not in have]
-    if missing:
-        raise CheckSkipped(f"not offered: {', '.join(missing)} (not in RPC.List)")
 
 
 async def _ok(s: Session, method: str, params: Any) -> Any:
@@ -53,9 +41,8 @@ async def _names(s: Session) -> list[str]:
     return res
 
 
-@check("fs.list", section="tool.md §6", title="FS.List: an array of file name strings")
+@check("fs.list", section="tool.md §6", title="FS.List: an array of file name strings", needs=["FS.List"])
 async def _fs_list(s: Session) -> str | None:
-    await offered(s, "FS.List")
     names = await _names(s)
     return f"{len(names)} files"
 
@@ -64,9 +51,9 @@ async def _fs_list(s: Session) -> str | None:
     "fs.get_errors",
     section="tool.md §6; real-device.md RD-E13",
     title="FS.Get: 400 without filename, error for a missing file",
+    needs=["FS.Get"],
 )
 async def _fs_get_errors(s: Session) -> str | None:
-    await offered(s, "FS.Get")
     resp = await s.request("FS.Get", {})
     err = resp.error
     expect(
@@ -101,9 +88,9 @@ def _get_result(res: Any) -> tuple[bytes, int]:
     section="tool.md §6",
     title="FS.Put (and append), FS.Get with offset/len and left, FS.Remove",
     destructive=True,
+    needs=["FS.List", "FS.Get", "FS.Put", "FS.Remove"],
 )
 async def _fs_put_get_remove(s: Session) -> str | None:
-    await offered(s, "FS.List", "FS.Get", "FS.Put", "FS.Remove")
     name = "conformance-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8)) + ".txt"
     first, second = b"hello, ", b"conformance"
     resp = await s.request("FS.Put", {"filename": name, "data": base64.b64encode(first).decode(), "append": False})

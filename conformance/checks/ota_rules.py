@@ -5,7 +5,6 @@ leaves the device idle and committed with its boot state as it found it.
 
 from __future__ import annotations
 
-from conformance.checks.fs import offered
 from conformance.checks.ota import _begin_args, _boot_state, _err, _ready, _status
 from conformance.model import CheckFailed, check, expect
 from conformance.rawjson import show
@@ -14,9 +13,14 @@ from conformance.session import Session
 __all__: list[str] = []
 
 
-@check("ota.begin_busy", section="ota.md §1.2", title="OTA.Begin refused while an update runs", destructive=True)
+@check(
+    "ota.begin_busy",
+    section="ota.md §1.2",
+    title="OTA.Begin refused while an update runs",
+    destructive=True,
+    needs=["OTA.Begin", "OTA.End", "OTA.Status", "OTA.GetBootState"],
+)
 async def _ota_begin_busy(s: Session) -> str | None:
-    await offered(s, "OTA.Begin", "OTA.End", "OTA.Status", "OTA.GetBootState")
     await _ready(s)
     resp = await s.request("OTA.Begin", _begin_args(4096))
     expect(resp.ok, "OTA.Begin must succeed", seen=_err(resp), expected="result null")
@@ -40,9 +44,9 @@ async def _ota_begin_busy(s: Session) -> str | None:
     section="ota.md §1.10",
     title="OTA.SetBootState: -2 without a known field; a given commit_timeout is stored",
     destructive=True,
+    needs=["OTA.SetBootState", "OTA.GetBootState"],
 )
 async def _ota_set_boot_state(s: Session) -> str | None:
-    await offered(s, "OTA.SetBootState", "OTA.GetBootState")
     before = await _boot_state(s)
     resp = await s.request("OTA.SetBootState", {"conformance": 1})
     expect(
@@ -74,9 +78,9 @@ async def _ota_set_boot_state(s: Session) -> str | None:
     section="ota.md §1.8",
     title="OTA.CreateSnapshot: {slot: inactive}; set_as_revert leaves the firmware uncommitted",
     destructive=True,
+    needs=["OTA.CreateSnapshot", "OTA.GetBootState", "OTA.Commit"],
 )
 async def _ota_create_snapshot(s: Session) -> str | None:
-    await offered(s, "OTA.CreateSnapshot", "OTA.GetBootState", "OTA.Commit")
     before = await _ready(s)
     resp = await s.request("OTA.CreateSnapshot", {"set_as_revert": True, "commit_timeout": 0})
     if resp.error is not None and resp.error.code == -1 and "Failed to create snapshot" in (resp.error.message or ""):
@@ -110,4 +114,57 @@ async def _ota_create_snapshot(s: Session) -> str | None:
             done = await s.request("OTA.Commit")
             if not done.ok:
                 raise CheckFailed("OTA.Commit after the snapshot failed", seen=_err(done), expected="result null")
+    return None
+
+
+@check(
+    "ota.status_fields",
+    section="ota.md §1.1",
+    title="OTA.Status: state, msg, is_committed, commit_timeout, partition, progress_percent",
+    needs=["OTA.Status", "OTA.GetBootState"],
+)
+async def _ota_status_fields(s: Session) -> str | None:
+    st = await _status(s)
+    bs = await _boot_state(s)
+    types = {
+        "state": int,
+        "msg": str,
+        "is_committed": bool,
+        "commit_timeout": int,
+        "partition": int,
+        "progress_percent": int,
+    }
+    bad = [
+        k for k, t in types.items() if k not in st or not isinstance(st[k], t) or (t is int and isinstance(st[k], bool))
+    ]
+    expect(
+        not bad,
+        f"OTA.Status members missing or of the wrong type: {', '.join(bad)}",
+        seen=show(st),
+        expected='{"state": 0, "msg": "idle", "is_committed": true, "commit_timeout": 0, "partition": 0, ...}',
+    )
+    expect(
+        st["is_committed"] == bs["is_committed"],
+        "OTA.Status is_committed must agree with OTA.GetBootState",
+        seen=f"Status {show(st)}; GetBootState {show(bs)}",
+        expected=f"is_committed {bs['is_committed']}",
+    )
+    return None
+
+
+@check(
+    "ota.update_malformed",
+    section="ota.md §1.5",
+    title="OTA.Update without url: -1 Malformed request",
+    needs=["OTA.Update"],
+)
+async def _ota_update_malformed(s: Session) -> str | None:
+    resp = await s.request("OTA.Update", {"commit_timeout": 300})
+    err = resp.error
+    expect(
+        err is not None and err.code == -1 and err.message == "Malformed request",
+        "OTA.Update without a url must be refused at once",
+        seen=_err(resp),
+        expected='"error":{"code":-1,"message":"Malformed request"}',
+    )
     return None

@@ -150,7 +150,7 @@ async def _ws_upgrade(s: Session) -> str | None:
 
 @check(
     "ws.ping_pong",
-    section="transports.md §2",
+    section="transports.md §2; real-device.md RD-E18",
     title="a PING is answered with its PONG",
     only=WS,
 )
@@ -174,7 +174,7 @@ async def _ws_ping_pong(s: Session) -> str | None:
 
 @check(
     "ws.close_handshake",
-    section="transports.md §2",
+    section="transports.md §2; real-device.md RD-E18",
     title="a CLOSE is answered (CLOSE or disconnect)",
     only=WS,
 )
@@ -193,3 +193,38 @@ async def _ws_close_handshake(s: Session) -> str | None:
     finally:
         await ws.close()
     return None if got is None or got[0] == 0x8 else "connection dropped without a CLOSE"
+
+
+@check(
+    "ws.invalid_json_ignored",
+    section="transports.md §2.5",
+    title="a message that is not JSON is ignored; the connection stays usable",
+    only=WS,
+)
+async def _ws_invalid_json_ignored(s: Session) -> str | None:
+    ws, _ = await _open(s)
+    try:
+        ws.send(0x1, b'{"id":1,')
+        fid = int.from_bytes(os.urandom(5), "big") | (1 << 40)
+        ws.send(0x1, b'{"src":"mos","id":%d,"method":"RPC.Ping"}' % fid)
+        await ws.writer.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.options.timeout_s
+        answered = False
+        while not answered and loop.time() < deadline:
+            try:
+                op, data = await asyncio.wait_for(ws.recv(), deadline - loop.time())
+            except TimeoutError:
+                break
+            if op == -1:
+                break
+            answered = op in (0x1, 0x2) and b'"id":%d' % fid in data
+        expect(
+            answered,
+            "after a message that is not JSON the next request must still be answered on the same connection",
+            seen="the connection was closed or the request went unanswered",
+            expected="a reply to the RPC.Ping",
+        )
+    finally:
+        await ws.close()
+    return None

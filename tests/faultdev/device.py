@@ -48,6 +48,7 @@ ARGS_FMT = {
     "OTA.Begin": "{timeout: %d, commit_timeout: %d, size: %d}",
     "OTA.Write": "{offset: %d, data: %V}",
     "OTA.End": "",
+    "OTA.Update": "{url: %T, commit_timeout: %d}",
     "OTA.Commit": "",
     "OTA.Revert": "",
     "OTA.CreateSnapshot": "{set_as_revert: %B, commit_timeout: %d}",
@@ -138,6 +139,7 @@ class Device:
             "OTA.Begin": self._ota_begin,
             "OTA.Write": self._ota_write,
             "OTA.End": self._ota_end,
+            "OTA.Update": self._ota_update,
             "OTA.Commit": self._ota_commit,
             "OTA.Revert": self._ota_revert,
             "OTA.CreateSnapshot": self._ota_snapshot,
@@ -167,6 +169,8 @@ class Device:
             return []
         method = doc.get("method")
         if not isinstance(method, str) or not method:
+            if self.has("response_answered") and "id" in doc:
+                return [self._encode(doc, ch, error=(404, "No handler for "))]
             return []  # a response: we sent no requests
         if ("v" in doc and self.has("v_rejected")) or (set(doc) - KNOWN and self.has("unknown_member_rejected")):
             return [self._encode(doc, ch, error=(400, "bad request"))] if "id" in doc else []
@@ -426,10 +430,11 @@ class Device:
             state = ("idle", "progress", "error", "success")[o.state]
         if self.has("ota_status_state_out_of_range"):
             state = o.state + 7
+        committed = json.dumps(int(o.committed) if self.has("ota_status_committed_int") else o.committed)
         msg = ("idle", "progress", "error", "success")[o.state]
         pct = (100 * len(o.buf) // o.size) if o.state == 1 and o.size else 0
         return (
-            f'{{"state": {json.dumps(state)}, "msg": "{msg}", "is_committed": {json.dumps(o.committed)}, '
+            f'{{"state": {json.dumps(state)}, "msg": "{msg}", "is_committed": {committed}, '
             f'"commit_timeout": {o.commit_timeout}, "partition": {o.active}, "progress_percent": {pct}}}'
         )
 
@@ -523,6 +528,14 @@ class Device:
 
         self.later(0.1, switch)
         return None
+
+    def _ota_update(self, p: Any, ch: Channel) -> str | None:
+        url = p.get("url") if isinstance(p, dict) else None
+        if not isinstance(url, str) or not url:
+            if self.has("ota_update_malformed_ok"):
+                return None
+            raise RpcError(-1, "Malformed request")
+        raise RpcError(-1, "Failed to init updater")  # this device downloads nothing
 
     def _ota_commit(self, p: Any, ch: Channel) -> str | None:
         o = self.ota

@@ -134,6 +134,7 @@ FAULTS: dict[str, Fault] = {
             "transports.md §1.2 (6)",
             "serial input beyond the limit is discarded",
         ),
+        _F("response_answered", "frame.response_ignored", "ws", "frames.md §1", "an unsolicited response is ignored"),
         # -- built-in services (frames.md §4) ----------------------------------------------------------
         _F("rpc_list_spaced", "rpc.list", "ws", "frames.md §4", "RPC.List prints no spaces"),
         _F("rpc_list_no_ping", "rpc.list", "http", "frames.md §4", "RPC.List lists every registered method"),
@@ -363,6 +364,8 @@ FAULTS: dict[str, Fault] = {
             "set_as_revert makes the firmware uncommitted",
             destructive=True,
         ),
+        _F("ota_status_committed_int", "ota.status_fields", "ws", "ota.md §1.1", "Status is_committed is a bool"),
+        _F("ota_update_malformed_ok", "ota.update_malformed", "http", "ota.md §1.5", "no url: -1 Malformed request"),
         # -- serial (transports.md §1) -----------------------------------------------------------------
         _F(
             "serial_no_handshake",
@@ -501,6 +504,9 @@ FAULTS: dict[str, Fault] = {
             "transports.md §3.5; frames.md §3",
             "wrong dst: 400 Invalid request",
         ),
+        _F("http_rest_string_quoted", "http.rest_string_result", "http", "transports.md §3.2", "bare REST strings"),
+        _F("http_options_rpc_200", "http.options_rpc", "http", "transports.md §3.5", "OPTIONS /rpc is a 400"),
+        _F("ws_invalid_json_closes", "ws.invalid_json_ignored", "ws", "transports.md §2.5", "invalid JSON is ignored"),
         # -- mqtt (transports.md §4) ---------------------------------------------------------------------
         _F("mqtt_reply_topic_wrong", "preflight", "mqtt", "transports.md §4", "replies go to <request src>/rpc"),
         _F(

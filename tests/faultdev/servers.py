@@ -150,6 +150,10 @@ class HttpServer(_Closer):
         keep = headers.get("connection", "").lower() == "keep-alive"
         ch = Channel("http", info)
         if path in ("/rpc", "/rpc/"):
+            if verb == "OPTIONS" and f == "http_options_rpc_200":
+                self._respond(writer, 200, b"", keep)
+                await writer.drain()
+                return keep
             if verb == "OPTIONS" or not body.strip():
                 self._respond(writer, 400, b"Invalid request", keep)  # an empty frame (transports.md §3.5)
                 await writer.drain()
@@ -207,7 +211,7 @@ class HttpServer(_Closer):
             else:
                 status = 200
                 text = _member_text(out[0], "result")
-                if isinstance(doc.get("result"), str):
+                if isinstance(doc.get("result"), str) and f != "http_rest_string_quoted":
                     text = doc["result"]  # a string result is sent without its quotes (transports.md §3.5)
             self._respond(writer, status, text.encode() + b"\r\n", keep)
             await writer.drain()
@@ -267,6 +271,9 @@ class HttpServer(_Closer):
                 continue
             if msg_op == 0x2 and f == "ws_binary_ignored":
                 continue
+            if f == "ws_invalid_json_closes" and wire.parse(bytes(message)) is None:
+                writer.transport.abort()
+                return
             out = self.dev.handle(bytes(message).strip(), ch)
             if out is WRONG_DST:
                 writer.transport.abort()  # closed without a close frame (transports.md §3.5)
