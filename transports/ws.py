@@ -12,8 +12,9 @@ Device side (:func:`listen`): the WebSocket upgrade at ``/rpc`` (and ``/rpc/...`
 aiohttp server (:mod:`transports._aioserver`), the request's ``Sec-WebSocket-Protocol`` echoed
 verbatim; one channel per connection (type ``WS_in``, non-persistent, broadcast-enabled, info the
 peer's ``ip:port``); device-style frames as TEXT messages without newline; periodic pings. A
-message that is not a valid frame (bad JSON, larger than the node's ``max_frame_size``) closes the
-connection, as rpc-common closes a non-persistent channel on an invalid frame.
+message that is JSON but not a valid frame, or larger than the node's ``max_frame_size``, closes the
+connection, as rpc-common closes a non-persistent channel on an invalid frame; text that is not JSON
+at all is ignored and the connection stays usable, as on the real device (real-device.md RD-W5).
 
 Device outbound (:func:`dial_out`, or ``listen("ws://server/path?outbound=1", node)``): dial a
 server with subprotocol ``json-rpc`` and ``Origin: https://mongoose-os.com``, one persistent channel
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -110,6 +112,14 @@ async def _send_message(ws: Any, data: bytes, *, binary: bool) -> None:
         raise ChannelClosed(f"WebSocket send failed: {e}") from e
 
 
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
 async def _server_messages(ws: web.WebSocketResponse, channel: Channel) -> AsyncIterator[tuple[bool, bytes]]:
     """The TEXT/BINARY messages of an accepted (aiohttp) connection as ``(is_text, data)``."""
     import aiohttp
@@ -154,6 +164,8 @@ async def _pump(
             if not isinstance(e, FrameTooLarge) and channel.deliver_jsonrpc(data):
                 continue  # a JSON-RPC 2.0 batch, or JSON-RPC text that does not parse: answered
             log.warning("%s %s: bad frame: %s", channel.type, channel.info(), e)
+            if close is not None and not isinstance(e, FrameTooLarge) and not _is_json(data):
+                continue  # text that is not JSON at all is ignored; the connection stays (RD-W5)
             if close is not None:
                 await close(_CLOSE_TOO_BIG if isinstance(e, FrameTooLarge) else _CLOSE_BAD_DATA)
                 break
