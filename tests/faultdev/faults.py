@@ -2,7 +2,8 @@
 catch it. ``transport`` is where the fault shows (the device serves it there in the self-tests);
 ``only`` are the checks to run (default: just ``check``); ``destructive`` marks faults whose check
 changes the device (OTA, Config.Set, FS writes). ``check`` is ``preflight`` for a fault that leaves no
-request answered at all (the run's preflight then stops it with one FAIL).
+request answered at all (the run's preflight then stops it with one FAIL), and ``connect`` for one
+that makes the port impossible to open (one ERROR: "cannot open ...").
 """
 
 from __future__ import annotations
@@ -439,7 +440,7 @@ FAULTS: dict[str, Fault] = {
         _F("tcp_compat_not_learned", "tcp.mos_style", "tcp", "transports.md §7", '""" input gets """ replies'),
         _F("tcp_junk_closes", "tcp.line_style", "tcp", "transports.md §7, §1.6", "junk lines are skipped"),
         # -- ws (transports.md §2) -----------------------------------------------------------------------
-        _F("ws_subprotocol_wrong", "ws.upgrade", "ws", "transports.md §2", "the subprotocol is echoed verbatim"),
+        _F("ws_subprotocol_wrong", "connect", "ws", "transports.md §2", "the subprotocol is echoed verbatim"),
         _F(
             "ws_ping_ignored",
             "ws.ping_pong",
