@@ -158,11 +158,11 @@ class Supervisor:
                 except BootError as exc:
                     raise SupervisorError(f"nothing to start: {exc.message}") from None
                 self.boots += 1
-                outcome = await self._run_once(info)
+                await self._run_once(info)
                 if self._stop:
                     break
-                if outcome in ("exited 0", "reboot") or info.first_boot:
-                    delay = self.restart_delay_s  # planned restarts, and falling back, wait for nothing
+                if self._reboot or info.first_boot:
+                    delay = self.restart_delay_s  # asked-for restarts, and falling back, wait for nothing
                     continue
                 self._event(f"restarting in {delay:g} s")
                 with contextlib.suppress(TimeoutError):

@@ -156,3 +156,16 @@ async def test_stale_and_unknown_requests(tmp_path: Path) -> None:
         await _stop(sup, task)
     cfg = slots.config
     assert cfg is not None and cfg.committed and cfg.active_slot == 0
+
+
+async def test_committed_program_that_keeps_exiting_is_restarted_with_a_growing_delay(tmp_path: Path) -> None:
+    slots = _slots(tmp_path, behavior="crash")
+    sup, events, task = await _supervise(slots, heartbeat_timeout_s=1.0)
+    try:
+        await _until(events, "restarting in 0.2 s")
+    finally:
+        await _stop(sup, task)
+    delays = [e for e in events if e.startswith("restarting in")]
+    assert delays[:3] == ["restarting in 0.05 s", "restarting in 0.1 s", "restarting in 0.2 s"]
+    cfg = slots.config
+    assert cfg is not None and cfg.committed and cfg.active_slot == 0  # nothing to fall back to: same slot
