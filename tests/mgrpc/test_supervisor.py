@@ -19,7 +19,7 @@ from updater.fsslots import FsSlots, FsSlotStorage, LocalControl, StaleBoot, Sup
 PROGRAM = b'''
 import os, sys, time
 from pathlib import Path
-from updater.fsslots import SupervisorClient
+from updater.fsslots import SupervisorClient, commit
 behavior = Path("behavior").read_text()
 sup = SupervisorClient.from_env()
 print("running", os.environ["MGRPC_SLOT"], behavior, flush=True)
@@ -30,7 +30,7 @@ for i in range(10_000):
         time.sleep(60)
     sup.request("heartbeat")
     if behavior == "commit" and i == 2:
-        sup.request("commit")
+        assert commit() is True and commit() is False  # the one library call
     time.sleep(float(os.environ["MGRPC_HEARTBEAT_S"]))
 '''
 
