@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from rpc.errors import TransportError
+
 __all__ = ["FrameParser", "WsConnection", "WsHandshakeError", "WsProtocolError", "connect", "encode_frame"]
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -31,7 +33,7 @@ _MAX_HEADER = 64 << 10
 _READ_SIZE = 65536
 
 
-class WsHandshakeError(OSError):
+class WsHandshakeError(TransportError):
     """The server did not switch protocols properly (``status`` is its HTTP status)."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -40,7 +42,7 @@ class WsHandshakeError(OSError):
         self.message = message
 
 
-class WsProtocolError(OSError):
+class WsProtocolError(TransportError):
     """The server broke the framing rules (bad frame, message too big)."""
 
 
