@@ -147,15 +147,20 @@ def add_config_service(node: Node, fw: Firmware, cfg: DeviceConfig) -> None:
     def get(ctx: Context, params: Any) -> Any:
         p = params if isinstance(params, dict) else {}
         key = p.get("key")
-        if p.get("level") is not None and isinstance(p.get("level"), int):
-            data = cfg.load_levels(int(p["level"]))
+        if not isinstance(key, str):
+            key = None  # %Q takes strings only: anything else reads as no key (the whole config)
+        level = p.get("level")
+        if level is not None and not isinstance(level, bool) and isinstance(level, int):
+            if not 0 <= level <= USER_LEVEL:
+                raise HandlerError(400, f"invalid level (0..{USER_LEVEL})")
+            data = cfg.load_levels(level)
             node_: Any = data
             for part in (key or "").split(".") if key else ():
                 if not isinstance(node_, dict) or part not in node_:
                     raise HandlerError(404, "invalid config key")
                 node_ = node_[part]
             return node_
-        return cfg.get(key if isinstance(key, str) else None)
+        return cfg.get(key)
 
     def set_(ctx: Context, params: Any) -> Any:
         p = params if isinstance(params, dict) else {}
