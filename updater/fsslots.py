@@ -45,7 +45,9 @@ socket (``MGRPC_SUPERVISOR``; a name starting with ``@`` is in the abstract name
 per connection: ``{"op": OP, "boot": MGRPC_BOOT_ID, ...}`` answered by ``{"ok": true, "result": R}`` or
 ``{"ok": false, "error": TEXT, "code": N, "kind": K}``. Ops: ``heartbeat``, ``commit``, ``revert``,
 ``finalize``, ``set_boot_state``, ``snapshot``, ``reboot``. A request with another boot's id is
-refused with kind ``stale`` (a program left over from an earlier start must stop).
+refused with kind ``stale`` (a program left over from an earlier start must stop). The boot id is
+also the credential: it reaches the program only through its environment, which other users cannot
+read, so nobody else on the machine can commit, revert or switch slots through the socket.
 """
 
 from __future__ import annotations
