@@ -278,10 +278,13 @@ class Flash:
         erased_to: int,
         start: int = 0,
         stop: int | None = None,
+        head: bytes = b"",
     ) -> int:
-        """Stream ``data[start:stop]`` to ``addr`` the way a flash driver does; return the new ``erased_to``.
+        """Stream ``head + data[start:stop]`` to ``addr`` the way a flash driver does; return the new
+        ``erased_to``.
 
-        (``start``/``stop`` spare the caller a copy of a slice.)
+        (``start``/``stop`` spare the caller a copy of a slice; ``head``, whole chunks, is what the
+        caller completed from an earlier piece of its input, so it need not be a run of its own.)
 
         The run is a sequence of ordinary operations: ``data`` is cut into ``chunk_size`` programs
         (from ``addr``); before each one, the sectors from ``erased_to`` (a sector boundary: everything
@@ -299,19 +302,25 @@ class Flash:
             raise ValueError("chunk_size must be positive")
         if erased_to % sector:
             raise ValueError(f"erased_to 0x{erased_to:x} is not a sector boundary")
+        if len(head) % chunk_size:
+            raise ValueError(f"head must be whole {chunk_size}-byte chunks, not {len(head)} bytes")
         whole = memoryview(data).cast("B")
         view = whole[start:stop]
         length = len(view)
-        if not length:
+        if not length and not head:
             return erased_to
-        end = addr + length
+        body_addr = addr + len(head)
+        end = body_addr + length
         new_erased_to = max(erased_to, -(-end // sector) * sector)
         n_erases = (new_erased_to - erased_to) // sector
         if isinstance(data, bytes | bytearray):
             skipped = self._blank_chunks(data, chunk_size, start, start + length)
         else:
             skipped = self._blank_chunks(view.tobytes(), chunk_size, 0, length)
-        n_writes = -(-length // chunk_size) - len(skipped)
+        blank_bytes = sum(min(chunk_size, length - i * chunk_size) for i in skipped)
+        head_blank = self._blank_chunks(head, chunk_size, 0, len(head)) if head else []
+        blank_bytes += chunk_size * len(head_blank)
+        n_writes = -(-length // chunk_size) + len(head) // chunk_size - len(skipped) - len(head_blank)
         cut = self._cut
         mem = self._mem
         fast = (
@@ -326,16 +335,19 @@ class Flash:
             stop = min(end, erased_to)
             fast = mem[addr:stop] == b"\xff" * (stop - addr)  # type: ignore[index]
         if not fast:
-            return self._write_run_ops(addr, view, chunk_size, erased_to)
+            ops_view = memoryview(head + view.tobytes()) if head else view
+            return self._write_run_ops(addr, ops_view, chunk_size, erased_to)
         assert mem is not None
         if erased_to < addr:
             self._store(erased_to, b"\xff" * (addr - erased_to))
-        self._store(addr, view)
+        if head:
+            self._store(addr, head)
+        self._store(body_addr, view)
         if new_erased_to > end:
             self._store(end, b"\xff" * (new_erased_to - end))
         self.stats.erases += n_erases
         self.stats.writes += n_writes
-        self.stats.bytes_written += length - sum(min(chunk_size, length - i * chunk_size) for i in skipped)
+        self.stats.bytes_written += len(head) + length - blank_bytes
         return new_erased_to
 
     def _store(self, addr: int, data: bytes | memoryview) -> None:

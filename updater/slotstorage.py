@@ -147,18 +147,20 @@ class FlashPartWriter:
         if self.sha256 is not None:
             self.sha256.update(data)
         start = 0
+        head = b""
         if self._buf:
-            # Complete the pending program first.
+            # Complete the pending program first; it goes out at the head of the next run.
             start = min(n, WRITE_CHUNK_SIZE - len(self._buf))
             self._buf += data[:start]
             if len(self._buf) < WRITE_CHUNK_SIZE:
                 return
-            self._program(bytes(self._buf), 0, WRITE_CHUNK_SIZE)
+            head = bytes(self._buf)
             self._buf.clear()
         stop = n - (n - start) % WRITE_CHUNK_SIZE
         # Runs of a bounded size, handed over as (data, start, stop): nothing is copied here.
-        for off in range(start, stop, _RUN_BYTES):
-            self._program(data, off, min(off + _RUN_BYTES, stop))
+        for off in range(start, max(stop, start + 1) if head else stop, _RUN_BYTES):
+            self._program(data, off, min(off + _RUN_BYTES, stop), head)
+            head = b""
         if stop < n:
             self._buf += data[stop:]
 
@@ -172,13 +174,14 @@ class FlashPartWriter:
         """The CRC-32 of the part's data, as the zip parser computed it."""
         self.crc32 = crc32
 
-    def _program(self, data: bytes, start: int, stop: int) -> None:
+    def _program(self, data: bytes, start: int, stop: int, head: bytes = b"") -> None:
         # One call per run; the flash still counts (and can cut) every erase and 512-byte program.
+        stop = max(start, stop)
         self._erased_to = self.flash.write_run(
             self.partition.offset + self._flushed, data, chunk_size=WRITE_CHUNK_SIZE, erased_to=self._erased_to,
-            start=start, stop=stop,
+            start=start, stop=stop, head=head,
         )  # fmt: skip
-        self._flushed += stop - start
+        self._flushed += len(head) + stop - start
 
     def verify(self) -> None:
         """``Invalid size`` / ``Digest mismatch`` against the manifest part."""

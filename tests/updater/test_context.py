@@ -131,12 +131,13 @@ def test_only_inactive_slot_written_before_finish() -> None:
         writes.append((addr, len(data)))
         real_write(addr, data)
 
-    def write_run(addr: int, data: bytes, *, chunk_size: int, erased_to: int, start: int = 0, stop: int | None = None) -> int:
+    def write_run(addr: int, data: bytes, *, chunk_size: int, erased_to: int, start: int = 0, stop: int | None = None,
+                  head: bytes = b"") -> int:  # fmt: skip
         # The run programs [addr, addr+len) and may erase from erased_to to the end of its last sector.
-        end = addr + len(data[start:stop])
+        end = addr + len(head) + len(data[start:stop])
         lo = min(addr, erased_to)
         writes.append((lo, -(-end // sector) * sector - lo))
-        return real_run(addr, data, chunk_size=chunk_size, erased_to=erased_to, start=start, stop=stop)
+        return real_run(addr, data, chunk_size=chunk_size, erased_to=erased_to, start=start, stop=stop, head=head)
 
     def erase_sector(index: int) -> None:
         writes.append((index * st.flash.sector_size, st.flash.sector_size))

@@ -214,6 +214,7 @@ def _run_cases() -> list[tuple[str, bytes, int, int, int]]:
         # (name, data, addr, erased_to, pre-programmed byte below erased_to or -1)
         ("fresh", noise, SECTOR, SECTOR, -1),
         ("blank chunks", blanks, SECTOR, SECTOR, -1),
+        ("blank first chunk", b"\xff" * 32 + noise[:100], SECTOR, SECTOR, -1),
         ("continues an erased sector", noise[:500], SECTOR + 64, 2 * SECTOR, -1),
         ("gap below the run", noise[:200], 3 * SECTOR + 32, SECTOR, -1),
         ("needs an erase", noise[:500], SECTOR + 64, 2 * SECTOR, SECTOR + 100),
@@ -237,6 +238,12 @@ def _prepared(case: tuple[str, bytes, int, int, int]) -> Flash:
     return f
 
 
+def _reference_cut(case: tuple[str, bytes, int, int, int], at: int, torn: str) -> Flash:
+    f = _prepared(case)
+    f.arm_power_cut(at_op=at, torn=torn, rng=random.Random(at))  # type: ignore[arg-type]
+    return f
+
+
 @pytest.mark.parametrize("case", _run_cases(), ids=lambda c: c[0])
 @pytest.mark.parametrize("torn", [False, "keep", "random"])
 def test_write_run_is_the_same_operations(case: tuple[str, bytes, int, int, int], torn: str) -> None:
@@ -255,8 +262,13 @@ def test_write_run_is_the_same_operations(case: tuple[str, bytes, int, int, int]
         # handed over inside a bigger buffer (start/stop), as the updater does
         return f.write_run(a, b"\x00\x01" + d + b"\xff", chunk_size=c, erased_to=e, start=2, stop=2 + len(d))
 
+    def by_run_with_head(f: Flash, a: int, d: bytes, c: int, e: int) -> int:
+        # the first chunk handed over separately (a chunk the caller completed from an earlier piece)
+        return f.write_run(a, b"\x07" + d[c:], chunk_size=c, erased_to=e, start=1, head=d[:c])
+
     reference = outcome(_prepared(case), _run_op_by_op)
     assert outcome(_prepared(case), by_run) == reference
+    assert outcome(_prepared(case), by_run_with_head) == reference
     total_ops = reference[2] + reference[3]  # type: ignore[operator]
     assert total_ops > 0
     for at in range(total_ops + 1):
@@ -264,6 +276,9 @@ def test_write_run_is_the_same_operations(case: tuple[str, bytes, int, int, int]
         expected_f.arm_power_cut(at_op=at, torn=torn, rng=random.Random(at))  # type: ignore[arg-type]
         got_f.arm_power_cut(at_op=at, torn=torn, rng=random.Random(at))  # type: ignore[arg-type]
         assert outcome(got_f, by_run) == outcome(expected_f, _run_op_by_op), at
+        head_f = _prepared(case)
+        head_f.arm_power_cut(at_op=at, torn=torn, rng=random.Random(at))  # type: ignore[arg-type]
+        assert outcome(head_f, by_run_with_head) == outcome(_reference_cut(case, at, torn), _run_op_by_op), at
 
 
 def test_write_run_refuses_an_unaligned_erase_mark(flash: Flash) -> None:
@@ -271,3 +286,5 @@ def test_write_run_refuses_an_unaligned_erase_mark(flash: Flash) -> None:
         flash.write_run(0, b"\x00", chunk_size=16, erased_to=5)
     with pytest.raises(ValueError, match="chunk_size"):
         flash.write_run(0, b"\x00", chunk_size=0, erased_to=0)
+    with pytest.raises(ValueError, match="whole 16-byte chunks"):
+        flash.write_run(0, b"\x00", chunk_size=16, erased_to=0, head=b"\x00" * 5)
