@@ -7,6 +7,15 @@ Device side (no Mongoose OS library has one; ours is for tests and bridges): ``l
 connections on ``host:port``, one channel per connection, read with the rpc-uart algorithm (so a
 peer may use either delimiter, with or without CRC) and answered in the style the peer used.
 
+Limits of the device side (listen URL options), so that abusive peers cannot starve the others:
+
+``max_conns``       connections held at once (default 64); one more closes the connection that has
+                    been quiet longest (idle connections never lock a real client out)
+``max_out_buffer``  bytes of replies queued for a peer that does not read them (default 1 MiB); past
+                    that the connection is closed (replies are never dropped from a live stream)
+
+Frames over ``rpc.max_frame_size`` (the node's ``max_frame_size``) are dropped by the decoder.
+
 The framing logic is in :mod:`transports.stream` (shared with the serial transport); the channels
 here only move bytes.
 """
@@ -37,7 +46,9 @@ __all__ = [
 ]
 
 SCHEMES = ("tcp",)
-OPTIONS: frozenset[str] = frozenset({"connect_timeout"})
+OPTIONS: frozenset[str] = frozenset({"connect_timeout", "max_conns", "max_out_buffer"})
+DEFAULT_MAX_CONNS = 64
+DEFAULT_MAX_OUT_BUFFER = 1 << 20
 EXTRA = ""
 
 log = logging.getLogger("mgrpc.transport.tcp")
@@ -145,10 +156,13 @@ class TcpDeviceChannel(_TcpIO, StreamDeviceChannel):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         on_closed: Callable[[TcpDeviceChannel], None] | None = None,
         codec: FrameCodec | None = None,
+        max_out_buffer: int = DEFAULT_MAX_OUT_BUFFER,
     ) -> None:
         # mos sends UTF-8 unescaped on TCP, so the UART's non-ASCII rule does not apply here.
         super().__init__(max_frame_size=max_frame_size, codec=codec or JsonCodec(), ascii_only=False)
         self._on_closed = on_closed
+        self.max_out_buffer = max_out_buffer
+        self.last_active = asyncio.get_running_loop().time()
         self._reader = reader
         self._writer = writer
         peer = writer.get_extra_info("peername")
@@ -166,10 +180,25 @@ class TcpDeviceChannel(_TcpIO, StreamDeviceChannel):
         if not was_closed and self._on_closed is not None:
             self._on_closed(self)
 
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the peer (also marks the connection active, see ``max_conns``)."""
+        self.last_active = asyncio.get_running_loop().time()
+        super().data_received(data)
+
     def write(self, data: bytes) -> None:
-        """Queue bytes on the socket."""
-        if not self._writer.is_closing():
-            self._writer.write(data)
+        """Queue bytes on the socket; a peer that lets ``max_out_buffer`` bytes pile up is cut off."""
+        if self._writer.is_closing():
+            return
+        self._writer.write(data)
+        unsent = self._writer.transport.get_write_buffer_size()
+        if unsent > self.max_out_buffer:
+            log.warning("tcp %s: the peer does not read its replies (%d bytes unsent); closing", self._peer, unsent)
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection now, with whatever is still unsent."""
+        self.mark_closed()
+        self._writer.transport.abort()
 
     async def drain(self) -> None:
         """Wait for the socket buffer to drain."""
@@ -178,6 +207,17 @@ class TcpDeviceChannel(_TcpIO, StreamDeviceChannel):
         except (ConnectionError, OSError) as e:
             self.mark_closed()
             raise ChannelClosed(f"tcp {self._peer}: {e}") from e
+
+
+def _positive_int(url: TransportURL, name: str, default: int) -> int:
+    text = url.option(name, str(default)) or str(default)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UsageError(f"tcp:// option {name} must be a positive integer, not {text!r}")
+    return value
 
 
 class TcpListener:
@@ -220,13 +260,20 @@ async def listen(url: TransportURL, node: Node, **opts: Any) -> TcpListener:
     """Serve ``node`` on ``host:port`` (port 0 picks a free one; see ``.url``)."""
     host, port = url.host_port(default_host="127.0.0.1")
     codec = stream_codec(url, dict(opts))
+    max_conns = _positive_int(url, "max_conns", DEFAULT_MAX_CONNS)
+    max_out_buffer = _positive_int(url, "max_out_buffer", DEFAULT_MAX_OUT_BUFFER)
     listener: TcpListener | None = None
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert listener is not None
+        while len(listener.channels) >= max_conns:
+            quiet = min(listener.channels, key=lambda c: c.last_active)
+            log.info("tcp: %d connections (max_conns); closing the quietest, %s", len(listener.channels), quiet.info())
+            listener.channels.discard(quiet)
+            quiet.abort()
         ch = TcpDeviceChannel(
             reader, writer, max_frame_size=node.max_frame_size, on_closed=listener.channels.discard,
-            codec=None if codec.name == "json" else device_codec(codec),
+            codec=None if codec.name == "json" else device_codec(codec), max_out_buffer=max_out_buffer,
         )  # fmt: skip
         listener.channels.add(ch)
         node.add_channel(ch)

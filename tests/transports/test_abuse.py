@@ -1,0 +1,168 @@
+"""Listeners under abuse (issue #14 §4), on 127.0.0.1 with bounded loops: idle connections, a peer
+that never reads, oversized frames, invalid UTF-8, a flood of requests, slowloris HTTP headers. In
+every case a well-behaved client keeps being served, and what the device holds stays bounded by its
+configured limits."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+import transports
+from rpc.errors import UsageError
+from rpc.node import Node
+
+T = 10.0
+
+
+def _node() -> Node:
+    node = Node(id="esp32_ABUSE", max_frame_size=4096)
+    node.add_handler("Test.Big", lambda ctx, p: "x" * 3000)
+    return node
+
+
+@pytest.fixture
+async def tcp() -> AsyncIterator[tuple[Any, Node]]:
+    node = _node()
+    lst = await transports.listen("tcp://127.0.0.1:0?max_conns=20&max_out_buffer=65536", node)
+    yield lst, node
+    await lst.close()
+    await node.close()
+
+
+def _addr(url: str) -> tuple[str, int]:
+    u = urlsplit(url)
+    assert u.hostname is not None and u.port is not None
+    return u.hostname, u.port
+
+
+async def _ping(url: str) -> None:
+    async with await transports.connect(url, timeout_s=T) as c:
+        assert await asyncio.wait_for(c.call("RPC.Ping"), T)
+
+
+async def test_idle_connections_never_lock_a_client_out(tcp: tuple[Any, Node]) -> None:
+    lst, _ = tcp
+    host, port = _addr(lst.url)
+    idle = [await asyncio.open_connection(host, int(port)) for _ in range(60)]  # 3 x max_conns
+    try:
+        await asyncio.sleep(0.2)
+        assert len(lst.channels) <= 20
+        await _ping(lst.url)  # the quietest idle one made room
+        assert len(lst.channels) <= 20
+    finally:
+        for _, w in idle:
+            w.close()
+
+
+async def test_a_peer_that_never_reads_is_cut_off(tcp: tuple[Any, Node]) -> None:
+    lst, _ = tcp
+    host, port = _addr(lst.url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    request = b'{"id":1,"src":"x","method":"Test.Big"}\n'
+    for _ in range(100):  # shrink the device's kernel buffer too, so the test needs few requests
+        await asyncio.sleep(0.01)
+        if lst.channels:
+            break
+    for ch in lst.channels:
+        ch._writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = asyncio.get_running_loop()
+    sent = 0
+    try:
+        for _ in range(2000):  # each asks for ~3 KB; never read one of them
+            try:
+                await asyncio.wait_for(loop.sock_sendall(sock, request), 1)
+            except (OSError, TimeoutError):
+                break  # the device closed it (or stopped reading from a dead peer)
+            sent += 1
+            if not lst.channels:
+                break
+            for ch in lst.channels:  # bounded: never more than the limit plus one reply is queued
+                assert ch._writer.transport.get_write_buffer_size() <= 65536 + 4096
+            if sent % 50 == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.2)
+        assert not lst.channels, "a peer that reads nothing must be closed once max_out_buffer is reached"
+        await _ping(lst.url)
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b'{"id":1,"method":"RPC.Ping","params":"' + b"A" * 200_000 + b'"}\n',  # far over max_frame_size
+        b'{"id":1,"method":"RPC.Ping","params":"\xff\xfe\xc3\x28"}\n',  # invalid UTF-8
+        b"\xff" * 10_000 + b"\n",
+        b'"""' * 1000 + b"\x04" * 100 + b"\n\n\n",
+    ],
+)
+async def test_oversized_and_invalid_frames_are_dropped_and_the_link_lives(tcp: tuple[Any, Node], junk: bytes) -> None:
+    lst, _ = tcp
+    host, port = _addr(lst.url)
+    r, w = await asyncio.open_connection(host, int(port))
+    try:
+        w.write(junk + b'{"id":77,"src":"x","method":"RPC.Ping"}\n')
+        await w.drain()
+        line = await asyncio.wait_for(r.readline(), T)
+        while b'"id":77' not in line:
+            line = await asyncio.wait_for(r.readline(), T)
+        assert b'"result"' in line
+    finally:
+        w.close()
+
+
+async def test_a_flood_of_requests_is_answered_in_full(tcp: tuple[Any, Node]) -> None:
+    lst, _ = tcp
+    host, port = _addr(lst.url)
+    r, w = await asyncio.open_connection(host, int(port))
+    n = 3000  # far beyond max_queue_length (25): a device answers in order, nothing is lost
+    try:
+        w.write(b"".join(b'{"id":%d,"src":"x","method":"RPC.Ping"}\n' % i for i in range(1, n + 1)))
+        seen = 0
+        while seen < n:
+            line = await asyncio.wait_for(r.readline(), T)
+            seen += b'"result"' in line
+        await _ping(lst.url)
+    finally:
+        w.close()
+
+
+async def test_slowloris_headers_do_not_block_other_clients() -> None:
+    node = _node()
+    lst = await transports.listen("http://127.0.0.1:0/rpc", node)
+    host, port = _addr(lst.url)
+    slow = []
+    try:
+        for _ in range(100):
+            _, w = await asyncio.open_connection(host, int(port))
+            w.write(b"POST /rpc HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the end of the headers
+            slow.append(w)
+        await asyncio.sleep(0.1)
+        for w in slow:
+            w.write(b"a")
+        await _ping(lst.url)
+        ws = await transports.listen(lst.url.replace("http://", "ws://"), node)
+        await _ping(ws.url)
+        await ws.close()
+    finally:
+        for w in slow:
+            w.close()
+        await lst.close()
+        await node.close()
+
+
+@pytest.mark.parametrize("option", ["max_conns=0", "max_conns=x", "max_out_buffer=-1"])
+async def test_bad_limits_are_usage_errors(option: str) -> None:
+    node = _node()
+    with pytest.raises(UsageError):
+        await transports.listen(f"tcp://127.0.0.1:0?{option}", node)
+    await node.close()
