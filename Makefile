@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Servers and tools the tests start themselves (mosquitto as the MQTT broker, chromium for the
-# dashboard's browser test).
+# dashboard's browser test, PostgreSQL for the fleet's several-workers test: a private cluster).
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
 	  echo "installing mosquitto from Debian's packages"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing postgresql from Debian's packages (fleet workers test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 	@test -x /usr/bin/chromium || { \
 	  echo "installing chromium from Debian's packages (dashboard browser test)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }

@@ -1,9 +1,14 @@
 """The shadow service that runs beside the broker: answers ``$aws/things/<id>/shadow/...`` requests
-(topics in :mod:`services.shadow`) and keeps every document in SQLite.
+(topics in :mod:`services.shadow`) and keeps every document in the fleet database (SQLite or
+PostgreSQL, :mod:`mgrpc.fleet.sql`).
 
 :class:`ShadowStore` is the sans-I/O core: ``handle(topic, payload)`` returns the messages to
 publish (and persists the document); :class:`ShadowServer` wires it to an injected MQTT
 connection (e.g. ``transports.mqttconn.MqttConnection``). Replies are QoS 1, not retained.
+With ``share_group`` the request topics are shared subscriptions (``$share/<group>/...``): each
+request reaches one of the workers of the group. (mosquitto 2.0 delivers no ``$``-topic to a shared
+subscription, so the fleet runs one active shadow service per group instead, see
+:mod:`mgrpc.fleet.app`.)
 Deletion: ``$aws/things/<id>/shadow/delete`` removes the document (the next update starts it at
 version 1).
 """
@@ -12,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any
 
 from services.shadow import ShadowDocument, ShadowError, ShadowTopics, parse_shadow_topic
 
-__all__ = ["ShadowServer", "ShadowStore"]
+__all__ = ["ShadowServer", "ShadowStore", "shared"]
 
 log = logging.getLogger("mgrpc.mgrpc.shadow_server")
 
@@ -30,63 +33,76 @@ REQUEST_FILTERS = ("$aws/things/+/shadow/update", "$aws/things/+/shadow/get", "$
 Outgoing = list[tuple[str, bytes]]
 
 
+def shared(topic_filter: str, group: str) -> str:
+    """``$share/<group>/<filter>`` (an MQTT 5 shared subscription), or the filter itself without a group."""
+    return f"$share/{group}/{topic_filter}" if group else topic_filter
+
+
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
 class ShadowStore:
-    """Shadow documents in an SQLite file (``":memory:"`` for tests); ``handle`` answers requests."""
+    """Shadow documents in the fleet database (a SQLite path, ``":memory:"`` for tests, or a
+    ``postgresql://`` URL shared by several workers); ``handle`` answers requests.
 
-    def __init__(self, path: str | Path = ":memory:", *, clock: Callable[[], float] = time.time) -> None:
+    An update is one transaction holding the document's row, so two workers answering requests for
+    the same thing at once cannot lose either update.
+    """
+
+    def __init__(self, path: str | Path = ":memory:", *, clock: Callable[[], float] = time.time,
+                 engine: Any = None) -> None:  # fmt: skip
+        from mgrpc.fleet import sql
+
         self.path = str(path)
         self.clock = clock
-        self._lock = threading.Lock()
-        self.db = sqlite3.connect(self.path, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL" if self.path != ":memory:" else "PRAGMA journal_mode=MEMORY")
-        self.db.execute("CREATE TABLE IF NOT EXISTS shadows (thing TEXT PRIMARY KEY, doc TEXT NOT NULL)")
-        self.db.commit()
+        self._sql = sql
+        self.sa = sql.sqlalchemy()
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else sql.make_engine(path)
+        sql.metadata()
+        self.t = sql.TABLES["shadows"]
 
     def close(self) -> None:
-        """Close the database."""
-        self.db.close()
+        """Close the database (unless the engine was given)."""
+        if self._owns_engine:
+            self.engine.dispose()
 
     def get(self, thing: str) -> ShadowDocument | None:
         """The stored document of ``thing``, or None."""
-        with self._lock:
-            row = self.db.execute("SELECT doc FROM shadows WHERE thing = ?", (thing,)).fetchone()
-        return ShadowDocument.from_json(json.loads(row[0])) if row else None
+        with self.engine.begin() as c:
+            row = c.execute(self.sa.select(self.t.c.doc).where(self.t.c.thing == thing)).first()
+        return ShadowDocument.from_json(json.loads(row[0])) if row and row[0] else None
 
     def things(self) -> list[str]:
         """Every thing with a document."""
-        with self._lock:
-            return [r[0] for r in self.db.execute("SELECT thing FROM shadows ORDER BY thing")]
-
-    def _put(self, thing: str, doc: ShadowDocument) -> None:
-        with self._lock:
-            self.db.execute("INSERT OR REPLACE INTO shadows (thing, doc) VALUES (?, ?)",
-                            (thing, json.dumps(doc.to_json())))  # fmt: skip
-            self.db.commit()
+        with self.engine.begin() as c:
+            q = self.sa.select(self.t.c.thing).where(self.t.c.doc != "").order_by(self.t.c.thing)
+            return [r[0] for r in c.execute(q)]
 
     def _delete(self, thing: str) -> bool:
-        with self._lock:
-            cur = self.db.execute("DELETE FROM shadows WHERE thing = ?", (thing,))
-            self.db.commit()
-            return cur.rowcount > 0
+        with self.engine.begin() as c:
+            cur = c.execute(self.sa.delete(self.t).where(self.t.c.thing == thing, self.t.c.doc != ""))
+            return bool(cur.rowcount)
 
     def update(self, thing: str, request: Any) -> Outgoing:
         """Apply an update request (parsed JSON) to ``thing``; the replies to publish."""
         t = ShadowTopics(thing)
         token = request.get("clientToken") if isinstance(request, dict) else None
-        doc = self.get(thing) or ShadowDocument()
-        previous = doc.to_json()
-        try:
-            accepted = doc.apply(request, now=int(self.clock()))
-        except ShadowError as e:
-            rej: dict[str, Any] = {"code": e.code, "message": e.message}
-            if token is not None:
-                rej["clientToken"] = token
-            return [(t.update_rejected, _dumps(rej))]
-        self._put(thing, doc)
+        with self.engine.begin() as c:
+            c.execute(self._sql.insert_ignore(self.t, self.engine).values(thing=thing, doc=""))
+            q = self._sql.for_update(self.sa.select(self.t.c.doc).where(self.t.c.thing == thing), self.engine)
+            row = c.execute(q).first()
+            doc = ShadowDocument.from_json(json.loads(row[0])) if row and row[0] else ShadowDocument()
+            previous = doc.to_json()
+            try:
+                accepted = doc.apply(request, now=int(self.clock()))
+            except ShadowError as e:
+                rej: dict[str, Any] = {"code": e.code, "message": e.message}
+                if token is not None:
+                    rej["clientToken"] = token
+                return [(t.update_rejected, _dumps(rej))]
+            c.execute(self.sa.update(self.t).where(self.t.c.thing == thing).values(doc=json.dumps(doc.to_json())))
         out: Outgoing = [(t.update_accepted, _dumps(accepted))]
         delta = doc.delta
         if "desired" in request["state"] and delta:
@@ -127,8 +143,11 @@ class ShadowStore:
 class ShadowServer:
     """Serve a :class:`ShadowStore` through an MQTT connection (``conn`` as in :mod:`services.shadow`)."""
 
-    def __init__(self, conn: Any, store: ShadowStore, *, owns_connection: bool = False) -> None:
+    def __init__(self, conn: Any, store: ShadowStore, *, owns_connection: bool = False,
+                 share_group: str = "") -> None:  # fmt: skip
         self.conn = conn
+        self.share_group = share_group
+        self.serving = False
         self.store = store
         self.owns_connection = owns_connection
         self.handled = 0
@@ -136,9 +155,20 @@ class ShadowServer:
     async def start(self) -> ShadowServer:
         """Subscribe the request topics (returns once the broker acknowledged them)."""
         for flt in REQUEST_FILTERS:
-            await self.conn.subscribe(flt, self._on_message, qos=1)
-        log.info("shadow service: serving %s", ", ".join(REQUEST_FILTERS))
+            await self.conn.subscribe(shared(flt, self.share_group), self._on_message, qos=1)
+        self.serving = True
+        log.info("shadow service: serving %s", ", ".join(shared(f, self.share_group) for f in REQUEST_FILTERS))
         return self
+
+    async def stop_serving(self) -> None:
+        """Stop answering requests (another worker took over); :meth:`update_desired` still works."""
+        self.serving = False
+        for flt in REQUEST_FILTERS:
+            try:
+                await self.conn.unsubscribe(shared(flt, self.share_group), self._on_message)
+            except Exception as e:
+                log.debug("unsubscribing %s failed: %s", flt, e)
+        log.info("shadow service: no longer serving")
 
     def _on_message(self, msg: Any) -> None:
         if getattr(msg, "retain", False):

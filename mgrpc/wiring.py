@@ -136,9 +136,14 @@ class Fleet:
 async def start_fleet(
     *, broker: str, db_path: str | Path, listen: str = "http://127.0.0.1:0", public_url: str = "",
     shadow: bool = True, token: str | None = None, password_file: str | Path | None = None,
-    tls_cert: str | Path | None = None, tls_key: str | Path | None = None, **app_kw: Any,
+    tls_cert: str | Path | None = None, tls_key: str | Path | None = None, share_group: str | None = None,
+    **app_kw: Any,
 ) -> Fleet:  # fmt: skip
     """Start the dashboard (and the shadow service) on ``listen``; port 0 picks a free port.
+
+    ``db_path``: a SQLite file, or a ``postgresql://`` URL that several dashboard processes (workers)
+    share. Workers split the device traffic through MQTT shared subscriptions of ``share_group``
+    (default: ``mgrpc-fleet`` with a database URL, none with SQLite).
 
     ``http://`` on 127.0.0.1 may go without credentials; any other address needs ``token`` and/or
     ``password_file`` (htdigest) (:class:`mgrpc.fleet.security.SecurityError` otherwise).
@@ -169,6 +174,10 @@ async def start_fleet(
     require_credentials(u.hostname, token=token, password_file=password_file)
     guard = Guard(token=token, password_file=password_file, secure_cookies=ssl_ctx is not None)
     scheme = "https" if ssl_ctx is not None else "http"
+    from mgrpc.fleet.sql import is_database_url
+
+    if share_group is None:
+        share_group = "mgrpc-fleet" if is_database_url(db_path) else ""
     db = FleetDB(db_path)
     conn = None
     shadow_srv = None
@@ -180,9 +189,12 @@ async def start_fleet(
             broker_base = f"{b.scheme}://{b.netloc}"
             conn = await open_connection(broker_base, client_id=f"mgrpc-dashboard-{id(db) & 0xFFFFFF:06x}")
             if shadow:
-                shadow_srv = await ShadowServer(conn, ShadowStore(db_path)).start()
+                store = ShadowStore(db_path, engine=db.engine)
+                shadow_srv = ShadowServer(conn, store)
+                if not share_group:  # with workers, the one holding the lease serves (FleetApp.start)
+                    await shadow_srv.start()
         fleet_app = FleetApp(db, mqtt=conn, rpc_connect=transports.connect, broker_url=broker_base, guard=guard,
-                             **app_kw)  # fmt: skip
+                             share_group=share_group, shadow_service=shadow_srv, **app_kw)  # fmt: skip
         runner = web.AppRunner(fleet_app.web_app(), access_log=None)
         await runner.setup()
         default_port = 443 if ssl_ctx is not None else 80

@@ -479,7 +479,9 @@ class MqttConnection:
         topic_matches_sub = self._mqtt.topic_matches_sub
         called: list[MessageCallback] = []
         for flt, cbs in list(self._callbacks.items()):
-            if not topic_matches_sub(flt, msg.topic):
+            # A shared subscription ($share/<group>/<filter>) delivers the topics its filter matches.
+            match = flt.split("/", 2)[2] if flt.startswith("$share/") and flt.count("/") >= 2 else flt
+            if not topic_matches_sub(match, msg.topic):
                 continue
             for cb in cbs:
                 if any(cb is c or cb == c for c in called):

@@ -276,6 +276,8 @@ EXTRAS = {
     "bumble": ("bumble", "ble"),
     "msgpack": ("msgpack", "msgpack"),
     "cryptography": ("cryptography", "sign"),
+    "sqlalchemy": ("sqlalchemy", "fleet"),
+    "psycopg": ("psycopg", "postgres"),
 }
 
 

@@ -34,7 +34,12 @@ def register(sub: Any) -> None:
         "unless --no-shadow.",
     )
     p.add_argument("--broker", default="", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
-    p.add_argument("--db", required=True, help="SQLite file for devices, bundles, rollouts and shadows")
+    p.add_argument("--db", required=True, help="SQLite file for devices, bundles, rollouts and shadows, or a "
+                   "postgresql://user@host/db URL shared by several dashboard processes (workers)")
+    p.add_argument("--share-group", default=None, metavar="NAME",
+                   help="MQTT shared-subscription group the workers split device traffic in ($share/NAME/...; "
+                   "default mgrpc-fleet with a postgresql:// --db, none with SQLite)")
+    p.add_argument("--worker-id", default="", help="this worker's name in the database (default: random)")
     p.add_argument("--listen", default="http://127.0.0.1:8080", help="where to serve the dashboard")
     p.add_argument("--public-url", default="", help="the dashboard URL as devices see it (default: --listen)")
     p.add_argument("--no-shadow", action="store_true", help="do not run the shadow service")
@@ -73,7 +78,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             fleet = await start_fleet(broker=args.broker, db_path=args.db, listen=listen,
                                       public_url=args.public_url, shadow=not args.no_shadow, token=token,
                                       password_file=args.password_file, tls_cert=args.tls_cert,
-                                      tls_key=args.tls_key)  # fmt: skip
+                                      tls_key=args.tls_key, share_group=args.share_group,
+                                      worker_id=args.worker_id)  # fmt: skip
         except SecurityError as e:
             raise CliError(str(e), exit_status=EXIT_USAGE) from None
         try:

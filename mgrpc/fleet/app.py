@@ -66,6 +66,8 @@ PUSH_WINDOW = 4
 MAX_UPLOAD = 64 << 20
 EVENT_MIN_GAP_S = 0.05  # server-sent events: at most 20 state updates a second per browser
 EVENT_KEEPALIVE_S = 15.0
+SHADOW_RESEND_S = 10.0  # shadow: a device online that has not begun is sent desired.ota again
+WORKER_DEAD_S = 5.0  # a worker not heard from for this long is dead: its waiting jobs are taken over
 
 RpcConnect = Callable[[str], Awaitable[Any]]
 # The request's session (for its CSRF token); aiohttp >= 3.11 wants typed request keys.
@@ -86,8 +88,16 @@ class FleetApp:
         send_timeout_s: float = SEND_TIMEOUT_S,
         reboot_grace_s: float = REBOOT_GRACE_S,
         guard: Guard | None = None,
+        share_group: str = "",
+        worker_id: str = "",
+        shadow_service: Any | None = None,
     ) -> None:
         self.db = db
+        self.share_group = share_group
+        self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        # the shadow service beside this dashboard (mgrpc.shadow_server.ShadowServer): sets desired
+        # state directly; with a share group, one worker at a time answers the devices' requests
+        self.shadow_service = shadow_service
         self.guard = guard or Guard()
         self.mqtt = mqtt
         self.rpc_connect = rpc_connect
@@ -100,6 +110,8 @@ class FleetApp:
             if d.source == "mqtt":
                 d.online = False  # until the broker says otherwise
         self.rollouts: dict[str, Rollout] = {r.id: r for r in db.rollouts()}
+        self._devices_seen = time.time()
+        self._last_change = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self.changes = 0  # bumped on every change (the page can skip redraws)
@@ -109,8 +121,14 @@ class FleetApp:
     async def start(self) -> FleetApp:
         """Subscribe the fleet topics and start the timeout ticker."""
         if self.mqtt is not None:
+            g = self.share_group
+            # Presence is retained, and a shared subscription gets no retained messages: every worker
+            # follows every device's status (the job moves it causes happen once: the database decides).
             await self.mqtt.subscribe("+/status", self._on_status, qos=1)
-            await self.mqtt.subscribe("+/ota/progress", self._on_progress, qos=0)
+            # The bulk of the traffic: one worker of the group gets each message.
+            await self.mqtt.subscribe(_shared("+/ota/progress", g), self._on_progress, qos=0)
+            # mosquitto 2.0 delivers no $-topic to a shared subscription: every worker follows the
+            # shadow traffic (light: a few messages per update); the database keeps the moves single.
             await self.mqtt.subscribe("$aws/things/+/shadow/update/accepted", self._on_shadow, qos=1)
             # Discovery of devices that speak only the shadow protocol (Mongoose OS devices): their
             # own requests name them.
@@ -118,17 +136,26 @@ class FleetApp:
             await self.mqtt.subscribe("$aws/things/+/shadow/get", self._on_shadow_request, qos=1)
             if hasattr(self.mqtt, "on_state"):
                 self.mqtt.on_state(self._on_broker_state)
+        self.db.heartbeat(self.worker_id)
+        await self._shadow_lease()
+        self._take_over()
+        for r in list(self.rollouts.values()):
+            if r.state == "running":
+                self._pump(r)
         self._ticker = asyncio.ensure_future(self._tick_loop())
-        for r in self.rollouts.values():
-            if r.state == "finished" or r.settled:
-                continue
-            if r.method in ("push", "url"):
-                # The transfer ran in the previous dashboard process; it cannot be resumed from here.
-                for job in r.jobs.values():
-                    if job.state in ("sending", "updating"):
-                        self._event(r, job, "error", error="interrupted: the dashboard restarted")
-            self._pump(r)
         return self
+
+    async def _shadow_lease(self) -> None:
+        """With a share group, answer the devices' shadow requests only while holding the lease."""
+        srv = self.shadow_service
+        if srv is None or not self.share_group:
+            return
+        held = self.db.lease(f"shadow:{self.share_group}", self.worker_id, WORKER_DEAD_S)
+        if held and not srv.serving:
+            await srv.start()
+            log.warning("worker %s: answering the shadow requests (group %s)", self.worker_id, self.share_group)
+        elif not held and srv.serving:
+            await srv.stop_serving()
 
     async def close(self) -> None:
         """Stop the ticker and the running job tasks (the database stays open: the caller owns it)."""
@@ -137,6 +164,8 @@ class FleetApp:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, *(x for x in [self._ticker] if x), return_exceptions=True)
+        with contextlib.suppress(Exception):
+            self.db.forget_worker(self.worker_id)
 
     def _bump(self) -> None:
         """Something the page shows changed: wake the event streams."""
@@ -251,17 +280,26 @@ class FleetApp:
         if state == "progress" and not p.get("done"):
             return  # an update began; each poll begins one, most end at once with 304 Not Modified
         if state == "progress":
-            job.done_bytes = int(p.get("done") or 0)
-            job.total_bytes = p.get("total") if isinstance(p.get("total"), int) else job.total_bytes
-            job.changed_at = time.time()
-            self._event(r, job, "progress", message="downloading" if r.method != "push" else "writing")
+            done = int(p.get("done") or 0)
+            total = p.get("total") if isinstance(p.get("total"), int) else job.total_bytes
+            self._progress(r, job, done, total, "downloading" if r.method != "push" else "writing")
         elif state == "success":
-            job.done_bytes = job.total_bytes or job.done_bytes
-            self._event(r, job, "applied", message=str(p.get("message") or "applied, rebooting"))
+            self._event(r, job, "applied", message=str(p.get("message") or "applied, rebooting"),
+                        done_bytes=job.total_bytes or job.done_bytes)  # fmt: skip
         elif state == "error":
             self._event(r, job, "error", error=str(p.get("message") or "update failed"))
         elif state == "committed":
             self._event(r, job, "committed", message="committed")
+
+    def _progress(self, r: Rollout, job: Job, done: int, total: int | None, message: str) -> None:
+        """Transfer progress: every step is shown; the database gets the first and every 10 %."""
+        step = (10 * done // total) if total else 0
+        last = (10 * job.done_bytes // job.total_bytes) if job.total_bytes else -1
+        if job.state == "updating" and step == last and done < (total or 0):
+            job.done_bytes, job.total_bytes, job.changed_at = done, total, time.time()
+            self._bump()
+            return
+        self._event(r, job, "progress", message=message, done_bytes=done, total_bytes=total, changed_at=time.time())
 
     def _on_shadow(self, msg: Any) -> None:
         try:
@@ -340,13 +378,26 @@ class FleetApp:
                 self._touch(d)
 
     # -- rollouts --------------------------------------------------------------------------------
+    def _rollout(self, rollout_id: str) -> Rollout | None:
+        """The cached rollout (loaded from the database if another worker started it)."""
+        r = self.rollouts.get(rollout_id)
+        if r is None:
+            r = self.db.rollout(rollout_id)
+            if r is not None:
+                self.rollouts[r.id] = r
+        return r
+
     def _active_job(self, dev_id: str) -> tuple[Rollout, Job] | None:
-        for r in reversed(list(self.rollouts.values())):
-            j = r.jobs.get(dev_id)
-            if j is not None and j.state != "queued" and (not j.terminal or j.state == "done"):
-                if j.state == "done" and r.autocommit:
-                    continue  # committed: nothing can undo it
-                return r, j
+        """The device's job that events may still move (from the database: any worker may have moved it)."""
+        for rid, fresh in self.db.active_jobs(dev_id):
+            r = self._rollout(rid)
+            if r is None:
+                continue
+            if fresh.state == "done" and r.autocommit:
+                continue  # committed: nothing can undo it
+            job = r.jobs.setdefault(dev_id, fresh)
+            _copy_job(job, fresh)
+            return r, job
         return None
 
     def start_rollout(
@@ -384,10 +435,10 @@ class FleetApp:
             )  # fmt: skip
         except ValueError as e:
             raise FleetError(str(e)) from None
+        self.db.save_rollout(r)
         self.rollouts[r.id] = r
         log.info("rollout %s: %s %s to %d devices by %s", r.id, info.name, info.version, len(devices), method)
         self._pump(r)
-        self.db.save_rollout(r)
         return r
 
     def control(self, rollout_id: str, action: str) -> Rollout:
@@ -396,64 +447,131 @@ class FleetApp:
         Abort skips the queued jobs and withdraws the offer from devices that have not begun
         (shadow: ``desired.ota`` is cleared; poll: the next poll gets 304); transfers under way finish.
         """
-        r = self.rollouts.get(rollout_id)
+        r = self._rollout(rollout_id)
         if r is None:
             raise FleetError(f"unknown rollout {rollout_id!r}")
+        if action not in ("pause", "resume", "abort"):
+            raise FleetError(f"unknown action {action!r}: pause, resume or abort")
+        waiting: list[str] = []
         try:
-            if action == "pause":
-                r.pause()
-            elif action == "resume":
-                r.resume()
-            elif action == "abort":
-                waiting = r.abort()
-                for dev_id in waiting:
-                    job = r.jobs[dev_id]
-                    if r.method == "shadow" and self.mqtt is not None:
-                        body = json.dumps({"state": {"desired": {"ota": None}}, "clientToken": f"fleet-{r.id}-abort"})
-                        self._spawn(self.mqtt.publish(ShadowTopics(dev_id).update, body, qos=1))
-                    if r.method in ("shadow", "poll"):
-                        self._event(r, job, "abort", message="aborted by the operator before the device began")
-            else:
-                raise FleetError(f"unknown action {action!r}: pause, resume or abort")
+            with self.db.locked_rollout(r.id) as fr:
+                assert fr is not None
+                if action == "pause":
+                    fr.pause()
+                elif action == "resume":
+                    fr.resume()
+                else:
+                    waiting = fr.abort()
         except InvalidTransition as e:
+            _copy_rollout(r, fr)
             raise FleetError(str(e)) from None
+        _copy_rollout(r, fr)
+        self._bump()
+        if action == "abort":
+            for dev_id in waiting:
+                job = r.jobs[dev_id]
+                if r.method == "shadow" and self.shadow_service is not None:
+                    self._spawn(self.shadow_service.update_desired(dev_id, {"ota": None}))
+                elif r.method == "shadow" and self.mqtt is not None:
+                    body = json.dumps({"state": {"desired": {"ota": None}}, "clientToken": f"fleet-{r.id}-abort"})
+                    self._spawn(self.mqtt.publish(ShadowTopics(dev_id).update, body, qos=1))
+                if r.method in ("shadow", "poll"):
+                    self._event(r, job, "abort", message="aborted by the operator before the device began")
         log.info("rollout %s: %s by the operator", r.id, action)
         self._pump(r)
         return r
 
-    def _pump(self, r: Rollout) -> None:
-        for dev_id in r.startable():
-            job = r.jobs[dev_id]
-            job.fire("start")
-            job.message = {"push": "connecting", "url": "OTA.Update sent", "shadow": "desired.ota.url set",
-                           "poll": "waiting for the device to poll"}[r.method]  # fmt: skip
-            self._spawn(self._run_job(r, job))
+    def _pump(self, r: Rollout, *, take_over: frozenset[str] | None = None) -> None:
+        """Start what may start now (one transaction: no other worker starts the same job); with
+        ``take_over`` (live workers), first take back the jobs of workers that died."""
+        with self.db.locked_rollout(r.id) as fr:
+            if fr is None:
+                return
+            if take_over is not None:
+                self._requeue_orphans(fr, take_over)
+            starts = fr.startable()
+            for dev_id in starts:
+                job = fr.jobs[dev_id]
+                job.fire("start")
+                job.owner = self.worker_id
+                job.error = ""
+                job.message = {"push": "connecting", "url": "OTA.Update sent", "shadow": "desired.ota.url set",
+                               "poll": "waiting for the device to poll"}[r.method]  # fmt: skip
+        _copy_rollout(r, fr)
+        for dev_id in starts:
+            self._spawn(self._run_job(r, r.jobs[dev_id]))
         self._bump()
-        self.db.save_rollout(r)
 
-    def _event(self, r: Rollout, job: Job, event: str, *, message: str = "", error: str = "") -> None:
-        if not job.can(event):
-            return
+    def _requeue_orphans(self, r: Rollout, live: frozenset[str]) -> None:
+        """Jobs whose worker died: those the device has not begun start again (shadow, poll: safe to
+        repeat); a transfer the dead worker was making (push, url) fails."""
+        for job in r.jobs.values():
+            if job.owner in live or job.owner == self.worker_id:
+                continue
+            who = f"worker {job.owner}" if job.owner else "the dashboard"
+            if job.state == "sending" and r.method in ("shadow", "poll"):
+                job.fire("requeue")
+                job.message = f"{who} stopped; starting again"
+                log.warning("rollout %s: %s requeued (%s stopped)", r.id, job.device, who)
+            elif job.state in ("sending", "updating") and r.method in ("push", "url"):
+                job.fire("error")
+                job.error = job.message = f"interrupted: {who} that was sending it stopped or restarted"
+
+    def _take_over(self) -> None:
+        """Adopt rollouts other workers started, and the jobs of workers that died."""
+        live = frozenset(self.db.live_workers(WORKER_DEAD_S))
+        for fr in self.db.rollouts(unsettled_only=True):
+            r = self.rollouts.setdefault(fr.id, fr)
+            _copy_rollout(r, fr)
+            if any(j.owner not in live and not j.terminal and j.state in ("sending", "updating")
+                   for j in r.jobs.values()):  # fmt: skip
+                self._pump(r, take_over=live)
+
+    def _event(self, r: Rollout, job: Job, event: str, *, message: str = "", error: str = "",
+               **fields: Any) -> None:  # fmt: skip
+        """Move a job (one transaction on its row; a move another worker already made is not made twice)."""
         before = job.state
-        job.fire(event)
-        if job.state == "rebooting" and before != "rebooting":
-            d = self.devices.get(job.device)
-            job.applied_boots = d.boots if d is not None and d.source == "mqtt" else -1
-        if message:
-            job.message = message
-        if error:
-            job.error = error
-            job.message = error
+        d = self.devices.get(job.device)
+        with self.db.locked_job(r.id, job.device) as fresh:
+            if fresh is None:
+                return
+            before = fresh.state
+            if fresh.can(event):
+                for k, v in fields.items():
+                    setattr(fresh, k, v)
+                fresh.fire(event)
+                mqtt_dev = d is not None and d.source == "mqtt"
+                if fresh.state == "rebooting" and before != "rebooting":
+                    fresh.applied_boots = d.boots if d is not None and mqtt_dev else -1
+                elif fresh.state == "committing" and fresh.applied_boots < 0 and d is not None and mqtt_dev:
+                    # Running the new version from boot d.boots on: only a later boot on the old one is a
+                    # rollback (another worker may still be working through older status messages).
+                    fresh.applied_boots = d.boots - 1
+                if message:
+                    fresh.message = message
+                if error:
+                    fresh.error = error
+                    fresh.message = error
+                if fresh.terminal and fresh.state != before:
+                    fresh.result_version = d.version if d else ""
+        _copy_job(job, fresh)
         self._bump()
         if job.state != before:
             log.info("rollout %s: %s %s -> %s %s", r.id, job.device, before, job.state, error or message)
             if job.state == "committing":
                 self._committing(r, job)
             if job.terminal:
-                d = self.devices.get(job.device)
-                job.result_version = d.version if d else ""
                 self._pump(r)
-            self.db.save_rollout(r)
+
+    def _note(self, r: Rollout, job: Job, **fields: Any) -> None:
+        """Change a job's fields (a message, progress) without moving it."""
+        with self.db.locked_job(r.id, job.device) as fresh:
+            if fresh is not None and fresh.state == job.state:
+                for k, v in fields.items():
+                    setattr(fresh, k, v)
+        if fresh is not None:
+            _copy_job(job, fresh)
+        self._bump()
 
     def bundle_url(self, r: Rollout) -> str:
         """Where devices download the rollout's bundle (unique per rollout, so shadow sees a new URL)."""
@@ -496,12 +614,9 @@ class FleetApp:
     async def _push(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
         data = self.db.bundle_data(r.bundle)
         client = await self._client(d)
-        job.total_bytes = len(data)
 
         def progress(done: int, total: int) -> None:
-            job.done_bytes, job.total_bytes = done, total
-            job.changed_at = time.time()
-            self._event(r, job, "progress", message="writing")
+            self._progress(r, job, done, total, "writing")
 
         try:
             res = await ota_update(client, data, chunk_size=PUSH_CHUNK, window=PUSH_WINDOW, resume=False,
@@ -510,8 +625,7 @@ class FleetApp:
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
-        job.done_bytes = len(data)
-        self._event(r, job, "applied", message="applied, rebooting")
+        self._event(r, job, "applied", message="applied, rebooting", done_bytes=len(data), total_bytes=len(data))
 
     async def _ota_update(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
         client = await self._client(d)
@@ -527,11 +641,14 @@ class FleetApp:
         assert self.mqtt is not None
         desired = {"ota": {"url": self.bundle_url(r), "commit_timeout": r.commit_timeout_s,
                            "autocommit": r.autocommit}}  # fmt: skip
-        body = json.dumps({"state": {"desired": desired}, "clientToken": f"fleet-{r.id}"})
-        await self.mqtt.publish(ShadowTopics(d.id).update, body, qos=1)
+        if self.shadow_service is not None:
+            # straight into the shadow (no request that a dying worker could swallow); the device gets the delta
+            await self.shadow_service.update_desired(d.id, desired)
+        else:
+            body = json.dumps({"state": {"desired": desired}, "clientToken": f"fleet-{r.id}"})
+            await self.mqtt.publish(ShadowTopics(d.id).update, body, qos=1)
         if not d.online:
-            job.message = "desired.ota.url set; waiting for the device to come online"
-            self._bump()
+            self._note(r, job, message="desired.ota.url set; waiting for the device to come online")
 
     def _device_online(self, d: DeviceRecord) -> None:
         found = self._active_job(d.id)
@@ -588,17 +705,29 @@ class FleetApp:
             await asyncio.sleep(1.0)
             try:
                 self.tick()
+                await self._shadow_lease()
             except Exception:
                 log.exception("fleet tick failed")
 
     def tick(self, now: float | None = None) -> None:
-        """Fail jobs that waited too long (called every second)."""
+        """Called every second: say this worker is alive, adopt other workers' rollouts and the jobs
+        of dead workers, fail jobs that waited too long, start what may start."""
         t = time.time() if now is None else now
+        self.db.heartbeat(self.worker_id)
+        self._take_over()
+        for d in self.db.devices(since=self._devices_seen - 2.0):  # found by another worker
+            if d.id not in self.devices:
+                self.devices[d.id] = d
+                self._bump()
+        self._devices_seen = t
+        change = self.db.last_change()
+        if change > self._last_change:
+            self._last_change = change
+            self._bump()
         for r in list(self.rollouts.values()):
-            if r.state == "finished" or r.settled:
-                r.startable()
+            if r.state == "finished" or (r.settled and r.state != "running"):
                 continue
-            for job in r.jobs.values():
+            for job in list(r.jobs.values()):
                 limit: float | None = None
                 if (job.state in ("sending", "updating") and r.method in ("push", "url")) or job.state == "updating":
                     limit = self.send_timeout_s
@@ -606,19 +735,26 @@ class FleetApp:
                     limit = r.commit_timeout_s + self.reboot_grace_s
                 if limit is not None and t - job.changed_at > limit:
                     self._event(r, job, "timeout", error=f"no result within {limit:g} s ({job.state})")
-            r.startable()  # settles finished/halted
+                elif (r.method == "shadow" and job.state == "sending" and job.owner == self.worker_id
+                      and t - job.changed_at > SHADOW_RESEND_S):  # fmt: skip
+                    # The device may have missed the delta (it was reconnecting); saying it again
+                    # is harmless (the device acts once per URL).
+                    dev = self.devices.get(job.device)
+                    if dev is not None and dev.online:
+                        self._note(r, job, changed_at=t)
+                        self._spawn(self._shadow(r, job, dev))
+            if r.state == "running":
+                self._pump(r)
 
     # -- HTTP ------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Everything the page shows."""
         rollouts = sorted(self.rollouts.values(), key=lambda r: r.created_at)[-10:]
-        for r in rollouts:
-            r.startable()
         return {
             "devices": [d.to_json() for d in sorted(self.devices.values(), key=lambda d: d.id)],
             "bundles": [b.to_json() for b in self.db.bundles()],
             "rollouts": [r.to_json() for r in reversed(rollouts)],
-            "broker": self.broker_url, "changes": self.changes,
+            "broker": self.broker_url, "changes": self.changes, "worker": self.worker_id,
         }  # fmt: skip
 
     def web_app(self) -> web.Application:
@@ -764,9 +900,30 @@ class FleetApp:
         if found is None or found[0].method != "poll" or found[1].state not in ("sending", "updating"):
             return web.Response(status=304)
         r, job = found
-        job.message = "device polled; downloading"
-        self._bump()
+        self._note(r, job, message="device polled; downloading")
         return web.Response(body=self.db.bundle_data(r.bundle), content_type="application/zip")
+
+
+def _shared(topic_filter: str, group: str) -> str:
+    return f"$share/{group}/{topic_filter}" if group else topic_filter
+
+
+def _copy_job(dst: Job, src: Job) -> None:
+    """Refresh a cached job in place (callers hold references to it)."""
+    if dst is not src:
+        dst.__dict__.update(src.__dict__)
+
+
+def _copy_rollout(dst: Rollout, src: Rollout | None) -> None:
+    """Refresh a cached rollout and its jobs in place."""
+    if src is None or dst is src:
+        return
+    dst.state = src.state
+    for dev_id, job in src.jobs.items():
+        if dev_id in dst.jobs:
+            _copy_job(dst.jobs[dev_id], job)
+        else:
+            dst.jobs[dev_id] = job
 
 
 def _apply_reported(d: DeviceRecord, reported: dict[str, Any]) -> None:

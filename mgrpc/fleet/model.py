@@ -1,21 +1,22 @@
-"""The fleet model: devices, uploaded bundles and rollouts, persisted in one SQLite file.
-
-Bundles are stored as files beside the database (``<db>.bundles/<sha256>.zip``), named by their
-SHA-256 so an upload of the same file is the same bundle.
+"""The fleet model: devices, uploaded bundles and rollouts, persisted through SQLAlchemy Core in
+SQLite (one file, the default) or PostgreSQL (several worker processes); bundles are stored in the
+database too, named by their SHA-256, so an upload of the same file is the same bundle and every
+worker can serve it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mgrpc.errors import AppError
-from mgrpc.fleet.rollout import Rollout
+from mgrpc.fleet.rollout import Job, Rollout
 from updater.errors import UpdaterError
 from updater.manifest import read_manifest
 
@@ -92,80 +93,217 @@ def bundle_info(data: bytes, *, filename: str = "fw.zip") -> BundleInfo:
 
 
 class FleetDB:
-    """Devices, bundles and rollouts in SQLite (``path`` may be ``":memory:"``; bundles then in RAM)."""
+    """Devices, bundles (with their bytes), rollouts and their jobs, and the workers' heartbeats, in
+    SQLite (a path or ``":memory:"``) or PostgreSQL (a ``postgresql://`` URL); see :mod:`mgrpc.fleet.sql`.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        self.db = sqlite3.connect(self.path)
-        self.db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
-            CREATE TABLE IF NOT EXISTS bundles (sha TEXT PRIMARY KEY, doc TEXT NOT NULL);
-            CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
-            """
-        )
-        self.db.commit()
-        self._mem_bundles: dict[str, bytes] = {}
-        self.bundle_dir = None if self.path == ":memory:" else Path(self.path + ".bundles")
+    Read-modify-write goes through :meth:`locked_rollout` and :meth:`locked_job`: each is one
+    transaction holding the row (PostgreSQL ``FOR UPDATE``; SQLite: the write lock), so several
+    processes sharing the database move each job exactly once.
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        from mgrpc.fleet import sql
+
+        self.target = str(target)
+        self.sa = sql.sqlalchemy()
+        self.engine = sql.make_engine(target)
+        self.t = sql.TABLES
+        self._sql = sql
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return str(self.engine.dialect.name)
 
     def close(self) -> None:
-        """Close the database."""
-        self.db.close()
+        """Release the connections."""
+        self.engine.dispose()
 
-    def _put(self, table: str, key: str, doc: dict[str, Any]) -> None:
-        col = "sha" if table == "bundles" else "id"
-        self.db.execute(f"INSERT OR REPLACE INTO {table} ({col}, doc) VALUES (?, ?)", (key, json.dumps(doc)))
-        self.db.commit()
-
-    def _all(self, table: str) -> list[dict[str, Any]]:
-        return [json.loads(r[0]) for r in self.db.execute(f"SELECT doc FROM {table}")]
+    def _upsert(self, conn: Any, table: str, values: dict[str, Any], keys: list[str]) -> None:
+        conn.execute(self._sql.upsert(self.t[table], self.engine, values, keys))
 
     # devices
     def save_device(self, dev: DeviceRecord) -> None:
         """Insert or update a device."""
-        self._put("devices", dev.id, dev.to_json())
+        with self.engine.begin() as c:
+            self._upsert(c, "devices", {"id": dev.id, "doc": json.dumps(dev.to_json()), "mtime": time.time()}, ["id"])
 
-    def devices(self) -> list[DeviceRecord]:
-        """Every stored device."""
-        return [DeviceRecord.from_json(d) for d in self._all("devices")]
+    def devices(self, *, since: float = 0.0) -> list[DeviceRecord]:
+        """Every stored device (changed after ``since``)."""
+        t = self.t["devices"]
+        with self.engine.begin() as c:
+            rows = c.execute(self.sa.select(t.c.doc).where(t.c.mtime > since)).all()
+        return [DeviceRecord.from_json(json.loads(r[0])) for r in rows]
 
     # bundles
     def add_bundle(self, data: bytes, *, filename: str = "fw.zip") -> BundleInfo:
         """Store an uploaded bundle (validated); returns its info."""
         info = bundle_info(data, filename=filename)
-        if self.bundle_dir is None:
-            self._mem_bundles[info.sha] = data
-        else:
-            self.bundle_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.bundle_dir / f".{info.sha}.tmp"
-            tmp.write_bytes(data)
-            tmp.replace(self.bundle_dir / f"{info.sha}.zip")
-        self._put("bundles", info.sha, info.to_json())
+        with self.engine.begin() as c:
+            self._upsert(c, "bundles", {"sha": info.sha, "doc": json.dumps(info.to_json()), "data": data}, ["sha"])
         return info
 
     def bundles(self) -> list[BundleInfo]:
         """Every stored bundle, newest first."""
-        out = [BundleInfo(**b) for b in self._all("bundles")]
+        t = self.t["bundles"]
+        with self.engine.begin() as c:
+            out = [BundleInfo(**json.loads(r[0])) for r in c.execute(self.sa.select(t.c.doc))]
         return sorted(out, key=lambda b: -b.uploaded_at)
 
     def bundle(self, sha: str) -> BundleInfo | None:
         """A bundle's info by SHA-256 (hex)."""
-        row = self.db.execute("SELECT doc FROM bundles WHERE sha = ?", (sha,)).fetchone()
+        t = self.t["bundles"]
+        with self.engine.begin() as c:
+            row = c.execute(self.sa.select(t.c.doc).where(t.c.sha == sha)).first()
         return BundleInfo(**json.loads(row[0])) if row else None
 
     def bundle_data(self, sha: str) -> bytes:
         """A bundle's bytes (:class:`FleetError` if unknown)."""
-        if self.bundle(sha) is None:
+        t = self.t["bundles"]
+        with self.engine.begin() as c:
+            row = c.execute(self.sa.select(t.c.data).where(t.c.sha == sha)).first()
+        if row is None:
             raise FleetError(f"unknown bundle {sha}")
-        if self.bundle_dir is None:
-            return self._mem_bundles[sha]
-        return (self.bundle_dir / f"{sha}.zip").read_bytes()
+        return bytes(row[0])
 
-    # rollouts
+    # rollouts and jobs
+    @staticmethod
+    def _rollout_doc(r: Rollout) -> str:
+        doc = r.to_json()
+        for k in ("jobs", "summary", "failures"):
+            doc.pop(k, None)
+        return json.dumps(doc)
+
+    def _put_jobs(self, c: Any, r: Rollout, jobs: list[Job]) -> None:
+        now = time.time()
+        seq = {d: i for i, d in enumerate(r.devices)}
+        for j in jobs:
+            self._upsert(c, "jobs", {"rollout": r.id, "device": j.device, "seq": seq.get(j.device, 0),
+                                     "state": j.state, "owner": j.owner, "doc": json.dumps(j.to_json()),
+                                     "mtime": now}, ["rollout", "device"])  # fmt: skip
+
     def save_rollout(self, r: Rollout) -> None:
-        """Insert or update a rollout with its jobs."""
-        self._put("rollouts", r.id, r.to_json())
+        """Insert or update a rollout with all its jobs."""
+        with self.engine.begin() as c:
+            self._upsert(c, "rollouts", {"id": r.id, "doc": self._rollout_doc(r), "state": r.state,
+                                         "created_at": r.created_at}, ["id"])  # fmt: skip
+            self._put_jobs(c, r, list(r.jobs.values()))
 
-    def rollouts(self) -> list[Rollout]:
-        """Every stored rollout, oldest first."""
-        return sorted((Rollout.from_json(r) for r in self._all("rollouts")), key=lambda r: r.created_at)
+    def _load(self, c: Any, rows: list[Any], *, lock: bool = False) -> list[Rollout]:
+        out = []
+        tj = self.t["jobs"]
+        for row in rows:
+            doc = json.loads(row[0])
+            q = self.sa.select(tj.c.doc).where(tj.c.rollout == doc["id"]).order_by(tj.c.seq)
+            if lock:
+                q = self._sql.for_update(q, self.engine)
+            doc["jobs"] = {j["device"]: j for j in (json.loads(x[0]) for x in c.execute(q))}
+            out.append(Rollout.from_json(doc))
+        return out
+
+    def rollouts(self, *, unsettled_only: bool = False, limit: int = 0) -> list[Rollout]:
+        """Stored rollouts with their jobs, oldest first (``limit``: only the newest so many)."""
+        t = self.t["rollouts"]
+        q = self.sa.select(t.c.doc).order_by(t.c.created_at.desc())
+        if limit:
+            q = q.limit(limit)
+        with self.engine.begin() as c:
+            rows = c.execute(q).all()
+            rs = self._load(c, rows)
+        if unsettled_only:
+            rs = [r for r in rs if not (r.settled and r.state != "running")]
+        return sorted(rs, key=lambda r: r.created_at)
+
+    def rollout(self, rollout_id: str) -> Rollout | None:
+        """One rollout with its jobs."""
+        t = self.t["rollouts"]
+        with self.engine.begin() as c:
+            rows = c.execute(self.sa.select(t.c.doc).where(t.c.id == rollout_id)).all()
+            rs = self._load(c, rows)
+        return rs[0] if rs else None
+
+    @contextlib.contextmanager
+    def locked_rollout(self, rollout_id: str) -> Iterator[Rollout | None]:
+        """A transaction holding the rollout and its jobs: yields the stored rollout (None if unknown);
+        what the caller changed in it (state, jobs) is written when the block ends without an error."""
+        t = self.t["rollouts"]
+        with self.engine.begin() as c:
+            q = self._sql.for_update(self.sa.select(t.c.doc).where(t.c.id == rollout_id), self.engine)
+            rows = c.execute(q).all()
+            if not rows:
+                yield None
+                return
+            r = self._load(c, rows, lock=True)[0]
+            before = {d: j.to_json() for d, j in r.jobs.items()}
+            state = r.state
+            yield r
+            if r.state != state:
+                c.execute(self.sa.update(t).where(t.c.id == r.id).values(doc=self._rollout_doc(r), state=r.state))
+            self._put_jobs(c, r, [j for d, j in r.jobs.items() if j.to_json() != before.get(d)])
+
+    @contextlib.contextmanager
+    def locked_job(self, rollout_id: str, device: str) -> Iterator[Job | None]:
+        """A transaction holding one job: yields it (None if unknown); written back if changed."""
+        tj = self.t["jobs"]
+        with self.engine.begin() as c:
+            q = self.sa.select(tj.c.doc).where(tj.c.rollout == rollout_id, tj.c.device == device)
+            row = c.execute(self._sql.for_update(q, self.engine)).first()
+            if row is None:
+                yield None
+                return
+            job = Job.from_json(json.loads(row[0]))
+            before = job.to_json()
+            yield job
+            if job.to_json() != before:
+                c.execute(self.sa.update(tj).where(tj.c.rollout == rollout_id, tj.c.device == device).values(
+                    state=job.state, owner=job.owner, doc=json.dumps(job.to_json()), mtime=time.time()))  # fmt: skip
+
+    def active_jobs(self, device: str) -> list[tuple[str, Job]]:
+        """``(rollout id, job)`` of the device's started jobs that may still change, newest rollout first."""
+        tj, tr = self.t["jobs"], self.t["rollouts"]
+        q = (self.sa.select(tj.c.rollout, tj.c.doc).join(tr, tr.c.id == tj.c.rollout)
+             .where(tj.c.device == device, tj.c.state.notin_(("queued", "skipped", "failed", "rolled_back")))
+             .order_by(tr.c.created_at.desc()))  # fmt: skip
+        with self.engine.begin() as c:
+            return [(r[0], Job.from_json(json.loads(r[1]))) for r in c.execute(q)]
+
+    def last_change(self) -> float:
+        """When a job or a device last changed (any process)."""
+        tj, td = self.t["jobs"], self.t["devices"]
+        with self.engine.begin() as c:
+            a = c.execute(self.sa.select(self.sa.func.max(tj.c.mtime))).scalar() or 0.0
+            b = c.execute(self.sa.select(self.sa.func.max(td.c.mtime))).scalar() or 0.0
+        return float(max(a, b))
+
+    # workers
+    def heartbeat(self, worker: str, info: str = "") -> None:
+        """Say ``worker`` is alive now."""
+        with self.engine.begin() as c:
+            self._upsert(c, "workers", {"id": worker, "seen_at": time.time(), "info": info}, ["id"])
+
+    def live_workers(self, max_age_s: float) -> set[str]:
+        """Workers heard from within ``max_age_s``."""
+        t = self.t["workers"]
+        with self.engine.begin() as c:
+            rows = c.execute(self.sa.select(t.c.id).where(t.c.seen_at >= time.time() - max_age_s)).all()
+        return {r[0] for r in rows}
+
+    def forget_worker(self, worker: str) -> None:
+        """A worker that stops cleanly leaves (its jobs and leases are taken over at once)."""
+        t, tl = self.t["workers"], self.t["leases"]
+        with self.engine.begin() as c:
+            c.execute(self.sa.delete(t).where(t.c.id == worker))
+            c.execute(self.sa.delete(tl).where(tl.c.holder == worker))
+
+    def lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl_s``; False while another holder's is unexpired."""
+        tl = self.t["leases"]
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(self._sql.insert_ignore(tl, self.engine).values(name=name, holder=holder, expires=now + ttl_s))
+            row = c.execute(self._sql.for_update(self.sa.select(tl.c.holder, tl.c.expires).where(tl.c.name == name),
+                                                 self.engine)).one()  # fmt: skip
+            if row[0] != holder and row[1] >= now:
+                return False
+            c.execute(self.sa.update(tl).where(tl.c.name == name).values(holder=holder, expires=now + ttl_s))
+            return True

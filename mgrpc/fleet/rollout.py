@@ -45,6 +45,7 @@ METHODS = ("push", "url", "shadow", "poll")
 #   timeout   no result in time
 #   skip      the rollout stopped before this job started
 #   abort     the operator aborted the rollout while the device had not begun (shadow/poll waiting)
+#   requeue   the worker that started the job stopped before the device began: another starts it
 TRANSITIONS: dict[tuple[str, str], str] = {
     ("queued", "start"): "sending",
     ("queued", "skip"): "skipped",
@@ -73,6 +74,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("committing", "timeout"): "failed",
     ("done", "online_old"): "rolled_back",  # left uncommitted and the commit timeout reverted it
     ("sending", "abort"): "skipped",  # the operator aborted before the device took the update
+    ("sending", "requeue"): "queued",  # the worker that started it died before the device took it
 }
 
 TERMINAL_STATES = frozenset({"done", "failed", "rolled_back", "skipped"})
@@ -97,6 +99,7 @@ class Job:
     changed_at: float = field(default_factory=time.time)
     result_version: str = ""
     applied_boots: int = -1  # the device's boot counter when the update was applied
+    owner: str = ""  # the worker (dashboard process) that started it
 
     def can(self, event: str) -> bool:
         """Whether ``event`` is a legal move now."""
@@ -136,7 +139,7 @@ class Job:
             "device": self.device, "state": self.state, "done": self.done_bytes, "total": self.total_bytes,
             "percent": self.percent, "message": self.message, "error": self.error,
             "started_at": self.started_at, "changed_at": self.changed_at, "result_version": self.result_version,
-            "applied_boots": self.applied_boots,
+            "applied_boots": self.applied_boots, "owner": self.owner,
         }  # fmt: skip
 
     @classmethod
@@ -146,7 +149,7 @@ class Job:
                    total_bytes=obj.get("total"), message=obj.get("message", ""), error=obj.get("error", ""),
                    started_at=obj.get("started_at", 0.0), changed_at=obj.get("changed_at", 0.0),
                    result_version=obj.get("result_version", ""),
-                   applied_boots=obj.get("applied_boots", -1))  # fmt: skip
+                   applied_boots=obj.get("applied_boots", -1), owner=obj.get("owner", ""))  # fmt: skip
 
 
 @dataclass
