@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from conformance.model import check, expect
 from conformance.probe import Probe, id_key
 from conformance.rawjson import show
@@ -29,5 +31,37 @@ async def _response_ignored(s: Session) -> str | None:
         "a frame without method is a response; one the device did not ask for must be ignored",
         seen=show(_raw(answers[0])) if answers else "",
         expected="no reply",
+    )
+    return None
+
+
+_INFO = {
+    "serial": (r"UART\d+", "UART<n>"),
+    "ws": (r"[0-9A-Fa-f.:\[\]]+:\d+", "<peer ip>:<port>"),
+    "wss": (r"[0-9A-Fa-f.:\[\]]+:\d+", "<peer ip>:<port>"),
+    "http": (r"[0-9A-Fa-f.:\[\]]+:\d+", "<peer ip>:<port>"),
+    "https": (r"[0-9A-Fa-f.:\[\]]+:\d+", "<peer ip>:<port>"),
+    "mqtt": (r"", '""'),
+    "mqtts": (r"", '""'),
+}
+
+
+@check(
+    "rpc.ping_channel_info",
+    section="frames.md §4; transports.md §1.2, §2; real-device.md RD-E15",
+    title="RPC.Ping channel_info: UART<n>, peer ip:port on HTTP/WS, empty on MQTT",
+    needs=["RPC.Ping"],
+)
+async def _ping_channel_info(s: Session) -> str | None:
+    if s.scheme not in _INFO:
+        return f"no channel_info form is specified for {s.scheme}://"
+    pattern, form = _INFO[s.scheme]
+    resp = await s.request("RPC.Ping")
+    info = resp.result.get("channel_info") if isinstance(resp.result, dict) else None
+    expect(
+        isinstance(info, str) and re.fullmatch(pattern, info) is not None,
+        f"channel_info over {s.scheme}:// must be {form}",
+        seen=show(_raw(resp)),
+        expected=f'{{"channel_info": "{form}"}}',
     )
     return None

@@ -1,11 +1,18 @@
-"""More OTA state rules (docs/protocol/ota.md §1.2, §1.8, §1.10): a second Begin, SetBootState and
-CreateSnapshot. All change the device, so they run only when asked (``--destructive``), and each
-leaves the device idle and committed with its boot state as it found it.
+"""More OTA rules (docs/protocol/ota.md §1.1-§1.10, updater.md §1.3, §2.1): a second Begin, Status
+members, OTA.Update's argument check, SetBootState, CreateSnapshot and bundles that break a rule.
+
+The checks that change the device run only when asked (``--destructive``); each leaves the device
+idle and committed.
 """
 
 from __future__ import annotations
 
-from conformance.checks.ota import _begin_args, _boot_state, _err, _ready, _status
+import asyncio
+import io
+import json
+import zipfile
+
+from conformance.checks.ota import _begin_args, _boot_state, _bundle, _err, _ready, _status, _write_all
 from conformance.model import CheckFailed, check, expect
 from conformance.rawjson import show
 from conformance.session import Session
@@ -166,5 +173,70 @@ async def _ota_update_malformed(s: Session) -> str | None:
         "OTA.Update without a url must be refused at once",
         seen=_err(resp),
         expected='"error":{"code":-1,"message":"Malformed request"}',
+    )
+    return None
+
+
+def _rebuild(bundle: bytes, variant: str) -> bytes:
+    """``bundle`` rewritten (stored entries) so that it breaks one rule of updater.md §1.3/§2.1."""
+    src = zipfile.ZipFile(io.BytesIO(bundle))
+    entries = [(i.filename, src.read(i)) for i in src.infolist()]
+    if variant == "manifest_last":
+        entries = entries[1:] + entries[:1]
+    else:
+        manifest = json.loads(entries[0][1])
+        if variant == "wrong_platform":
+            manifest["platform"] = "conformance-no-such-platform"
+        elif variant == "no_version":
+            manifest.pop("version", None)
+        entries[0] = (entries[0][0], json.dumps(manifest, indent=1, sort_keys=True).encode())
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return out.getvalue()
+
+
+BUNDLE_RULES = {
+    "manifest_last": "manifest.json must be the first entry (updater.md §1.3-a)",
+    "wrong_platform": "the manifest's platform must be the device's (updater.md §2.1-b)",
+    "no_version": "a manifest without version is refused (updater.md §2.1-a)",
+}
+
+
+@check(
+    "ota.bundle_rules",
+    section="updater.md §1.3, §2.1; ota.md §1.4",
+    title="bundles with the manifest last, another platform or no version are refused",
+    destructive=True,
+    needs=["OTA.Status", "OTA.GetBootState", "OTA.Begin", "OTA.Write", "OTA.End"],
+)
+async def _ota_bundle_rules(s: Session) -> str | None:
+    good = await _bundle(s)
+    before = await _ready(s)
+    info = await s.get_info(fresh=True)
+    for variant, rule in BUNDLE_RULES.items():
+        bundle = _rebuild(good, variant)
+        await _ready(s)
+        resp = await s.request("OTA.Begin", _begin_args(len(bundle)))
+        expect(resp.ok, "OTA.Begin must succeed", seen=_err(resp), expected="result null")
+        bad = await _write_all(s, bundle)
+        end = await s.request("OTA.End")
+        expect(
+            bad is not None or (end.error is not None and end.error.code != 0),
+            f"a bundle that breaks a rule must be refused: {rule}",
+            seen=_err(end),
+            expected="an error from OTA.Write or OTA.End",
+        )
+        await asyncio.sleep(0.3)  # a device that (wrongly) accepted it would be rebooting now
+        await s.wait_up()
+    after = await _boot_state(s)
+    expect(after == before, "boot state changed by refused bundles", seen=show(after), expected=show(before))
+    info2 = await s.get_info(fresh=True)
+    expect(
+        info2.get("fw_id") == info.get("fw_id"),
+        "running firmware changed by refused bundles",
+        seen=info2.get("fw_id"),
+        expected=info.get("fw_id"),
     )
     return None

@@ -104,6 +104,7 @@ class Device:
         self.fault = fault
         self.id = device_id
         self.max_frame_size = max_frame_size
+        self.arch = "esp32"
         self.boot_time = time.monotonic()
         self.config: dict[str, Any] = {
             "device": {"id": device_id, "license": "", "mac": "", "public_key": "", "sn": ""},
@@ -297,6 +298,8 @@ class Device:
     def _rpc_ping(self, p: Any, ch: Channel) -> str:
         if self.has("ping_no_channel_info"):
             return wire.spaced({"info": ch.info})
+        if self.has("ping_info_wrong"):
+            return wire.spaced({"channel_info": f"{ch.kind} channel"})
         return wire.spaced({"channel_info": ch.info})
 
     def uptime(self) -> int:
@@ -306,7 +309,7 @@ class Device:
         slot = self.ota.slots[self.ota.active]
         info: dict[str, Any] = {
             "id": self.id, "app": "faultdev", "fw_version": slot.version, "fw_id": slot.build_id,
-            "mg_version": "2.20.0", "mg_id": "20260101-000000", "mac": "02FD00000001", "arch": "esp32",
+            "mg_version": "2.20.0", "mg_id": "20260101-000000", "mac": "02FD00000001", "arch": self.arch,
             "uptime": self.uptime(), "public_key": None, "ram_size": 327680, "ram_free": 200000,
             "ram_min_free": 190000, "fs_size": 262144, "fs_free": 200000,
         }  # fmt: skip
@@ -482,15 +485,26 @@ class Device:
         return None
 
     def _bundle_ok(self, data: bytes) -> dict[str, Any] | None:
+        """The manifest of a bundle the device accepts (updater.md §1-§2), else None."""
         try:
             zf = zipfile.ZipFile(io.BytesIO(data))
             if zf.testzip() is not None and not self.has("ota_bad_bundle_accepted"):
                 return None
             names = [n for n in zf.namelist() if n.endswith("manifest.json")]
+            if names and names[0] != zf.namelist()[0] and not self.has("bundle_manifest_not_first_ok"):
+                return None  # manifest.json must be the first entry
             manifest = json.loads(zf.read(names[0])) if names else None
         except (zipfile.BadZipFile, ValueError, KeyError, OSError, zlib_error()):
             return {"version": "corrupt", "build_id": "corrupt"} if self.has("ota_bad_bundle_accepted") else None
-        return manifest if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            return None
+        required = ("platform", "parts") if self.has("bundle_missing_version_ok") else ("platform", "version", "parts")
+        if any(k not in manifest for k in required):
+            return None  # Required manifest field missing
+        platform = str(manifest.get("platform", ""))
+        if platform.lower() != self.arch.lower() and not self.has("bundle_wrong_platform_ok"):
+            return None  # Wrong platform
+        return manifest
 
     def _ota_end(self, p: Any, ch: Channel) -> str | None:
         o = self.ota

@@ -143,6 +143,7 @@ FAULTS: dict[str, Fault] = {
         _F("describe_missing_404", "rpc.describe", "serial", "frames.md §4", "missing name: 400 name is required"),
         _F("describe_unknown_400", "rpc.describe", "ws", "frames.md §4", "unknown name: 404 name not found"),
         _F("ping_no_channel_info", "rpc.ping", "mqtt", "frames.md §4", "RPC.Ping: {channel_info}"),
+        _F("ping_info_wrong", "rpc.ping_channel_info", "serial", "frames.md §4; transports.md §1.2", "UART<n>"),
         _F("getinfo_no_fw_version", "sys.getinfo", "ws", "frames.md §4", "Sys.GetInfo has fw_version"),
         _F("getinfo_order", "sys.getinfo", "http", "frames.md §4", "Sys.GetInfo keys in the documented order"),
         _F("getinfo_uptime_string", "sys.getinfo", "ws", "frames.md §4", "Sys.GetInfo uptime is an integer"),
@@ -367,6 +368,30 @@ FAULTS: dict[str, Fault] = {
         ),
         _F("ota_status_committed_int", "ota.status_fields", "ws", "ota.md §1.1", "Status is_committed is a bool"),
         _F("ota_update_malformed_ok", "ota.update_malformed", "http", "ota.md §1.5", "no url: -1 Malformed request"),
+        _F(
+            "bundle_manifest_not_first_ok",
+            "ota.bundle_rules",
+            "ws",
+            "updater.md §1.3",
+            "manifest.json comes first",
+            destructive=True,
+        ),
+        _F(
+            "bundle_wrong_platform_ok",
+            "ota.bundle_rules",
+            "http",
+            "updater.md §2.1",
+            "the platform must match",
+            destructive=True,
+        ),
+        _F(
+            "bundle_missing_version_ok",
+            "ota.bundle_rules",
+            "tcp",
+            "updater.md §2.1",
+            "version is required",
+            destructive=True,
+        ),
         # -- serial (transports.md §1) -----------------------------------------------------------------
         _F(
             "serial_no_handshake",
@@ -508,6 +533,8 @@ FAULTS: dict[str, Fault] = {
         _F("http_rest_string_quoted", "http.rest_string_result", "http", "transports.md §3.2", "bare REST strings"),
         _F("http_options_rpc_200", "http.options_rpc", "http", "transports.md §3.5", "OPTIONS /rpc is a 400"),
         _F("ws_invalid_json_closes", "ws.invalid_json_ignored", "ws", "transports.md §2.5", "invalid JSON is ignored"),
+        _F("http_keepalive_always", "http.keep_alive", "http", "transports.md §3.1", "keep-alive only when asked"),
+        _F("http_rest_query_ignored", "http.rest_get_query", "http", "transports.md §3.2", "GET query args are used"),
         # -- mqtt (transports.md §4) ---------------------------------------------------------------------
         _F("mqtt_reply_topic_wrong", "preflight", "mqtt", "transports.md §4", "replies go to <request src>/rpc"),
         _F(

@@ -147,7 +147,7 @@ class HttpServer(_Closer):
         info: str,
     ) -> bool:
         f = self.dev.fault
-        keep = headers.get("connection", "").lower() == "keep-alive"
+        keep = headers.get("connection", "").lower() == "keep-alive" or f == "http_keepalive_always"
         ch = Channel("http", info)
         if path in ("/rpc", "/rpc/"):
             if verb == "OPTIONS" and f == "http_options_rpc_200":
@@ -187,7 +187,7 @@ class HttpServer(_Closer):
                 await writer.drain()
                 return keep
             args = body.strip()
-            if not args and query:
+            if not args and query and f != "http_rest_query_ignored":
                 pairs = urllib.parse.parse_qsl(query)
                 args = ("{" + ",".join(f'"{k}":{v}' for k, v in pairs) + "}").encode()
             frame = b'{"id":%d,"method":%s' % (random.randrange(1, 1 << 31), json.dumps(method).encode())
