@@ -200,7 +200,7 @@ FAULTS: dict[str, Fault] = {
         _F(
             "fs_put_append_ignored",
             "fs.put_get_remove",
-            "mqtt",
+            "ws",
             "tool.md §6",
             "FS.Put append adds to the file",
             destructive=True,
