@@ -129,3 +129,37 @@ async def test_http_paths_to_ota_need_credentials(tmp_path: Path) -> None:
     finally:
         await dev.stop()
 
+
+
+async def test_device_serves_https_and_wss_with_a_cert_and_key(tmp_path: Path) -> None:
+    """The device side of https:// and wss:// (?cert=&key=): RPC, REST and the OTA push over TLS, ACL as above."""
+    import ssl
+
+    from tests.transports.test_ws import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    dev = _device(tmp_path, [f"https://127.0.0.1:0/rpc?cert={cert}&key={key}"])
+    await dev.start()
+    try:
+        url = dev.urls[0].split("?", 1)[0]
+        assert url.startswith("https://")
+        async with await transports.connect(f"{url}?ca={cert}", timeout_s=10, creds=ADMIN) as c:
+            assert (await c.call("OTA.GetBootState"))["is_committed"] is True
+        ws = await transports.listen(f"wss://127.0.0.1:0/rpc?cert={cert}&key={key}", dev.node)  # type: ignore[arg-type]
+        try:
+            wss_url = ws.url.split("?", 1)[0]
+            async with await transports.connect(f"{wss_url}?ca={cert}", timeout_s=10) as c:
+                with pytest.raises(MgrpcError):
+                    await c.call("OTA.Begin", {"size": 10})  # no credentials: refused over TLS too
+        finally:
+            await ws.close()
+        ctx = ssl.create_default_context(cafile=str(cert))
+        base = url.rsplit("/rpc", 1)[0]
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+            async with s.post(base + "/update", data=_form(bundle("5.2"))) as r:
+                assert r.status == 401
+            assert await _digest(s, "POST", base + "/update", "/update", fw=bundle("5.2")) == (
+                200, "Update applied, finalizing\r\n")  # fmt: skip
+        assert (await dev.wait_booted(boots=2)).version == "5.2"
+    finally:
+        await dev.stop()
