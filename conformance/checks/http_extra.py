@@ -124,3 +124,29 @@ async def _http_keep_alive(s: Session) -> str | None:
         expected="Connection: close, then the connection closed",
     )
     return None
+
+
+@check(
+    "ota.http_commit",
+    section="ota.md §3",
+    title="GET /update/commit on committed firmware: 400 Error",
+    only=("http", "https", "ws", "wss"),
+    needs=["OTA.GetBootState"],
+)
+async def _ota_http_commit(s: Session) -> str | None:
+    resp = await s.request("OTA.GetBootState")
+    if not (isinstance(resp.result, dict) and resp.result.get("is_committed") is True):
+        raise CheckSkipped("the running firmware is not committed")
+    parts = urlsplit(_base(s))
+    scheme = "https" if parts.scheme in ("https", "wss") else "http"
+    url = f"{scheme}://{parts.netloc}/update/commit"
+    status, _, body = await _http(s, "GET", url)
+    if status == 404:
+        raise CheckSkipped("the device serves no /update endpoints (ota-http-server)")
+    expect(
+        status == 400 and body == b"Error\r\n",
+        "committing firmware that is already committed fails",
+        seen=f"{status} {show(body)}",
+        expected="400 Error\\r\\n",
+    )
+    return None

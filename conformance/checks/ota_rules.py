@@ -192,8 +192,9 @@ def _rebuild(bundle: bytes, variant: str) -> bytes:
         entries[0] = (entries[0][0], json.dumps(manifest, indent=1, sort_keys=True).encode())
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, data in entries:
-            zf.writestr(name, data)
+        for i, (name, data) in enumerate(entries):
+            deflate = variant == "deflated" and i > 0
+            zf.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
     return out.getvalue()
 
 
@@ -201,13 +202,14 @@ BUNDLE_RULES = {
     "manifest_last": "manifest.json must be the first entry (updater.md §1.3-a)",
     "wrong_platform": "the manifest's platform must be the device's (updater.md §2.1-b)",
     "no_version": "a manifest without version is refused (updater.md §2.1-a)",
+    "deflated": "deflated entries are refused (updater.md §1.2-a)",
 }
 
 
 @check(
     "ota.bundle_rules",
-    section="updater.md §1.3, §2.1; ota.md §1.4",
-    title="bundles with the manifest last, another platform or no version are refused",
+    section="updater.md §1.2, §1.3, §2.1; ota.md §1.4",
+    title="bundles with the manifest last, another platform, no version or deflated entries are refused",
     destructive=True,
     needs=["OTA.Status", "OTA.GetBootState", "OTA.Begin", "OTA.Write", "OTA.End"],
 )

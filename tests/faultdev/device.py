@@ -490,6 +490,8 @@ class Device:
             zf = zipfile.ZipFile(io.BytesIO(data))
             if zf.testzip() is not None and not self.has("ota_bad_bundle_accepted"):
                 return None
+            if any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist()) and not self.has("bundle_deflated_ok"):
+                return None  # stored entries only
             names = [n for n in zf.namelist() if n.endswith("manifest.json")]
             if names and names[0] != zf.namelist()[0] and not self.has("bundle_manifest_not_first_ok"):
                 return None  # manifest.json must be the first entry
@@ -550,6 +552,14 @@ class Device:
                 return None
             raise RpcError(-1, "Malformed request")
         raise RpcError(-1, "Failed to init updater")  # this device downloads nothing
+
+    def http_update(self, what: str) -> bool:
+        """``GET /update/commit`` or ``/update/revert`` (ota.md §3): True for 200 Ok, False for 400 Error."""
+        try:
+            (self._ota_commit if what == "commit" else self._ota_revert)({}, Channel("http"))
+        except RpcError:
+            return self.has("http_update_commit_ok")
+        return True
 
     def _ota_commit(self, p: Any, ch: Channel) -> str | None:
         o = self.ota

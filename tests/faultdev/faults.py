@@ -392,6 +392,8 @@ FAULTS: dict[str, Fault] = {
             "version is required",
             destructive=True,
         ),
+        _F("bundle_deflated_ok", "ota.bundle_rules", "ws", "updater.md §1.2", "stored entries only", destructive=True),
+        _F("http_update_commit_ok", "ota.http_commit", "http", "ota.md §3", "/update/commit when committed: 400"),
         # -- serial (transports.md §1) -----------------------------------------------------------------
         _F(
             "serial_no_handshake",

@@ -216,6 +216,11 @@ class HttpServer(_Closer):
             self._respond(writer, status, text.encode() + b"\r\n", keep)
             await writer.drain()
             return keep
+        if path in ("/update/commit", "/update/revert") and verb == "GET":
+            ok = self.dev.http_update(path.rsplit("/", 1)[1])
+            self._respond(writer, 200 if ok else 400, b"Ok\r\n" if ok else b"Error\r\n", False, ctype="text/html")
+            await writer.drain()
+            return False
         self._respond(writer, 404, b"Not Found", False, ctype="text/plain")
         await writer.drain()
         return False
