@@ -102,8 +102,8 @@ async def _fs_put_get_remove(s: Session) -> str | None:
         if s.scheme in ("mqtt", "mqtts"):
             # The broker may deliver a request on <id>/rpc twice and the device then runs it twice
             # (transports.md §4.5-a): an append is not idempotent, so write the whole file instead.
-            data = base64.b64encode(first + second).decode()
-            await _ok(s, "FS.Put", {"filename": name, "data": data, "append": False})
+            both = base64.b64encode(first + second).decode()
+            await _ok(s, "FS.Put", {"filename": name, "data": both, "append": False})
             note = "append not checked over MQTT (a request may be delivered twice, transports.md §4.5-a)"
         else:
             await _ok(s, "FS.Put", {"filename": name, "data": base64.b64encode(second).decode(), "append": True})
