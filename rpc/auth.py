@@ -41,6 +41,7 @@ __all__ = [
 
 ALGORITHMS = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 NONCE_MAX_AGE_S = 3600
+NONCE_AHEAD_MAX_S = 60  # how far unique nonces may run ahead of the clock
 USED_NONCES_MAX = 65536  # digest answers remembered against replay (older ones: their nonces expire)
 
 
@@ -241,8 +242,13 @@ class Authenticator:
         """A fresh nonce: the current unix time, as a device issues it -- but never the same twice
         (a second challenge within a second gets the next number), so that every digest answer is
         for a nonce of its own and a replayed one can be told apart (:meth:`first_use`)."""
-        n = max(int(self.clock()), self._last_nonce + 1)
-        self._last_nonce = n
+        now = int(self.clock())
+        # ... at most NONCE_AHEAD_MAX_S ahead of the clock: a flood of requests without credentials
+        # must not push the nonces (and with them the staleness check) far into the future. Past that
+        # a number may repeat; a replayed answer is still refused (first_use), a legitimate second
+        # answer to a repeated nonce needs one more challenge.
+        n = min(max(now, self._last_nonce + 1), now + NONCE_AHEAD_MAX_S)
+        self._last_nonce = max(self._last_nonce, n)
         return n
 
     def fresh(self, nonce: int) -> bool:
@@ -298,7 +304,7 @@ class Authenticator:
             return None, None
         try:
             nonce_i = int(nonce)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: "nonce": Infinity
             return None, AuthDecision(False, code=400, message="bad request")
         if not self.fresh(nonce_i):
             return None, None  # stale nonce: silently not authenticated
