@@ -76,6 +76,7 @@ TOKENS = [
 _SCALARS: list[Any] = [
     0, -1, 1, 2**31, -(2**63), 2**64 + 5, 1.5, -0.0, 1e308, True, False, None, "", "x", "a" * 300,
     "\u0000\u2028\ud7ff", "é€😀", "../../etc/passwd", "/" * 40, "%n%s", "conf0.json", "UEsDBAoAAAAAAA==",
+    float("inf"), float("-inf"), float("nan"),
 ]  # fmt: skip
 _PARAM_KEYS = [*KEYS, "offset", "data", "size", "filename", "len", "url", "config", "save", "reboot",
                       "commit_timeout", "slot", "path", "delay_ms", "append", "name", "key", "level"]  # fmt: skip
@@ -110,6 +111,10 @@ def gen_frame(rng: random.Random) -> dict[str, Any]:
         obj[key] = gen_value(rng)
     if rng.random() < 0.5:
         obj["params"] = gen_value(rng)
+    if rng.random() < 0.15:  # a digest answer, plausible or not (the authenticator parses it)
+        obj["auth"] = {k: v if rng.random() < 0.75 else gen_value(rng) for k, v in (
+            ("realm", "RPC"), ("username", "admin"), ("nonce", rng.randrange(1 << 32)),
+            ("cnonce", rng.randrange(1 << 32)), ("response", "0" * 32), ("algorithm", "MD5")) if rng.random() < 0.9}
     return obj
 
 
@@ -514,6 +519,7 @@ class RouterTarget(JsonTarget):
 
     def __init__(self, rng: random.Random) -> None:
         super().__init__(rng)
+        from rpc.auth import Acl, Authenticator
         from rpc.loopback import loop_pair
         from services import device as device_mod
         from services.device import VirtualDevice
@@ -535,6 +541,19 @@ class RouterTarget(JsonTarget):
         self.replies: list[bytes] = []
         self.client.deliver_bytes = self.replies.append  # type: ignore[method-assign,assignment]
         self.dev.node.add_channel(self.end)
+        # A second device whose ACL wants a user for OTA.* and Sys.*: every fourth input goes there,
+        # so the authenticator parses fuzzed ``auth`` members.
+        acl = Acl.parse('[{"method":"OTA.*","acl":"+admin"},{"method":"Sys.*","acl":"+admin"},'
+                        '{"method":"*","acl":"*"}]')
+        self.secured = VirtualDevice(id="esp32_soak", state_dir="/nonexistent", storage=DeviceStorage.in_memory(),
+                                     auth=Authenticator(users={"admin": "pw"}, acl=acl))  # fmt: skip
+        self.secured.schedule_reboot = lambda *a, **k: None  # type: ignore[method-assign]
+        self.loop.run_until_complete(self.secured.start())
+        assert self.secured.node is not None
+        secured_client, self.secured_end = loop_pair("loop://soak-auth")
+        secured_client.deliver_bytes = self.replies.append  # type: ignore[method-assign,assignment]
+        self.secured.node.add_channel(self.secured_end)
+        self.count = 0
         st = self.dev.storage
         self.running_slot = st.running_slot
         part = st.layout.app[self.running_slot]
@@ -551,7 +570,8 @@ class RouterTarget(JsonTarget):
     def run(self, inp: bytes) -> None:
         n_logged = len(self.handler.records)
         n_loop = len(self.loop_errors)
-        self.loop.run_until_complete(self._feed(inp))
+        self.count += 1
+        self.loop.run_until_complete(self._feed(inp, secured=self.count % 4 == 0))
         if len(self.handler.records) > n_logged:
             rec = self.handler.records[-1]
             raise AssertionError(f"router logged an exception: {rec.getMessage()}: {rec.exc_info[1]!r}")  # type: ignore[index]
@@ -559,8 +579,8 @@ class RouterTarget(JsonTarget):
             raise AssertionError(f"event loop error: {self.loop_errors[-1]}")
         del self.replies[:]
 
-    async def _feed(self, data: bytes) -> None:
-        self.end.deliver_bytes(data)
+    async def _feed(self, data: bytes, *, secured: bool = False) -> None:
+        (self.secured_end if secured else self.end).deliver_bytes(data)
         await _settle()
 
     def check_after(self) -> str | None:
@@ -579,6 +599,7 @@ class RouterTarget(JsonTarget):
     def close(self) -> None:
         logging.getLogger().removeHandler(self.handler)
         self.loop.run_until_complete(self.dev.stop())
+        self.loop.run_until_complete(self.secured.stop())
         asyncio.set_event_loop(None)
         self.loop.close()
 
