@@ -93,6 +93,9 @@ log = logging.getLogger("mgrpc.ws")
 # Close codes (RFC 6455) used when a device drops a connection for a bad frame.
 _CLOSE_TOO_BIG = 1009
 _CLOSE_BAD_DATA = 1007
+# Device side: a peer that does not read its replies is dropped past either bound (memory stays bounded).
+MAX_PENDING_SENDS = 256  # sends waiting
+MAX_OUT_BUFFER = 1 << 20  # bytes queued on the socket
 
 
 def _binary(codec: FrameCodec) -> bool:
@@ -215,14 +218,33 @@ class WsChannel(Channel):
         self.peer = peer
         self._transport = transport
         self.stall_over = stall_over
+        self._sending = 0
 
     def info(self) -> str:
         """The peer's ``ip:port``."""
         return self.peer
 
     async def send(self, frame: Frame) -> None:
-        """Send ``frame`` as one message (TEXT, no newline, for JSON)."""
-        await _send_message(self.ws, self.encode(frame), binary=_binary(self.codec))
+        """Send ``frame`` as one message (TEXT, no newline, for JSON).
+
+        A peer that stops reading makes replies pile up; once :data:`MAX_OUT_BUFFER` bytes are unsent
+        or :data:`MAX_PENDING_SENDS` sends wait, the connection is dropped rather than holding ever
+        more of them (memory stays bounded).
+        """
+        transport: Any = self._transport
+        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        if self._sending >= MAX_PENDING_SENDS or unsent > MAX_OUT_BUFFER:
+            log.warning("ws %s: the peer does not read its replies (%d bytes unsent, %d waiting); closing",
+                        self.peer, unsent, self._sending)  # fmt: skip
+            self.mark_closed()
+            if transport is not None:
+                transport.abort()
+            raise ChannelClosed("WebSocket peer does not read")
+        self._sending += 1
+        try:
+            await _send_message(self.ws, self.encode(frame), binary=_binary(self.codec))
+        finally:
+            self._sending -= 1
 
     async def run(self) -> None:
         """Read messages until the connection ends."""

@@ -166,3 +166,56 @@ async def test_bad_limits_are_usage_errors(option: str) -> None:
     with pytest.raises(UsageError):
         await transports.listen(f"tcp://127.0.0.1:0?{option}", node)
     await node.close()
+
+
+def _ws_frame(text: bytes) -> bytes:
+    """One masked TEXT frame, as a client must send it."""
+    mask = b"\x01\x02\x03\x04"
+    n = len(text)
+    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+
+
+async def test_a_websocket_peer_that_never_reads_is_dropped() -> None:
+    from transports import ws as ws_mod
+
+    node = _node()
+    lst = await transports.listen("ws://127.0.0.1:0/rpc", node)
+    host, port = _addr(lst.url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, (
+            f"GET /rpc HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())  # fmt: skip
+        head = b""
+        while b"\r\n\r\n" not in head:  # the 101 answer; nothing is read after it
+            head += await asyncio.wait_for(loop.sock_recv(sock, 1), T)
+        assert b" 101 " in head
+        chans = [ch for ch in node.channels if ch.type == "WS_in"]
+        for ch in chans:  # shrink the device's kernel buffer too, so few requests are needed
+            ch._transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        frame = _ws_frame(b'{"id":1,"src":"x","method":"Test.Big"}')
+        for i in range(5000):  # ~3 KB replies each
+            if not any(ch.type == "WS_in" for ch in node.channels):
+                break
+            try:
+                await asyncio.wait_for(loop.sock_sendall(sock, frame), 1)
+            except (OSError, TimeoutError):
+                break
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+            for ch in node.channels:  # never much more than the limits of replies waiting
+                if ch.type == "WS_in":
+                    assert ch._sending <= ws_mod.MAX_PENDING_SENDS
+                    assert ch._transport.get_write_buffer_size() <= ws_mod.MAX_OUT_BUFFER + 8192
+        await asyncio.sleep(0.2)
+        assert not any(ch.type == "WS_in" for ch in node.channels), "the non-reading peer must be dropped"
+        await _ping(lst.url)
+    finally:
+        sock.close()
+        await lst.close()
+        await node.close()
