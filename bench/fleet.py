@@ -1,26 +1,32 @@
-"""Fleet update time through mosquitto: N virtual devices in this process, one dashboard, one bundle.
+"""Fleet updates through mosquitto: devices updated per second with one and with two dashboard
+workers, and the dashboard's event latency (device progress -> browser event stream).
 
-For each N (default 10, 100, 1000) the bench starts a fresh mosquitto, the dashboard with its shadow
-service, and N virtual devices (in-memory flash, one MQTT connection each, as real devices have; in
-worker processes of ``--per-process`` devices, because paho's ``select()`` loop cannot watch file
-descriptors above 1023, which caps one process at about 330 connections),
-then times a rollout of one bundle to all of them until every device runs it committed. It prints
-the time per N, the time per device, and the growth against the smallest N measured in the same
-run (the baseline): ``ratio`` = t(N) / t(N0) and the exponent k of t ~ N^k (1 = linear).
+1. **Throughput.** N virtual devices (default 1000; in-memory flash, one MQTT connection each, as
+   real devices have; in device processes of ``--per-process`` because paho's ``select()`` loop
+   cannot watch file descriptors above 1023) are updated by a shadow rollout, first by one
+   ``mgrpc dashboard`` worker, then (fresh devices, fresh database) by two workers sharing the
+   database and the device traffic (MQTT shared subscriptions). The database is a private
+   PostgreSQL (Debian's packages; see ``tests/postgres.py``) for both runs, so only the number of
+   workers differs; without PostgreSQL the one-worker run uses SQLite and the two-worker run is
+   skipped with the reason. Printed: time until every device runs the new firmware committed,
+   devices per second, and the ratio two workers / one worker measured in the same run.
+2. **Event latency.** One dashboard (in this process, SQLite) and an event-stream client (what the
+   page's ``EventSource`` receives): a device's ``<id>/ota/progress`` message is published to the
+   broker, and the time until the stream delivers a state with that progress is measured
+   (``--events`` samples; median, p95, max).
 
-    .venv/bin/python bench/fleet.py [--sizes 10,100,1000] [--method shadow|push|url]
-
-A size the machine cannot hold (file descriptors, memory, time budget ``--budget`` seconds per size)
-is reported as skipped and the bench goes on.
+    .venv/bin/python bench/fleet.py [--devices 1000] [--per-process 250] [--events 100]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
-import math
+import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -29,13 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgrpc.wiring import start_fleet, start_fleet_device
-from tests.mosquitto import Mosquitto, find_mosquitto
+from tests.mosquitto import Mosquitto, find_mosquitto, free_port
 from updater.bundle import make_virtual_bundle
 from updater.storage import DeviceStorage
 
 
 def raise_fd_limit(want: int) -> int:
-    """Raise the soft open-files limit towards ``want`` (mosquitto and the workers inherit it)."""
+    """Raise the soft open-files limit towards ``want`` (mosquitto and the children inherit it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = want if hard == resource.RLIM_INFINITY else min(want, hard)
     if target > soft:
@@ -43,12 +49,12 @@ def raise_fd_limit(want: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def worker(broker: str, start: int, count: int) -> None:
-    """Worker process: run devices ``b<start>`` .. ``b<start+count-1>`` until stdin closes."""
+async def device_process(broker: str, prefix: str, start: int, count: int) -> None:
+    """Child process: run devices ``<prefix><start>`` ... until stdin closes."""
     devices = []
     try:
         for i in range(start, start + count):
-            devices.append(await start_fleet_device(broker, f"b{i:04d}", storage=DeviceStorage.in_memory()))
+            devices.append(await start_fleet_device(broker, f"{prefix}{i:04d}", storage=DeviceStorage.in_memory()))
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     finally:
@@ -56,93 +62,213 @@ async def worker(broker: str, start: int, count: int) -> None:
             await d.stop()
 
 
-async def run_size(n: int, *, method: str, bundle: bytes, budget_s: float, per_process: int) -> dict[str, float]:
-    """One measurement: attach ``n`` devices (in worker processes), roll ``bundle`` out, wait for all done."""
-    with tempfile.TemporaryDirectory(prefix="mgrpc-bench-fleet-") as tmp, Mosquitto(workdir=Path(tmp) / "mq") as mq:
-        broker = mq.url()
-        fleet = await start_fleet(broker=broker, db_path=Path(tmp) / "fleet.sqlite", send_timeout_s=budget_s)
-        procs: list[asyncio.subprocess.Process] = []
+async def _spawn(*argv: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+
+
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    for p in procs:
+        if p.returncode is None:
+            if p.stdin is not None:
+                p.stdin.close()
+            p.terminate()
+    for p in procs:
         try:
+            await asyncio.wait_for(p.wait(), 30)
+        except TimeoutError:
+            p.kill()
+            await p.wait()
+
+
+async def throughput(n: int, workers: int, db_url: str, *, per_process: int, budget_s: float) -> dict[str, float]:
+    """Attach ``n`` devices, start ``workers`` dashboards on ``db_url``, roll a bundle out; seconds taken."""
+    import aiohttp
+
+    from mgrpc.fleet import FleetDB
+
+    bundle = make_virtual_bundle("esp32", "2.0", app_size=8192)
+    with tempfile.TemporaryDirectory(prefix="mgrpc-bench-fleet-") as tmp, Mosquitto(workdir=Path(tmp) / "mq") as mq:
+        broker = mq.url().rstrip("/")
+        if "://" not in db_url:
+            db_url = str(Path(tmp) / db_url)
+        port1 = free_port()
+        url1 = f"http://127.0.0.1:{port1}"
+        procs: list[asyncio.subprocess.Process] = []
+        db = FleetDB(db_url)
+        try:
+            for w in range(workers):
+                listen = url1 if w == 0 else "http://127.0.0.1:0"
+                prof = ["-m", "cProfile", "-o", os.environ["MGRPC_BENCH_PROFILE"]] if (
+                    w == 0 and os.environ.get("MGRPC_BENCH_PROFILE")) else []  # fmt: skip
+                p = await _spawn(sys.executable, *prof, "-m", "mgrpc", "dashboard", "--broker", broker, "--db", db_url,
+                                 "--listen", listen, "--public-url", url1, "--worker-id", f"w{w + 1}")  # fmt: skip
+                procs.append(p)
+                assert p.stdout is not None
+                line = (await asyncio.wait_for(p.stdout.readline(), 60)).decode()
+                if not line.startswith("dashboard on"):
+                    raise RuntimeError(f"worker {w + 1} did not start: {line!r}")
             t0 = time.perf_counter()
             for start in range(0, n, per_process):
-                procs.append(await asyncio.create_subprocess_exec(
-                    sys.executable, __file__, "--worker", str(start), str(min(per_process, n - start)),
-                    "--broker", broker, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                ))  # fmt: skip
+                procs.append(await _spawn(sys.executable, __file__, "--device-process", "b", str(start),
+                                          str(min(per_process, n - start)), "--broker", broker))  # fmt: skip
             ids = [f"b{i:04d}" for i in range(n)]
-            app = fleet.app
-            while sum(1 for i in ids if i in app.devices and app.devices[i].online) < n:
+            want = set(ids)
+            while True:
+                online = {d.id for d in db.devices() if d.online} & want
+                if len(online) == n:
+                    break
                 if time.perf_counter() - t0 > budget_s or any(p.returncode is not None for p in procs):
-                    raise TimeoutError(f"only {sum(1 for i in ids if i in app.devices)} of {n} devices came online")
-                await asyncio.sleep(0.05)
+                    raise TimeoutError(f"only {len(online)} of {n} devices came online")
+                await asyncio.sleep(0.5)
             attach_s = time.perf_counter() - t0
-            info = app.db.add_bundle(bundle)
-            t1 = time.perf_counter()
-            r = app.start_rollout(devices=ids, bundle=info.sha, method=method, commit_timeout_s=600, autocommit=True,
-                                  concurrency=0 if method == "shadow" else 32)  # fmt: skip
-            while r.state == "running":
+            await asyncio.sleep(2.0)  # every worker has seen every device (they learn from the database each second)
+            async with aiohttp.ClientSession() as s:
+                form = aiohttp.FormData()
+                form.add_field("file", bundle, filename="fw.zip", content_type="application/zip")
+                async with s.post(url1 + "/api/bundles", data=form) as resp:
+                    sha = (await resp.json())["sha"]
+                t1 = time.perf_counter()
+                body = {"devices": ids, "bundle": sha, "method": "shadow", "commit_timeout": 600}
+                async with s.post(url1 + "/api/rollouts", json=body) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"rollout refused: {await resp.text()}")
+                    rid = (await resp.json())["id"]
+            while True:
+                r = db.rollout(rid)
+                summary = r.summary() if r else {}
+                if summary.get("done", 0) == n:
+                    break
                 if time.perf_counter() - t1 > budget_s:
-                    raise TimeoutError(f"rollout not finished within {budget_s:g} s: {r.summary()}")
-                await asyncio.sleep(0.05)
-            update_s = time.perf_counter() - t1
-            summary = r.summary()
-            if summary != {"done": n}:
-                raise RuntimeError(f"rollout ended {r.state}: {summary}")
-            return {"n": n, "attach_s": attach_s, "update_s": update_s}
+                    raise TimeoutError(f"rollout not finished within {budget_s:g} s: {summary}")
+                if r is not None and r.state != "running" and r.settled:
+                    raise RuntimeError(f"rollout ended {r.state}: {summary}")
+                await asyncio.sleep(0.25)
+            return {"attach_s": attach_s, "update_s": time.perf_counter() - t1}
         finally:
-            for p in procs:
-                if p.stdin is not None:
-                    p.stdin.close()
-            for p in procs:
+            await _stop(procs)
+            db.close()
+
+
+async def event_latency(samples: int) -> list[float]:
+    """Seconds from publishing a device's progress message to the event stream delivering it."""
+    import aiohttp
+
+    from transports.mqttconn import open_connection
+
+    with tempfile.TemporaryDirectory(prefix="mgrpc-bench-events-") as tmp, Mosquitto(workdir=Path(tmp) / "mq") as mq:
+        broker = mq.url().rstrip("/")
+        fleet = await start_fleet(broker=broker, db_path=Path(tmp) / "fleet.sqlite")
+        dev = await open_connection(broker, client_id="lat0")
+        try:
+            status = {"online": True, "id": "lat0", "arch": "esp32", "version": "1.0", "committed": True, "boots": 1}
+            await dev.publish("lat0/status", json.dumps(status), qos=1, retain=True)
+            while "lat0" not in fleet.app.devices:
+                await asyncio.sleep(0.02)
+            info = fleet.app.db.add_bundle(make_virtual_bundle("esp32", "2.0", app_size=8192))
+            # a polling job waits for the device: its progress reports move the row on the page
+            r = fleet.app.start_rollout(devices=["lat0"], bundle=info.sha, method="poll")
+            total = 1_000_000
+            out: list[float] = []
+            async with aiohttp.ClientSession() as s, s.get(fleet.url + "/api/events") as events:
+                pending: dict[int, float] = {}
+                seen: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+
+                async def read() -> None:
+                    async for raw in events.content:
+                        line = raw.decode()
+                        if line.startswith("data: "):
+                            t = time.perf_counter()
+                            st = json.loads(line[6:])
+                            for ro in st["rollouts"]:
+                                if ro["id"] == r.id:
+                                    await seen.put((ro["jobs"]["lat0"]["done"], t))
+
+                reader = asyncio.ensure_future(read())
                 try:
-                    await asyncio.wait_for(p.wait(), 30)
-                except TimeoutError:
-                    p.kill()
-                    await p.wait()
+                    for i in range(1, samples + 1):
+                        done = i * 1000
+                        pending[done] = time.perf_counter()
+                        msg = {"state": "progress", "done": done, "total": total, "percent": done * 100 // total}
+                        dev.publish_nowait("lat0/ota/progress", json.dumps(msg).encode(), qos=0)
+                        while True:
+                            got, t = await asyncio.wait_for(seen.get(), 10)
+                            if got == done:
+                                out.append(t - pending[done])
+                                break
+                        await asyncio.sleep(0.06)  # past the stream's 50 ms coalescing window
+                finally:
+                    reader.cancel()
+            return out
+        finally:
+            await dev.close()
             await fleet.close()
 
 
 def main() -> int:
-    """Run the bench and print the table."""
+    """Run both parts and print the figures."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="10,100,1000", help="comma-separated device counts")
-    ap.add_argument("--method", default="shadow", choices=("shadow", "push", "url"))
-    ap.add_argument("--budget", type=float, default=600.0, help="seconds allowed per size (attach, then update)")
-    ap.add_argument("--per-process", type=int, default=250,
-                    help="devices per worker process (paho's select() loop limits one process to ~330)")
-    ap.add_argument("--worker", nargs=2, type=int, metavar=("START", "COUNT"), help=argparse.SUPPRESS)
+    ap.add_argument("--devices", type=int, default=1000, help="virtual devices in the throughput runs")
+    ap.add_argument("--per-process", type=int, default=250, help="devices per device process")
+    ap.add_argument("--budget", type=float, default=900.0, help="seconds allowed per run (attach, then update)")
+    ap.add_argument("--events", type=int, default=100, help="event-latency samples")
+    ap.add_argument("--device-process", nargs=3, metavar=("PREFIX", "START", "COUNT"), help=argparse.SUPPRESS)
     ap.add_argument("--broker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    if args.worker:
-        asyncio.run(worker(args.broker, *args.worker))
+    if args.device_process:
+        prefix, start, count = args.device_process
+        asyncio.run(device_process(args.broker, prefix, int(start), int(count)))
         return 0
     if find_mosquitto() is None:
         print("mosquitto is not installed; `make system-deps` installs it", file=sys.stderr)
         return 1
-    sizes = sorted({int(x) for x in args.sizes.split(",") if x.strip()})
-    fds = raise_fd_limit(4 * max(sizes) + 256)
-    bundle = make_virtual_bundle("esp32", "2.0", app_size=8192)
-    print(f"fleet update through mosquitto, method {args.method}, bundle {len(bundle)} bytes, open files {fds}")
-    print(f"{'N':>6} {'attach s':>9} {'update s':>9} {'ms/device':>10} {'ratio':>7} {'exponent':>9}")
-    base: dict[str, float] | None = None
-    for n in sizes:
-        if 2 * n + 64 > fds:
-            print(f"{n:>6}  skipped: needs ~{2 * n + 64} open files, the limit is {fds}")
-            continue
+    n = args.devices
+    fds = raise_fd_limit(4 * n + 512)
+
+    lat = asyncio.run(event_latency(args.events))
+    lat_ms = sorted(1000 * x for x in lat)
+    p95 = lat_ms[max(0, int(len(lat_ms) * 0.95) - 1)]
+    med = statistics.median(lat_ms)
+    print(f"dashboard event latency (device progress on the broker -> event stream), {len(lat_ms)} samples: "
+          f"median {med:.1f} ms, p95 {p95:.1f} ms, max {lat_ms[-1]:.1f} ms", flush=True)  # fmt: skip
+
+    from tests.postgres import PostgresServer, postgres_unavailable
+
+    why = postgres_unavailable()
+    pg = None
+    if not why:
         try:
-            res = asyncio.run(run_size(n, method=args.method, bundle=bundle, budget_s=args.budget,
-                                       per_process=args.per_process))
-        except (OSError, TimeoutError, RuntimeError, MemoryError) as e:
-            print(f"{n:>6}  skipped: {e}")
-            continue
-        if base is None:
-            base = res
-        ratio = res["update_s"] / base["update_s"]
-        expo = math.log(ratio) / math.log(n / base["n"]) if n != base["n"] else float("nan")
-        print(f"{n:>6} {res['attach_s']:>9.2f} {res['update_s']:>9.2f} {1000 * res['update_s'] / n:>10.1f} "
-              f"{ratio:>7.2f} {expo:>9.2f}", flush=True)  # fmt: skip
-    print("ratio: update time against the smallest N; exponent k in t ~ N^k (1.0 = linear growth)")
+            pg = PostgresServer().start()
+        except (RuntimeError, OSError) as e:
+            why = f"PostgreSQL did not start: {e}"
+    if 2 * n + 64 > fds:
+        print(f"throughput skipped: needs ~{2 * n + 64} open files, the limit is {fds}")
+        return 0
+    print(f"shadow rollout of a 73 KiB bundle to {n} virtual devices through mosquitto, database "
+          f"{'PostgreSQL' if pg else 'SQLite'}", flush=True)  # fmt: skip
+    print(f"{'workers':>7} {'attach s':>9} {'update s':>9} {'devices/s':>10} {'ratio':>6}")
+    base = None
+    try:
+        for workers in (1, 2):
+            if pg is None and workers == 2:
+                print(f"{workers:>7}  skipped: {why}")
+                continue
+            db = pg.create_database(f"bench{workers}") if pg else "fleet.sqlite"
+            try:
+                res = asyncio.run(throughput(n, workers, db, per_process=args.per_process, budget_s=args.budget))
+            except (OSError, TimeoutError, RuntimeError) as e:
+                print(f"{workers:>7}  failed: {e}", flush=True)
+                continue
+            rate = n / res["update_s"]
+            base = base or rate
+            print(f"{workers:>7} {res['attach_s']:>9.1f} {res['update_s']:>9.1f} {rate:>10.1f} {rate / base:>6.2f}",
+                  flush=True)  # fmt: skip
+    finally:
+        if pg is not None:
+            pg.stop()
+    print("ratio: devices per second against one worker, measured in the same run")
     return 0
 
 

@@ -66,6 +66,7 @@ PUSH_WINDOW = 4
 MAX_UPLOAD = 64 << 20
 EVENT_MIN_GAP_S = 0.05  # server-sent events: at most 20 state updates a second per browser
 EVENT_KEEPALIVE_S = 15.0
+PROGRESS_SAVE_S = 5.0  # transfer progress goes to the database at most this often per device
 SHADOW_RESEND_S = 10.0  # shadow: a device online that has not begun is sent desired.ota again
 WORKER_DEAD_S = 5.0  # a worker not heard from for this long is dead: its waiting jobs are taken over
 
@@ -111,6 +112,7 @@ class FleetApp:
                 d.online = False  # until the broker says otherwise
         self.rollouts: dict[str, Rollout] = {r.id: r for r in db.rollouts()}
         self._devices_seen = time.time()
+        self._saved_progress: dict[str, float] = {}  # device -> when its transfer progress was last saved
         self._last_change = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -252,12 +254,14 @@ class FleetApp:
                 return  # a get alone may come from anyone
             d = self.devices[dev_id] = DeviceRecord(id=dev_id, source="mqtt", presence="shadow")
             log.info("device %s discovered by its shadow reports", dev_id)
+        before = (d.online, d.version, d.build_id, d.app, d.arch)
         if isinstance(reported, dict):
             _apply_reported(d, reported)
         d.online = True  # a live (not retained) request: it is connected now
         d.last_seen = time.time()
-        self._touch(d)
-        if d.online:
+        changed = (d.online, d.version, d.build_id, d.app, d.arch) != before
+        self._touch(d, save=changed or d.presence == "shadow")
+        if changed:
             self._device_online(d)
 
     def _on_progress(self, msg: Any) -> None:
@@ -272,11 +276,14 @@ class FleetApp:
         if d is not None:
             d.progress = p
             self._touch(d, save=False)
-        found = self._active_job(dev_id)
+        state = p.get("state")
+        # Transfer progress is the bulk of the traffic: a job this worker knows to be transferring
+        # is used as cached (a move is re-checked under the row lock anyway).
+        found = self._cached_transfer(dev_id) if state == "progress" else None
+        found = found or self._active_job(dev_id)
         if found is None:
             return
         r, job = found
-        state = p.get("state")
         if state == "progress" and not p.get("done"):
             return  # an update began; each poll begins one, most end at once with 304 Not Modified
         if state == "progress":
@@ -292,14 +299,15 @@ class FleetApp:
             self._event(r, job, "committed", message="committed")
 
     def _progress(self, r: Rollout, job: Job, done: int, total: int | None, message: str) -> None:
-        """Transfer progress: every step is shown; the database gets the first and every 10 %."""
-        step = (10 * done // total) if total else 0
-        last = (10 * job.done_bytes // job.total_bytes) if job.total_bytes else -1
-        if job.state == "updating" and step == last and done < (total or 0):
-            job.done_bytes, job.total_bytes, job.changed_at = done, total, time.time()
+        """Transfer progress: every step is shown by this worker; the database (other workers' pages,
+        the timeouts) gets the start and then at most one step every PROGRESS_SAVE_S."""
+        now = time.time()
+        if job.state == "updating" and now - self._saved_progress.get(job.device, 0.0) < PROGRESS_SAVE_S:
+            job.done_bytes, job.total_bytes, job.changed_at = done, total, now
             self._bump()
             return
-        self._event(r, job, "progress", message=message, done_bytes=done, total_bytes=total, changed_at=time.time())
+        self._saved_progress[job.device] = now
+        self._event(r, job, "progress", message=message, done_bytes=done, total_bytes=total, changed_at=now)
 
     def _on_shadow(self, msg: Any) -> None:
         try:
@@ -386,6 +394,13 @@ class FleetApp:
             if r is not None:
                 self.rollouts[r.id] = r
         return r
+
+    def _cached_transfer(self, dev_id: str) -> tuple[Rollout, Job] | None:
+        for r in reversed(list(self.rollouts.values())):
+            j = r.jobs.get(dev_id)
+            if j is not None and j.state == "updating":
+                return r, j
+        return None
 
     def _active_job(self, dev_id: str) -> tuple[Rollout, Job] | None:
         """The device's job that events may still move (from the database: any worker may have moved it)."""
@@ -560,8 +575,9 @@ class FleetApp:
             log.info("rollout %s: %s %s -> %s %s", r.id, job.device, before, job.state, error or message)
             if job.state == "committing":
                 self._committing(r, job)
-            if job.terminal:
-                self._pump(r)
+            if job.terminal and (r.state != "running" or any(j.state == "queued" for j in r.jobs.values())
+                                 or all(j.terminal for j in r.jobs.values())):  # fmt: skip
+                self._pump(r)  # (otherwise nothing can start: the tick settles the rest)
 
     def _note(self, r: Rollout, job: Job, **fields: Any) -> None:
         """Change a job's fields (a message, progress) without moving it."""
@@ -909,8 +925,15 @@ def _shared(topic_filter: str, group: str) -> str:
 
 
 def _copy_job(dst: Job, src: Job) -> None:
-    """Refresh a cached job in place (callers hold references to it)."""
-    if dst is not src:
+    """Refresh a cached job in place (callers hold references to it); transfer progress newer than
+    the stored one (saved only now and then) is kept."""
+    if dst is src:
+        return
+    if dst.state == src.state == "updating" and dst.changed_at > src.changed_at:
+        done, total, changed = dst.done_bytes, dst.total_bytes, dst.changed_at
+        dst.__dict__.update(src.__dict__)
+        dst.done_bytes, dst.total_bytes, dst.changed_at = done, total, changed
+    else:
         dst.__dict__.update(src.__dict__)
 
 

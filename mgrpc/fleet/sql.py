@@ -100,7 +100,7 @@ def make_engine(target: str | Path) -> Any:
 
             kw["poolclass"] = StaticPool  # one connection: the in-memory database lives in it
     else:
-        kw["pool_pre_ping"] = True
+        kw["pool_recycle"] = 1800
     engine = sa.create_engine(url, **kw)
     if engine.dialect.name == "sqlite":
         from sqlalchemy import event

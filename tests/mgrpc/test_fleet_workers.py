@@ -92,7 +92,7 @@ async def test_two_workers_one_killed_mid_rollout_every_device_updated_exactly_o
             async with s.post(url2 + "/api/bundles", data=form) as resp:
                 assert resp.status == 200
                 sha = (await resp.json())["sha"]
-            body = {"devices": ids, "bundle": sha, "method": "shadow", "commit_timeout": 120, "concurrency": 4}
+            body = {"devices": ids, "bundle": sha, "method": "shadow", "commit_timeout": 120, "concurrency": 3}
             async with s.post(url2 + "/api/rollouts", json=body) as resp:
                 assert resp.status == 200, await resp.text()
                 rid = (await resp.json())["id"]
@@ -102,7 +102,7 @@ async def test_two_workers_one_killed_mid_rollout_every_device_updated_exactly_o
             return r.summary() if r else {}
 
         # kill worker 2 in the middle: some devices done, others not yet started
-        await wait_for(lambda: summary().get("done", 0) >= 3, timeout_s=120, what="first devices updated")
+        await wait_for(lambda: summary().get("done", 0) >= 2, timeout_s=120, what="first devices updated")
         owners = {j.owner for j in db.rollout(rid).jobs.values()}  # type: ignore[union-attr]
         w2.proc.send_signal(signal.SIGKILL)
         w2.proc.wait(10)
