@@ -3,7 +3,8 @@ workers, and the dashboard's event latency (device progress -> browser event str
 
 1. **Throughput.** N virtual devices (default 1000; in-memory flash, one MQTT connection each, as
    real devices have; in device processes of ``--per-process`` because paho's ``select()`` loop
-   cannot watch file descriptors above 1023) are updated by a shadow rollout, first by one
+   cannot watch file descriptors above 1023) are updated by a shadow rollout (at most 200 devices
+   downloading at once), first by one
    ``mgrpc dashboard`` worker, then (fresh devices, fresh database) by two workers sharing the
    database and the device traffic (MQTT shared subscriptions). The database is a private
    PostgreSQL (Debian's packages; see ``tests/postgres.py``) for both runs, so only the number of
@@ -26,10 +27,12 @@ import json
 import logging
 import os
 import resource
+import signal
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +41,8 @@ from mgrpc.wiring import start_fleet, start_fleet_device
 from tests.mosquitto import Mosquitto, find_mosquitto, free_port
 from updater.bundle import make_virtual_bundle
 from updater.storage import DeviceStorage
+
+CONCURRENCY = 200  # devices downloading at once (a staged fleet rollout; the same for both runs)
 
 
 def raise_fd_limit(want: int) -> int:
@@ -130,7 +135,8 @@ async def throughput(n: int, workers: int, db_url: str, *, per_process: int, bud
                 async with s.post(url1 + "/api/bundles", data=form) as resp:
                     sha = (await resp.json())["sha"]
                 t1 = time.perf_counter()
-                body = {"devices": ids, "bundle": sha, "method": "shadow", "commit_timeout": 600}
+                body = {"devices": ids, "bundle": sha, "method": "shadow", "commit_timeout": 600,
+                        "concurrency": CONCURRENCY}
                 async with s.post(url1 + "/api/rollouts", json=body) as resp:
                     if resp.status != 200:
                         raise RuntimeError(f"rollout refused: {await resp.text()}")
@@ -143,7 +149,8 @@ async def throughput(n: int, workers: int, db_url: str, *, per_process: int, bud
                 if time.perf_counter() - t1 > budget_s:
                     raise TimeoutError(f"rollout not finished within {budget_s:g} s: {summary}")
                 if r is not None and r.state != "running" and r.settled:
-                    raise RuntimeError(f"rollout ended {r.state}: {summary}")
+                    errors = Counter(j.error for j in r.jobs.values() if j.error).most_common(2)
+                    raise RuntimeError(f"rollout ended {r.state}: {summary}; errors: {errors}")
                 await asyncio.sleep(0.25)
             return {"attach_s": attach_s, "update_s": time.perf_counter() - t1}
         finally:
@@ -217,6 +224,7 @@ def main() -> int:
     ap.add_argument("--broker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (servers, children) when stopped
     if args.device_process:
         prefix, start, count = args.device_process
         asyncio.run(device_process(args.broker, prefix, int(start), int(count)))

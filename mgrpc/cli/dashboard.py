@@ -41,7 +41,9 @@ def register(sub: Any) -> None:
                    "default mgrpc-fleet with a postgresql:// --db, none with SQLite)")
     p.add_argument("--worker-id", default="", help="this worker's name in the database (default: random)")
     p.add_argument("--listen", default="http://127.0.0.1:8080", help="where to serve the dashboard")
-    p.add_argument("--public-url", default="", help="the dashboard URL as devices see it (default: --listen)")
+    p.add_argument("--public-url", default="",
+                   help="the dashboard URL as devices see it (default: --listen); with several workers give them "
+                   "all the same one (a load balancer in front of them)")  # fmt: skip
     p.add_argument("--no-shadow", action="store_true", help="do not run the shadow service")
     p.add_argument("--token-file", help="file holding the API token (Authorization: Bearer, or ?token= once "
                    "in the browser); required with --password-file or instead of it off 127.0.0.1")

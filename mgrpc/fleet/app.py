@@ -28,6 +28,16 @@ except for ``shadow``, where the device commits itself after its first shadow co
 ends ``done`` (new version running, committed unless autocommit is off), ``rolled_back`` (the
 device came back on another version) or ``failed``.
 
+Several workers: every dashboard process on the same database (PostgreSQL) is a worker. The
+database decides: a job moves in one transaction on its row (:meth:`FleetDB.locked_job`), jobs
+start in one transaction on the rollout (:meth:`FleetDB.locked_rollout`), so whichever worker gets
+a device's message, the move happens once. Workers split ``<id>/ota/progress`` through the shared
+subscription ``$share/<share_group>/...``; ``<id>/status`` (retained; shared subscriptions get no
+retained messages) and the ``$aws/...`` shadow topics (mosquitto 2.0 delivers no ``$`` topic to a
+shared subscription) reach every worker. Each worker writes a heartbeat every second; the jobs of
+a worker silent for ``WORKER_DEAD_S`` are taken over (:meth:`FleetApp._requeue_orphans`), and one
+worker at a time, holding a lease, answers the devices' shadow requests.
+
 Injected from the composition root (this package never imports :mod:`transports`): ``mqtt`` (a
 connection like ``transports.mqttconn.MqttConnection``) and ``rpc_connect(url)`` (e.g.
 ``transports.connect``, returning an :class:`rpc.client.AsyncClient`).
@@ -66,6 +76,7 @@ PUSH_WINDOW = 4
 MAX_UPLOAD = 64 << 20
 EVENT_MIN_GAP_S = 0.05  # server-sent events: at most 20 state updates a second per browser
 EVENT_KEEPALIVE_S = 15.0
+BUNDLE_CACHE = 4  # bundles kept in memory for downloads
 PROGRESS_SAVE_S = 5.0  # transfer progress goes to the database at most this often per device
 SHADOW_RESEND_S = 10.0  # shadow: a device online that has not begun is sent desired.ota again
 WORKER_DEAD_S = 5.0  # a worker not heard from for this long is dead: its waiting jobs are taken over
@@ -112,6 +123,7 @@ class FleetApp:
                 d.online = False  # until the broker says otherwise
         self.rollouts: dict[str, Rollout] = {r.id: r for r in db.rollouts()}
         self._devices_seen = time.time()
+        self._bundle_cache: dict[str, bytes] = {}  # sha -> bytes (immutable): downloads do not hit the database
         self._saved_progress: dict[str, float] = {}  # device -> when its transfer progress was last saved
         self._last_change = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -168,6 +180,16 @@ class FleetApp:
         await asyncio.gather(*self._tasks, *(x for x in [self._ticker] if x), return_exceptions=True)
         with contextlib.suppress(Exception):
             self.db.forget_worker(self.worker_id)
+
+    def bundle_data(self, sha: str) -> bytes:
+        """A bundle's bytes, cached (:class:`FleetError` if unknown)."""
+        data = self._bundle_cache.get(sha)
+        if data is None:
+            data = self.db.bundle_data(sha)
+            if len(self._bundle_cache) >= BUNDLE_CACHE:
+                self._bundle_cache.pop(next(iter(self._bundle_cache)))
+            self._bundle_cache[sha] = data
+        return data
 
     def _bump(self) -> None:
         """Something the page shows changed: wake the event streams."""
@@ -628,7 +650,7 @@ class FleetApp:
         return await self.rpc_connect(self.device_url(d))
 
     async def _push(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
-        data = self.db.bundle_data(r.bundle)
+        data = self.bundle_data(r.bundle)
         client = await self._client(d)
 
         def progress(done: int, total: int) -> None:
@@ -905,7 +927,7 @@ class FleetApp:
     async def _h_fw(self, request: web.Request) -> web.Response:
         sha = request.match_info["sha"]
         try:
-            data = self.db.bundle_data(sha)
+            data = self.bundle_data(sha)
         except (FleetError, OSError):
             return web.Response(status=404, text="no such bundle\r\n")
         return web.Response(body=data, content_type="application/zip")
@@ -917,7 +939,7 @@ class FleetApp:
             return web.Response(status=304)
         r, job = found
         self._note(r, job, message="device polled; downloading")
-        return web.Response(body=self.db.bundle_data(r.bundle), content_type="application/zip")
+        return web.Response(body=self.bundle_data(r.bundle), content_type="application/zip")
 
 
 def _shared(topic_filter: str, group: str) -> str:
