@@ -38,7 +38,7 @@ __all__ = ["BundleResult", "run_bundles"]
 FS_SIZE = 32 << 10
 LAYOUT = make_layout(sector_size=4096, app_size=16 << 10, fs_size=FS_SIZE)
 ARCH = "esp32"
-HANG_S = 5.0
+HANG_S = 10.0
 LOCAL = b"PK\x03\x04"
 
 
