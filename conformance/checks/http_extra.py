@@ -47,7 +47,7 @@ async def _http_options_rpc(s: Session) -> str | None:
 
 @check(
     "http.rest_get_query",
-    section="transports.md §3.2",
+    section="transports.md §3.2; real-device.md RD-A12",
     title="GET /rpc/<Method>?k=v: the query is the arguments",
     only=HTTP,
     needs=["Config.Get"],
@@ -55,6 +55,9 @@ async def _http_options_rpc(s: Session) -> str | None:
 async def _http_rest_get_query(s: Session) -> str | None:
     dev = await s.device_id()
     status, _, body = await _http(s, "GET", _base(s) + "/Config.Get?key=%22device.id%22")
+    if status == 401:
+        # Mongoose OS refuses HTTP digest on a request with a query string, however it is signed.
+        raise CheckSkipped("the device requires authentication here, and it refuses digest on a URL with a query")
     expect(
         status == 200 and body == dev.encode() + b"\r\n",
         'GET with ?key="device.id" must call Config.Get {"key":"device.id"}',

@@ -67,8 +67,11 @@ def mgrpc(*args: str, cwd: Path, timeout: float = 60.0, check: bool = True) -> s
         timeout=timeout,
         env=_env(),
     )
-    if check:
-        assert proc.returncode == 0, (args, proc.stdout[-3000:], proc.stderr[-3000:])
+    if check and proc.returncode != 0:
+        # The verdict lines first (a long report is cut by pytest), then the tails.
+        bad = [ln for ln in proc.stdout.splitlines() if "FAIL" in ln or "ERROR" in ln or "Error" in ln]
+        pytest.fail(f"mgrpc {' '.join(args)} exited {proc.returncode}\n" + "\n".join(bad[:40])
+                    + f"\n--- stdout tail ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}")
     return proc
 
 
