@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,22 +156,25 @@ def test_cli_files_and_config_on_the_real_device(device: RealDevice, transport: 
     mgrpc("--port", url, "config-set", "--no-save", "--no-reboot", f"debug.level={new}", cwd=tmp_path)
     assert int(mgrpc("--port", url, "config-get", "debug.level", cwd=tmp_path).stdout) == new
     # As mos does by default: save and reboot; the value survives the reboot (conf9.json).
+    since = time.monotonic()
     mgrpc("--port", url, "config-set", f"debug.level={old}", cwd=tmp_path)
-    assert _after_reboot(url, tmp_path, "config-get", "debug.level").strip() == str(old)
+    _wait_rebooted(url, tmp_path, since)
+    assert mgrpc("--port", url, "config-get", "debug.level", cwd=tmp_path).stdout.strip() == str(old)
     assert "conf9.json" in mgrpc("--port", url, "ls", cwd=tmp_path).stdout.split()
 
 
-def _after_reboot(url: str, cwd: Path, *args: str, within_s: float = 30.0) -> str:
-    """Run a CLI command until it succeeds (the device refuses requests with 418 while it shuts
-    down for a reboot, and is unreachable for about a second after)."""
-    import time
+def _wait_rebooted(url: str, cwd: Path, since: float, *, within_s: float = 30.0) -> None:
+    """Wait until the device has rebooted after ``since`` (a monotonic time) and answers again.
 
+    It answers 418 while it shuts down and nothing for about a second after, and a request sent
+    just after the config-set may still be answered by the old boot: only an uptime shorter than
+    the time since ``since`` proves the reboot happened."""
     deadline = time.monotonic() + within_s
     while True:
-        proc = mgrpc("--port", url, "--timeout", "3s", *args, cwd=cwd, check=False)
-        if proc.returncode == 0:
-            return proc.stdout
-        assert time.monotonic() < deadline, (args, proc.stderr[-2000:])
+        proc = mgrpc("--port", url, "--timeout", "3s", "call", "Sys.GetInfo", cwd=cwd, check=False)
+        if proc.returncode == 0 and float(json.loads(proc.stdout)["uptime"]) < time.monotonic() - since + 1:
+            return
+        assert time.monotonic() < deadline, ("the device did not come back from its reboot", proc.stderr[-2000:])
         time.sleep(0.3)
 
 
