@@ -224,11 +224,17 @@ def _print(console: Any, report: Any, *, show_skips: bool = False) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"mgRPC conformance: {report.target}"), show_lines=False, expand=False)
+    table = Table(
+        title=Text(f"mgRPC conformance: {report.target}"),
+        caption=Text("spec: sections of docs/protocol/"),
+        show_lines=False,
+        expand=False,
+    )
     table.add_column("check", no_wrap=True)
-    table.add_column("spec", no_wrap=True)
+    # A check may cite several sections: wrap them in a narrow column so the verdicts keep the room.
+    table.add_column("spec", max_width=32, overflow="fold")
     table.add_column("result", no_wrap=True)
-    table.add_column("seen / expected", overflow="fold")
+    table.add_column("seen / expected", overflow="fold", min_width=30, ratio=1)
     for r, group, names in _rows(list(report.results), show_skips):
         if r is None:
             grp, kind = group.split("|", 1)
@@ -244,7 +250,7 @@ def _print(console: Any, report: Any, *, show_skips: bool = False) -> None:
             detail += f"\n  spec:     {_cite(r.section)}"
         style = _STYLE.get(r.outcome.value, "")
         # Text, not markup: names like client.src[tcp] and JSON like ["a"] must print as they are.
-        table.add_row(Text(r.name), Text(_cite(r.section)), Text(r.outcome.value.upper(), style=style), Text(detail))
+        table.add_row(Text(r.name), Text(r.section), Text(r.outcome.value.upper(), style=style), Text(detail))
     console.print(table)
     counts = (
         ", ".join(f"{report.count(o)} {o.value}" for o in type(report.results[0].outcome)) if report.results else ""

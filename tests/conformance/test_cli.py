@@ -70,7 +70,8 @@ async def test_good_device_table_reports_and_exit_0(tmp_path: Path, capsys: pyte
     finally:
         await lst.close()
     assert rc == 0, out
-    assert "frame.id_numeric_bare" in out and "docs/protocol/frames.md §1.2" in out and "PASS" in out
+    assert "frame.id_numeric_bare" in out and "frames.md §1.2" in out and "PASS" in out
+    assert "spec: sections of docs/protocol/" in out
     doc = json.loads(js.read_text())
     assert doc["ok"] is True and doc["summary"]["fail"] == 0
     names = {r["name"] for r in doc["results"]}
