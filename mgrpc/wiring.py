@@ -56,7 +56,9 @@ def attach_agent(dev: Any, url: str, *, base_listen: Any = None, autocommit: boo
 
     async def connect(_url: str) -> Any:
         # A killed device process must show offline: the broker publishes this retained will.
-        will = (f"{dev_id}/status", json.dumps({"online": False, "id": dev_id}).encode(), 1, True)
+        # With the boot counter, so a will that lands after the next boot's birth message is told stale.
+        body = {"online": False, "id": dev_id, "boots": dev.boots}
+        will = (f"{dev_id}/status", json.dumps(body).encode(), 1, True)
         return await open_connection(broker_url, client_id=u.option("client_id") or dev_id, will=will)
 
     async def serve_rpc(conn: Any, node: Any) -> Any:

@@ -431,11 +431,24 @@ class _Session:
             self._progress_msg("rolled_back", 0, None, reported["ota"]["message"])
         self.publish_status()
         self.report(reported)
+        # The previous boot's last will or its late "offline" (another connection, so no ordering
+        # with this one) may land after this birth message: say online again when that happens.
+        await self.conn.subscribe(STATUS_TOPIC.format(id=self.id), self._on_own_status, qos=1)
         if hasattr(self.conn, "on_state"):
             # A restarted broker may have lost the retained birth message: say it again on every reconnect.
             self.conn.on_state(self._on_conn_state)
         if self.agent.shadow_ota:
             self._get_task = asyncio.ensure_future(self._get_until_answered())
+
+    def _on_own_status(self, msg: Any) -> None:
+        if self._closed:
+            return
+        try:
+            st = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(st, dict) and st.get("online") is False:
+            self.publish_status()
 
     def _on_conn_state(self, up: bool) -> None:
         if up and not self._closed:

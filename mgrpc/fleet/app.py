@@ -225,6 +225,8 @@ class FleetApp:
         d = self.devices.get(dev_id)
         if d is None:
             d = self.devices[dev_id] = DeviceRecord(id=dev_id, source="mqtt")
+        elif not st.get("online") and isinstance(st.get("boots"), int) and st["boots"] < d.boots:
+            return  # an earlier boot's last will or "offline", landing after this boot's birth message
         d.online = bool(st.get("online"))
         d.presence = "status"
         for key in ("arch", "app", "version", "build_id"):

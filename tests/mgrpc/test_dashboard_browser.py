@@ -99,8 +99,9 @@ async def test_select_upload_progress_new_version(mosquitto_broker, chromium: st
                 # the others were not touched
                 await expect(page.locator('tr[data-id="esp32-01"] td.version')).to_have_text("1.0")
                 await expect(page.locator("#rollouts tbody tr").first.locator(".summary")).to_have_text("4 done")
-                # all of that arrived by server push: the page fetched the state once, at load
-                assert len(state_fetches) == 1, state_fetches
+                # all of that arrived by server push: the page fetched the state at load (and at most
+                # once more, if the stream was reconnecting when its 5 s fallback looked), not every 0.5 s
+                assert 1 <= len(state_fetches) <= 2, state_fetches
 
                 # a firmware that hangs: the device rolls back, and the page says why
                 hang = fleet.app.db.add_bundle(make_virtual_bundle("esp32", "1.4", behavior="hang"))

@@ -101,3 +101,28 @@ async def test_devices_show_offline_while_the_broker_is_away(mosquitto_broker, t
         await wait_for(lambda: f.app.devices["b0"].online, timeout_s=40, what="online again after reconnect")
     finally:
         await f.close()
+
+
+async def test_a_late_offline_from_an_earlier_boot_does_not_leave_a_device_offline(fleet) -> None:
+    """The previous boot's last will (or its "offline" on the old connection) can reach the broker
+    after the new boot's birth message: the dashboard ignores it, and the device says online again
+    so the retained status is right for the next dashboard too."""
+    from mgrpc.wiring import start_fleet_device
+    from updater.storage import DeviceStorage
+
+    dev = await start_fleet_device(fleet.broker, "late0", storage=DeviceStorage.in_memory())
+    fleet.devices.append(dev)
+    await wait_for(lambda: "late0" in fleet.app.devices and fleet.app.devices["late0"].online, what="online")
+    await dev.reboot()
+    await wait_for(lambda: fleet.app.devices["late0"].boots == dev.boots and fleet.app.devices["late0"].online,
+                   what="online after the reboot")  # fmt: skip
+    seen: list[dict[str, Any]] = []
+    conn = await open_connection(fleet.broker, client_id="old-session")
+    try:
+        await conn.subscribe("late0/status", lambda m: seen.append(json.loads(m.payload)), qos=1)
+        stale = {"online": False, "id": "late0", "boots": dev.boots - 1}
+        await conn.publish("late0/status", json.dumps(stale), qos=1, retain=True)
+        await wait_for(lambda: len(seen) >= 3 and seen[-1]["online"], timeout_s=10, what="the device says online again")
+        assert fleet.app.devices["late0"].online
+    finally:
+        await conn.close()
