@@ -9,8 +9,9 @@ workers, and the dashboard's event latency (device progress -> browser event str
    database and the device traffic (MQTT shared subscriptions). The database is a private
    PostgreSQL (Debian's packages; see ``tests/postgres.py``) for both runs, so only the number of
    workers differs; without PostgreSQL the one-worker run uses SQLite and the two-worker run is
-   skipped with the reason. Printed: time until every device runs the new firmware committed,
-   devices per second, and the ratio two workers / one worker measured in the same run.
+   skipped with the reason. Printed: the time until 95 % of the devices run the new firmware
+   committed, devices per second over that, the ratio two workers / one worker measured in the same
+   run, and the stragglers (devices not done once none has finished for 30 s).
 2. **Event latency.** One dashboard (in this process, SQLite) and an event-stream client (what the
    page's ``EventSource`` receives): a device's ``<id>/ota/progress`` message is published to the
    broker, and the time until the stream delivers a state with that progress is measured
@@ -34,6 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,6 +44,7 @@ from tests.mosquitto import Mosquitto, find_mosquitto, free_port
 from updater.bundle import make_virtual_bundle
 from updater.storage import DeviceStorage
 
+STALL_S = 30.0  # after 95 %, no device finishing for this long ends the run (stragglers are counted)
 CONCURRENCY = 200  # devices downloading at once (a staged fleet rollout; the same for both runs)
 
 
@@ -87,7 +90,7 @@ async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
             await p.wait()
 
 
-async def throughput(n: int, workers: int, db_url: str, *, per_process: int, budget_s: float) -> dict[str, float]:
+async def throughput(n: int, workers: int, db_url: str, *, per_process: int, budget_s: float) -> dict[str, Any]:
     """Attach ``n`` devices, start ``workers`` dashboards on ``db_url``, roll a bundle out; seconds taken."""
     import aiohttp
 
@@ -141,18 +144,27 @@ async def throughput(n: int, workers: int, db_url: str, *, per_process: int, bud
                     if resp.status != 200:
                         raise RuntimeError(f"rollout refused: {await resp.text()}")
                     rid = (await resp.json())["id"]
+            t95 = 0.0
+            last, last_change = -1, time.perf_counter()
             while True:
                 r = db.rollout(rid)
                 summary = r.summary() if r else {}
-                if summary.get("done", 0) == n:
+                done = summary.get("done", 0)
+                now = time.perf_counter()
+                if done >= 0.95 * n and not t95:
+                    t95 = now - t1
+                if done != last:
+                    last, last_change = done, now
+                if done == n or (r is not None and r.state != "running" and r.settled):
                     break
-                if time.perf_counter() - t1 > budget_s:
-                    raise TimeoutError(f"rollout not finished within {budget_s:g} s: {summary}")
-                if r is not None and r.state != "running" and r.settled:
-                    errors = Counter(j.error for j in r.jobs.values() if j.error).most_common(2)
-                    raise RuntimeError(f"rollout ended {r.state}: {summary}; errors: {errors}")
+                if now - t1 > budget_s or (t95 and now - last_change > STALL_S):
+                    break  # the rest are stragglers: reported, not waited for
                 await asyncio.sleep(0.25)
-            return {"attach_s": attach_s, "update_s": time.perf_counter() - t1}
+            if not t95:
+                errors = Counter(j.error for j in r.jobs.values() if j.error).most_common(2) if r else []
+                raise RuntimeError(f"rollout reached {summary} in {time.perf_counter() - t1:.0f} s; errors: {errors}")
+            return {"attach_s": attach_s, "update_s": last_change - t1, "t95_s": t95, "done": done,
+                    "left": n - done, "summary": summary}  # type: ignore[dict-item]
         finally:
             await _stop(procs)
             db.close()
@@ -256,7 +268,7 @@ def main() -> int:
         return 0
     print(f"shadow rollout of a 73 KiB bundle to {n} virtual devices through mosquitto, database "
           f"{'PostgreSQL' if pg else 'SQLite'}", flush=True)  # fmt: skip
-    print(f"{'workers':>7} {'attach s':>9} {'update s':>9} {'devices/s':>10} {'ratio':>6}")
+    print(f"{'workers':>7} {'attach s':>9} {'95% s':>7} {'devices/s':>10} {'ratio':>6}  stragglers")
     base = None
     try:
         for workers in (1, 2):
@@ -269,14 +281,17 @@ def main() -> int:
             except (OSError, TimeoutError, RuntimeError) as e:
                 print(f"{workers:>7}  failed: {e}", flush=True)
                 continue
-            rate = n / res["update_s"]
+            rate = 0.95 * n / res["t95_s"]
             base = base or rate
-            print(f"{workers:>7} {res['attach_s']:>9.1f} {res['update_s']:>9.1f} {rate:>10.1f} {rate / base:>6.2f}",
-                  flush=True)  # fmt: skip
+            left = f"{res['left']} not done ({res['summary']})" if res["left"] else "none"
+            cols = f"{workers:>7} {res['attach_s']:>9.1f} {res['t95_s']:>7.1f} {rate:>10.1f} {rate / base:>6.2f}"
+            print(f"{cols}  {left}", flush=True)
     finally:
         if pg is not None:
             pg.stop()
-    print("ratio: devices per second against one worker, measured in the same run")
+    print("devices/s: 95 % of the devices updated and committed / the time that took; ratio: against one "
+          "worker, measured in the same run; stragglers: devices still not done when none had finished for "
+          f"{STALL_S:g} s")
     return 0
 
 

@@ -288,6 +288,9 @@ class DeviceAgent:
             # A device boots without its broker and keeps trying, as a real one does.
             log.warning("%s: MQTT not reachable (%s); retrying in the background", self.dev.id, e)
             session.retry()
+        except Exception:
+            log.warning("%s: MQTT session failed to start; retrying in the background", self.dev.id, exc_info=True)
+            session.retry()
         return session
 
 
@@ -336,6 +339,12 @@ class _Session:
             await self.start()
         except BaseException:
             self.conn = None
+            if self.rpc is not None:  # the next attempt serves RPC on its own connection
+                rpc, self.rpc = self.rpc, None
+                try:
+                    await rpc.close()
+                except Exception:
+                    log.debug("closing the RPC channel failed", exc_info=True)
             await conn.close()
             raise
 
@@ -351,7 +360,10 @@ class _Session:
                     return
                 except (OSError, TimeoutError) as e:
                     log.debug("%s: MQTT connect failed: %s", self.id, e)
-                    delay = min(max_delay_s, delay * 2)
+                except Exception:
+                    # whatever it was, a device keeps trying to reach its broker
+                    log.warning("%s: MQTT session failed to start; retrying", self.id, exc_info=True)
+                delay = min(max_delay_s, delay * 2)
 
         self._retry_task = asyncio.ensure_future(loop())
 
