@@ -42,6 +42,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field, replace
 from enum import IntFlag
+from typing import Any
 
 from .flash import Flash
 from .partitions import SLOT_COUNT, Layout
@@ -57,6 +58,8 @@ __all__ = [
     "SlotState",
     "decode_record",
     "encode_record",
+    "newest",
+    "next_record",
     "stored_identity",
 ]
 
@@ -114,6 +117,15 @@ class BootConfig:
     def with_flags(self, *, set_: BootFlags = BootFlags(0), clear: BootFlags = BootFlags(0)) -> BootConfig:
         """A copy with some flag bits set and others cleared."""
         return replace(self, flags=BootFlags((self.flags | set_) & ~clear))
+
+    def boot_state(self) -> dict[str, Any]:
+        """What OTA.GetBootState answers: ``active_slot, is_committed, revert_slot, commit_timeout``."""
+        return {
+            "active_slot": self.active_slot,
+            "is_committed": self.committed,
+            "revert_slot": self.revert_slot,
+            "commit_timeout": self.commit_timeout_s,
+        }
 
     def with_slot(self, slot: int, state: SlotState) -> BootConfig:
         """A copy with slot ``slot``'s state replaced."""
@@ -197,6 +209,16 @@ def newest(records: list[BootConfig | None]) -> tuple[int, BootConfig] | None:
     return idx, rec
 
 
+def next_record(copies: list[BootConfig | None], cfg: BootConfig) -> tuple[int, BootConfig]:
+    """Where ``cfg`` goes to become the newest record (the copy not holding the current one) and
+    ``cfg`` with its sequence number (one below the current record's; the first is INITIAL_SEQ)."""
+    best = newest(copies)
+    if best is None:
+        return 0, replace(cfg, seq=INITIAL_SEQ)
+    current_idx, current = best
+    return 1 - current_idx, replace(cfg, seq=current.seq - 1)
+
+
 class BootConfigStore:
     """The two boot config copies on a flash, per a :class:`~updater.partitions.Layout`."""
 
@@ -219,19 +241,13 @@ class BootConfigStore:
 
     def save(self, cfg: BootConfig) -> BootConfig:
         """Write ``cfg`` as the new newest record into the older copy; returns it with its new seq."""
-        best = newest(self.read_copies())
-        if best is None:
-            target, seq = 0, INITIAL_SEQ
-        else:
-            current_idx, current = best
-            target, seq = 1 - current_idx, current.seq - 1
-        new = replace(cfg, seq=seq)
+        target, new = next_record(self.read_copies(), cfg)
         rec = encode_record(new)
         part = self.layout.bootcfg[target]
         self.flash.erase(part.offset, part.size)
         self.flash.write(part.offset, rec[:_SEQ_OFF])
         self.flash.write(part.offset + _SEQ_OFF, rec[_SEQ_OFF:])
-        log.debug("boot config seq %#x written to copy %d: %s", seq, target, new)
+        log.debug("boot config seq %#x written to copy %d: %s", new.seq, target, new)
         stored = decode_record(rec)  # what a reader will see (long strings truncated)
         assert stored is not None
         return stored

@@ -190,12 +190,7 @@ class BootLoader:
         cfg = self.store.load()
         if cfg is None:
             raise BootStateError("Failed to get boot state", code=-1)
-        return {
-            "active_slot": cfg.active_slot,
-            "is_committed": cfg.committed,
-            "revert_slot": cfg.revert_slot,
-            "commit_timeout": cfg.commit_timeout_s,
-        }
+        return cfg.boot_state()
 
     def set_boot_state(self, **changes: Any) -> None:
         """OTA.SetBootState: apply any subset of the :data:`BOOT_STATE_KEYS`.

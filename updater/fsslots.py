@@ -67,7 +67,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .bootcfg import INITIAL_SEQ, BootConfig, BootFlags, SlotState, decode_record, encode_record, newest
+from .bootcfg import BootConfig, BootFlags, SlotState, decode_record, encode_record, newest, next_record
 from .bootloader import BootLoader
 from .errors import BootError, BootStateError, SnapshotError, UpdaterError
 from .fs import merge_fs
@@ -261,19 +261,13 @@ class StateStore:
         :class:`StateError` when a step fails: the copy written is then either the old file or the
         complete new one, and the other copy (the current record) is untouched either way.
         """
-        best = newest(self.read_copies())
-        if best is None:
-            target, seq = 0, INITIAL_SEQ
-        else:
-            current_idx, current = best
-            target, seq = 1 - current_idx, current.seq - 1
-        new = replace(cfg, seq=seq)
+        target, new = next_record(self.read_copies(), cfg)
         rec = encode_record(new)
         try:
             _atomic_write(self.path(target), rec)
         except OSError as exc:
             raise StateError(f"Failed to write the state record: {exc}") from exc
-        log.debug("state record seq %#x written to copy %d: %s", seq, target, new)
+        log.debug("state record seq %#x written to copy %d: %s", new.seq, target, new)
         stored = decode_record(rec)
         assert stored is not None
         return stored
@@ -1032,12 +1026,7 @@ class FsSlotStorage:
         cfg = self.state.load()
         if cfg is None:
             raise BootStateError("Failed to get boot state", code=-1)
-        return {
-            "active_slot": cfg.active_slot,
-            "is_committed": cfg.committed,
-            "revert_slot": cfg.revert_slot,
-            "commit_timeout": cfg.commit_timeout_s,
-        }
+        return cfg.boot_state()
 
     def set_boot_state(self, **changes: Any) -> None:
         """OTA.SetBootState through the boot loader."""
