@@ -42,7 +42,24 @@ from updater.errors import UpdaterError
 from updater.firmware import FirmwareImage
 from updater.storage import BootInfo, DeviceStorage
 
-__all__ = ["ListenFunc", "VirtualDevice"]
+__all__ = ["ListenFunc", "VirtualDevice", "device_node"]
+
+
+def device_node(fw: Firmware, *, device_id: str, auth: Authenticator | None = None) -> tuple[Node, OtaService]:
+    """A router serving a device's built-in services (Sys, Config, FS, OTA and the ``/update`` HTTP
+    endpoints) for ``fw``, sized by its ``rpc.*`` config; returns the router and the OTA service."""
+    node = Node(
+        id=device_id,
+        max_frame_size=int(fw.config.get("rpc.max_frame_size")),
+        max_queue_length=int(fw.config.get("rpc.max_queue_length")),
+        auth=auth,
+    )
+    add_sys_service(node, fw)
+    add_config_service(node, fw, fw.config)
+    add_fs_service(node, fw)
+    ota = add_ota_service(node, fw, http_fetch=fetch_update)
+    register_http_endpoints(node, ota, commit_timeout_default=int(fw.config.get("update.commit_timeout")))
+    return node, ota
 
 log = logging.getLogger("mgrpc.device")
 
@@ -176,17 +193,7 @@ class VirtualDevice:
             reboot=self.schedule_reboot,
         )  # fmt: skip
         fw.config = DeviceConfig(fs, default_config(self.id, self.arch))
-        node = Node(
-            id=self.id,
-            max_frame_size=int(fw.config.get("rpc.max_frame_size")),
-            max_queue_length=int(fw.config.get("rpc.max_queue_length")),
-            auth=self.auth,
-        )
-        add_sys_service(node, fw)
-        add_config_service(node, fw, fw.config)
-        add_fs_service(node, fw)
-        self.ota = add_ota_service(node, fw, http_fetch=fetch_update)
-        register_http_endpoints(node, self.ota, commit_timeout_default=int(fw.config.get("update.commit_timeout")))
+        node, self.ota = device_node(fw, device_id=self.id, auth=self.auth)
         for cb in list(self.setup):
             cb(node, fw)
         self.node, self.fw = node, fw

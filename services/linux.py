@@ -31,12 +31,10 @@ from typing import Any
 
 from rpc.auth import Authenticator
 from rpc.node import Node
-from services.config import DeviceConfig, add_config_service, default_config
+from services.config import DeviceConfig, default_config
+from services.device import device_node
 from services.firmware import Firmware
-from services.fs import add_fs_service
-from services.ota import OtaService, add_ota_service
-from services.ota_http import fetch_update, register_http_endpoints
-from services.sys import add_sys_service
+from services.ota import OtaService
 from updater.errors import UpdaterError
 from updater.fsslots import ENV_HEARTBEAT_S, ENV_RPC_URL, FsSlotStorage, StaleBoot, SupervisorClient
 
@@ -92,15 +90,7 @@ class LinuxDevice:
             fs=fs, storage=st, reboot=self.reboot,
         )  # fmt: skip
         fw.config = DeviceConfig(fs, default_config(self.id, self.arch))
-        node = Node(
-            id=self.id, max_frame_size=int(fw.config.get("rpc.max_frame_size")),
-            max_queue_length=int(fw.config.get("rpc.max_queue_length")), auth=self.auth,
-        )  # fmt: skip
-        add_sys_service(node, fw)
-        add_config_service(node, fw, fw.config)
-        add_fs_service(node, fw)
-        self.ota = add_ota_service(node, fw, http_fetch=fetch_update)
-        register_http_endpoints(node, self.ota, commit_timeout_default=int(fw.config.get("update.commit_timeout")))
+        node, self.ota = device_node(fw, device_id=self.id, auth=self.auth)
         for cb in list(self.setup):
             cb(node, fw)
         self.node, self.fw = node, fw
