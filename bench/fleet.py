@@ -239,6 +239,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (servers, children) when stopped
     if args.device_process:
         prefix, start, count = args.device_process
+        if os.environ.get("MGRPC_BENCH_DEVLOG"):  # diagnostics: the devices' warnings, one file per process
+            logging.basicConfig(level=logging.WARNING, force=True,
+                                filename=f"{os.environ['MGRPC_BENCH_DEVLOG']}/{prefix}{start}.log")  # fmt: skip
         asyncio.run(device_process(args.broker, prefix, int(start), int(count)))
         return 0
     if find_mosquitto() is None:
