@@ -79,6 +79,19 @@ def _enough(log: Path) -> bool:
     return e["update installed"] >= MIN_UPDATES and e["committed slot"] >= MIN_COMMITS and e["reverted"] >= MIN_REVERTS
 
 
+def _wait_phase(phase_file: Path, pid: int, phases: tuple[str, ...], timeout_s: float = 1.0) -> None:
+    """Wait (bounded) until program ``pid`` reports one of ``phases``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            who, what = phase_file.read_text().split()
+        except (OSError, ValueError):
+            who, what = "", ""
+        if who == str(pid) and what in phases:
+            return
+        time.sleep(0.002)
+
+
 def _next_program(pidfile: Path, killed: set[int], timeout_s: float = 1.0) -> int | None:
     """The pid of a running program started after the ones already killed."""
     deadline = time.monotonic() + timeout_s
@@ -134,7 +147,13 @@ def test_kill9_never_leaves_the_device_without_a_committed_slot(tmp_path: Path) 
                 pid = _next_program(pidfile, killed)
                 if pid is None:
                     continue
-                time.sleep(rng.uniform(0.02, 0.2))
+                if rng.random() < 0.3:
+                    # Aim at an update in progress: on a loaded machine the program spends most of a
+                    # short life starting up, and random moments would seldom land inside one.
+                    _wait_phase(phase_file, pid, ("update", "finalize"))
+                    time.sleep(rng.uniform(0.0, 0.03))
+                else:
+                    time.sleep(rng.uniform(0.02, 0.2))
                 killed.add(pid)
                 try:
                     os.kill(pid, signal.SIGKILL)
