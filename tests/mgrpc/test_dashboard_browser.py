@@ -138,7 +138,13 @@ async def test_select_upload_progress_new_version(mosquitto_broker, chromium: st
                 assert overflow <= 0, f"the page is {overflow} px wider than 1000 px"
                 for sel in ('tr[data-id="esp32-00"] .pct', 'tr[data-id="esp32-01"] td.jobstate',
                             'tr[data-id="esp32-01"] td.message', "#devices th:nth-child(5)"):  # fmt: skip
-                    box = await page.locator(sel).bounding_box()
+                    # A pushed update may re-render the row between two reads: measure again then.
+                    box = None
+                    for _ in range(50):
+                        box = await page.locator(sel).bounding_box()
+                        if box is not None:
+                            break
+                        await asyncio.sleep(0.1)
                     assert box is not None and box["x"] + box["width"] <= 1000, (sel, box)
                     clipped = await page.locator(sel).evaluate("e => e.scrollWidth > e.clientWidth + 1")
                     assert not clipped, f"{sel} is cut off at 1000 px"
