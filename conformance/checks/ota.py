@@ -166,6 +166,21 @@ async def _write(s: Session, offset: int, data: bytes) -> Frame:
 def _err(resp: Frame) -> str:
     return show(resp.raw or resp.encode("device"))
 
+async def _expect_untouched(s: Session, before: dict[str, Any], info: dict[str, Any], what: str) -> None:
+    """After refused bundles: the device comes back with the same boot state and running firmware."""
+    await asyncio.sleep(0.3)  # a device that (wrongly) accepted it would be rebooting now
+    await s.wait_up()
+    after = await _boot_state(s)
+    expect(after == before, f"boot state changed by {what}", seen=show(after), expected=show(before))
+    info2 = await s.get_info(fresh=True)
+    expect(
+        info2.get("fw_id") == info.get("fw_id"),
+        f"running firmware changed by {what}",
+        seen=info2.get("fw_id"),
+        expected=info.get("fw_id"),
+    )
+
+
 
 async def _write_all(s: Session, bundle: bytes, *, start: int = 0) -> Frame | None:
     """Write the bundle from ``start`` in chunks; returns the first error reply (None if all succeeded)."""
@@ -415,17 +430,7 @@ async def _ota_bad_bundle(s: Session) -> str | None:
         seen=_err(end),
         expected="an error",
     )
-    await asyncio.sleep(0.3)  # a device that (wrongly) accepted it would be rebooting now
-    await s.wait_up()
-    after = await _boot_state(s)
-    expect(after == before, "boot state changed by a rejected bundle", seen=show(after), expected=show(before))
-    info2 = await s.get_info(fresh=True)
-    expect(
-        info2.get("fw_id") == info.get("fw_id"),
-        "running firmware changed by a rejected bundle",
-        seen=info2.get("fw_id"),
-        expected=info.get("fw_id"),
-    )
+    await _expect_untouched(s, before, info, "a rejected bundle")
     return f"rejected with {(bad or end).error}"
 
 

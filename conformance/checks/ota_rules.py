@@ -12,7 +12,16 @@ import io
 import json
 import zipfile
 
-from conformance.checks.ota import _begin_args, _boot_state, _bundle, _err, _ready, _status, _write_all
+from conformance.checks.ota import (
+    _begin_args,
+    _boot_state,
+    _bundle,
+    _err,
+    _expect_untouched,
+    _ready,
+    _status,
+    _write_all,
+)
 from conformance.model import CheckFailed, check, expect
 from conformance.rawjson import show
 from conformance.session import Session
@@ -232,13 +241,5 @@ async def _ota_bundle_rules(s: Session) -> str | None:
         )
         await asyncio.sleep(0.3)  # a device that (wrongly) accepted it would be rebooting now
         await s.wait_up()
-    after = await _boot_state(s)
-    expect(after == before, "boot state changed by refused bundles", seen=show(after), expected=show(before))
-    info2 = await s.get_info(fresh=True)
-    expect(
-        info2.get("fw_id") == info.get("fw_id"),
-        "running firmware changed by refused bundles",
-        seen=info2.get("fw_id"),
-        expected=info.get("fw_id"),
-    )
+    await _expect_untouched(s, before, info, "refused bundles")
     return None
