@@ -150,8 +150,25 @@ class _Demo:
         self.say("Done: updated, committed, and a bad update rolled back by itself.")
 
 
+# What the demo's virtual device needs beyond a plain install: the WebSocket server and LittleFS.
+DEVICE_MODULES = (("aiohttp", "aiohttp"), ("littlefs", "littlefs-python"))
+
+
+def _check_device_extras() -> None:
+    """Fail before the first step, in one line, when the virtual device could not start."""
+    from importlib.util import find_spec
+
+    from mgrpc.cli._common import CliError
+
+    missing = [package for module, package in DEVICE_MODULES if find_spec(module) is None]
+    if missing:
+        names = " and ".join(f"'{p}'" for p in missing)
+        raise CliError(f"the demo runs a virtual device, which needs {names}", "pip install 'mgrpc[device]'")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo."""
+    _check_device_extras()
     if args.keep:
         work = Path(args.keep)
         work.mkdir(parents=True, exist_ok=True)

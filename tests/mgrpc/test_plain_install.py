@@ -143,10 +143,11 @@ def test_call_over_tcp(plain: Path, tmp_path: Path) -> None:
         (["device", "--id", "y", "--state", "{tmp}/dev", "--listen", "tcp://127.0.0.1:0"], "pip install 'mgrpc[fs]'"),
         (["dashboard", "--db", "{tmp}/fleet.db", "--listen", "http://127.0.0.1:0"], "pip install 'mgrpc[http]'"),
         (["--port", "http://127.0.0.1:9/rpc", "call", "RPC.Ping"], "pip install 'mgrpc[http]'"),
+        (["demo"], "pip install 'mgrpc[device]'"),  # before its first step prints anything
         # The ws:// client is our own (transports._wsclient): without aiohttp it still dials.
         (["--port", "ws://127.0.0.1:9/rpc", "call", "RPC.Ping"], "cannot connect to ws://127.0.0.1:9/rpc"),
     ],
-    ids=["device-needs-fs", "dashboard-needs-http", "http-needs-http", "ws-client-needs-nothing"],
+    ids=["device-needs-fs", "dashboard-needs-http", "http-needs-http", "demo-needs-device", "ws-client-needs-nothing"],
 )
 def test_missing_extra_is_one_line_naming_it(plain: Path, tmp_path: Path, args: list[str], hint: str) -> None:
     res = mgrpc(plain, *(a.format(tmp=tmp_path) for a in args), cwd=tmp_path)
@@ -154,3 +155,5 @@ def test_missing_extra_is_one_line_naming_it(plain: Path, tmp_path: Path, args: 
     assert res.returncode == 1, res.stderr
     assert len(lines) == 1 and hint in lines[0], res.stderr
     assert "Traceback" not in res.stderr
+    if args == ["demo"]:
+        assert res.stdout == "", "the demo must stop before printing its first step"
