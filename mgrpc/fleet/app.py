@@ -466,14 +466,11 @@ class FleetApp:
                 raise FleetError(f"device {dev_id} has no RPC URL")
         if method == "shadow" and self.mqtt is None:
             raise FleetError("the shadow method needs an MQTT broker (--broker)")
-        try:
-            r = Rollout(
-                id=uuid.uuid4().hex[:12], bundle=bundle, version=info.version, method=method, devices=list(devices),
-                commit_timeout_s=commit_timeout_s, autocommit=autocommit, stage_size=stage_size,
-                max_failures=max_failures, concurrency=concurrency,
-            )  # fmt: skip
-        except ValueError as e:
-            raise FleetError(str(e)) from None
+        r = Rollout(  # bad input: FleetError
+            id=uuid.uuid4().hex[:12], bundle=bundle, version=info.version, method=method, devices=list(devices),
+            commit_timeout_s=commit_timeout_s, autocommit=autocommit, stage_size=stage_size,
+            max_failures=max_failures, concurrency=concurrency,
+        )  # fmt: skip
         self.db.save_rollout(r)
         self.rollouts[r.id] = r
         log.info("rollout %s: %s %s to %d devices by %s", r.id, info.name, info.version, len(devices), method)

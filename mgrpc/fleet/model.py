@@ -15,16 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mgrpc.errors import AppError
+from mgrpc.fleet.errors import FleetError
 from mgrpc.fleet.rollout import Job, Rollout
 from updater.errors import UpdaterError
 from updater.manifest import read_manifest
 
 __all__ = ["BundleInfo", "DeviceRecord", "FleetDB", "FleetError", "bundle_info"]
-
-
-class FleetError(AppError, ValueError):
-    """Bad input to the fleet (a bundle that is not a fw.zip, an unknown device or bundle, ...)."""
 
 
 @dataclass

@@ -12,6 +12,8 @@ otherwise it goes on with the others, still stopping as soon as the failures exc
 The operator may :meth:`Rollout.pause` (no job starts; those under way go on), :meth:`Rollout.resume`
 and :meth:`Rollout.abort` (queued jobs are skipped; a running rollout never restarts).
 Rollout states: ``running``, ``paused``, ``halted`` (too many failures), ``aborted``, ``finished``.
+A :class:`Rollout` built from bad input (an unknown method, no devices, ...) raises
+:class:`~mgrpc.fleet.errors.FleetError`; :class:`InvalidTransition` is a FleetError too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mgrpc.errors import AppError
+from mgrpc.fleet.errors import FleetError
 
 __all__ = [
     "FAILED_STATES",
@@ -81,8 +83,8 @@ TERMINAL_STATES = frozenset({"done", "failed", "rolled_back", "skipped"})
 FAILED_STATES = frozenset({"failed", "rolled_back"})
 
 
-class InvalidTransition(AppError, ValueError):
-    """A job was asked to make a move the table does not allow."""
+class InvalidTransition(FleetError):
+    """A job or a rollout was asked to make a move its rules do not allow."""
 
 
 @dataclass
@@ -172,13 +174,13 @@ class Rollout:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+            raise FleetError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.stage_size < 0:
-            raise ValueError("stage_size must be >= 0")
+            raise FleetError("stage_size must be >= 0")
         if not self.devices:
-            raise ValueError("no devices selected")
+            raise FleetError("no devices selected")
         if len(set(self.devices)) != len(self.devices):
-            raise ValueError("a device is selected twice")
+            raise FleetError("a device is selected twice")
         for d in self.devices:
             self.jobs.setdefault(d, Job(d))
 

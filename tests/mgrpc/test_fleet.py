@@ -75,10 +75,18 @@ def test_staged_rollout_continues_when_first_stage_is_good_and_respects_concurre
 
 
 def test_rollout_bad_input() -> None:
-    for kw in ({"method": "carrier-pigeon"}, {"devices": []}, {"devices": ["a", "a"]}, {"stage_size": -1}):
+    from mgrpc.errors import AppError
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"method": "carrier-pigeon"}, "unknown method 'carrier-pigeon'"), ({"devices": []}, "no devices selected"),
+        ({"devices": ["a", "a"]}, "selected twice"), ({"stage_size": -1}, "stage_size must be >= 0"),
+    ]  # fmt: skip
+    for kw, message in cases:
         args: dict[str, Any] = {"id": "r", "bundle": "b", "version": "1", "method": "push", "devices": ["a"], **kw}
-        with pytest.raises(ValueError):
+        with pytest.raises(FleetError, match=message) as info:
             Rollout(**args)
+        assert isinstance(info.value, AppError) and isinstance(info.value, ValueError)
+    assert issubclass(InvalidTransition, FleetError)
 
 
 # -- the model ---------------------------------------------------------------------------------
