@@ -58,6 +58,7 @@ def register(sub: Any) -> None:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Run the dashboard until SIGINT/SIGTERM."""
     from mgrpc.cli._common import EXIT_USAGE, CliError, err
+    from mgrpc.fleet.errors import FleetError
     from mgrpc.fleet.security import SecurityError
     from mgrpc.wiring import start_fleet, start_fleet_device
     from updater.storage import DeviceStorage
@@ -84,6 +85,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
                                       worker_id=args.worker_id)  # fmt: skip
         except SecurityError as e:
             raise CliError(str(e), exit_status=EXIT_USAGE) from None
+        except FleetError as e:  # e.g. a database written by a newer mgrpc
+            raise CliError(str(e)) from None
         try:
             for i in range(max(0, args.demo_devices)):
                 fleet.devices.append(await start_fleet_device(

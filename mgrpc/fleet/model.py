@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,10 @@ from updater.errors import UpdaterError
 from updater.manifest import read_manifest
 
 __all__ = ["BundleInfo", "DeviceRecord", "FleetDB", "FleetError", "bundle_info"]
+
+log = logging.getLogger("mgrpc.fleet")
+
+LEGACY_TABLES = ("devices", "bundles", "rollouts")  # schema 1 (see mgrpc.fleet.sql.SCHEMA_VERSION)
 
 
 @dataclass
@@ -95,6 +100,12 @@ class FleetDB:
     Read-modify-write goes through :meth:`locked_rollout` and :meth:`locked_job`: each is one
     transaction holding the row (PostgreSQL ``FOR UPDATE``; SQLite: the write lock), so several
     processes sharing the database move each job exactly once.
+
+    A SQLite file of the first schema (mgrpc before the SQLAlchemy tables: ``devices``, ``bundles``,
+    ``rollouts``, bundle bytes in ``<file>.bundles/``) is migrated when opened, in one transaction:
+    its devices, bundles and rollouts are copied into the current tables and the old tables dropped
+    (the ``.bundles`` directory is left for the user to delete). A database written by a newer
+    schema than this code knows raises :class:`FleetError` saying what to do.
     """
 
     def __init__(self, target: str | Path) -> None:
@@ -105,6 +116,71 @@ class FleetDB:
         self.engine = sql.make_engine(target)
         self.t = sql.TABLES
         self._sql = sql
+        try:
+            self._check_schema()
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    def _check_schema(self) -> None:
+        """Refuse a newer schema, migrate schema 1, record the version."""
+        tm = self.t["meta"]
+        with self.engine.begin() as c:
+            row = c.execute(self.sa.select(tm.c.value).where(tm.c.key == "schema")).first()
+            found = row[0] if row else None
+            if found is not None and (not str(found).isdigit() or int(found) > self._sql.SCHEMA_VERSION):
+                raise FleetError(
+                    f"{self.target}: this fleet database has schema {found}, written by a newer mgrpc than this one "
+                    f"(which knows schema {self._sql.SCHEMA_VERSION}): upgrade mgrpc, or give --db another file"
+                )
+            if self.dialect == "sqlite":  # schema 1 was SQLite only (and a PostgreSQL "devices" is not ours)
+                names = set(self.sa.inspect(c).get_table_names())
+                legacy = [n for n in LEGACY_TABLES if n in names
+                          and "doc" in {col["name"] for col in self.sa.inspect(c).get_columns(n)}]  # fmt: skip
+                if legacy:
+                    self._migrate_v1(c, legacy)
+            if found != str(self._sql.SCHEMA_VERSION):
+                self._upsert(c, "meta", {"key": "schema", "value": str(self._sql.SCHEMA_VERSION)}, ["key"])
+
+    def _migrate_v1(self, c: Any, legacy: list[str]) -> None:
+        """Copy schema 1's rows into the current tables (rows already there win) and drop its tables."""
+        now = time.time()
+        counts = dict.fromkeys(LEGACY_TABLES, 0)
+        skipped: list[str] = []
+        ins = self._sql.insert_ignore
+        for table in legacy:
+            key = "sha" if table == "bundles" else "id"
+            for k, doc in c.exec_driver_sql(f"SELECT {key}, doc FROM {table}").all():
+                try:
+                    obj = json.loads(doc)
+                    if table == "devices":
+                        dev = DeviceRecord.from_json(obj)
+                        c.execute(ins(self.t["devices"], self.engine).values(
+                            id=dev.id, doc=json.dumps(dev.to_json()), mtime=now))  # fmt: skip
+                    elif table == "bundles":
+                        info = BundleInfo(**obj)
+                        path = Path(self.target + ".bundles") / f"{k}.zip"
+                        data = path.read_bytes()
+                        if hashlib.sha256(data).hexdigest() != info.sha:
+                            raise ValueError(f"{path} does not hold the bundle {info.sha}")
+                        c.execute(ins(self.t["bundles"], self.engine).values(
+                            sha=info.sha, doc=json.dumps(info.to_json()), data=data))  # fmt: skip
+                    else:
+                        r = Rollout.from_json(obj)
+                        c.execute(ins(self.t["rollouts"], self.engine).values(
+                            id=r.id, doc=self._rollout_doc(r), state=r.state, created_at=r.created_at))  # fmt: skip
+                        self._put_jobs(c, r, list(r.jobs.values()))
+                except (ValueError, KeyError, TypeError, OSError) as e:
+                    skipped.append(f"{table} {k}: {e}")
+                    continue
+                counts[table] += 1
+            c.exec_driver_sql(f"DROP TABLE {table}")
+        log.warning("%s: migrated from the first fleet schema: %d devices, %d bundles, %d rollouts%s",
+                    self.target, counts["devices"], counts["bundles"], counts["rollouts"],
+                    "; not migrated: " + "; ".join(skipped) if skipped else "")  # fmt: skip
+        if Path(self.target + ".bundles").is_dir():
+            log.warning("%s.bundles/ is no longer used (bundles are in the database now): it may be deleted",
+                        self.target)  # fmt: skip
 
     @property
     def dialect(self) -> str:

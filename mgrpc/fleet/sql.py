@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "TABLES", "for_update", "insert_ignore", "is_database_url", "make_engine", "metadata", "sqlalchemy", "upsert",
+    "SCHEMA_VERSION", "TABLES", "for_update", "insert_ignore", "is_database_url", "make_engine", "metadata",
+    "sqlalchemy", "upsert",
 ]  # fmt: skip
 
 _META: Any = None
 TABLES: dict[str, Any] = {}
+# 1: SQLite only, tables ``devices``, ``bundles``, ``rollouts`` (jobs inside the rollout's document) and
+#    ``shadows``, bundle bytes in ``<file>.bundles/<sha>.zip`` (migrated by FleetDB on open).
+# 2: these tables; ``fleet_meta`` holds {"schema": "2"}.
+SCHEMA_VERSION = 2
 
 
 def sqlalchemy() -> Any:
@@ -38,7 +43,7 @@ def is_database_url(target: str | Path) -> bool:
 
 def metadata() -> Any:
     """The fleet's tables (created on first use): ``fleet_devices``, ``fleet_bundles``, ``fleet_rollouts``,
-    ``fleet_jobs``, ``fleet_workers``, ``fleet_leases`` and ``shadows``."""
+    ``fleet_jobs``, ``fleet_workers``, ``fleet_leases``, ``fleet_meta`` (the schema version) and ``shadows``."""
     global _META
     if _META is not None:
         return _META
@@ -76,6 +81,10 @@ def metadata() -> Any:
         "fleet_leases", m,
         sa.Column("name", sa.String(64), primary_key=True), sa.Column("holder", sa.String(64), nullable=False),
         sa.Column("expires", sa.Float, nullable=False),
+    )  # fmt: skip
+    TABLES["meta"] = sa.Table(
+        "fleet_meta", m,
+        sa.Column("key", sa.String(64), primary_key=True), sa.Column("value", sa.Text, nullable=False),
     )  # fmt: skip
     TABLES["shadows"] = sa.Table(
         "shadows", m, sa.Column("thing", sa.String(200), primary_key=True), sa.Column("doc", sa.Text, nullable=False),
