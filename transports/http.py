@@ -36,6 +36,13 @@ size. On ``/rpc``, a body that is a JSON-RPC request (a ``"jsonrpc"`` member), a
 text that does not parse is answered the same way; anything else there is mgRPC as above.
 
 Other paths go to ``node.http_handlers`` (longest prefix), e.g. the OTA service's ``/update``.
+
+Limits of the device side (listen URL options, shared with a ``ws://`` listener on the same
+``host:port``; see :mod:`transports._aioserver`): ``max_conns`` (default 64; one more closes first a
+connection that has not completed a request yet, then the one quiet the longest), ``header_timeout``
+(default 10 s from the first byte of a request head to its end: slowloris connections are closed)
+and ``idle_timeout`` (default 60 s waiting for a request, after accepting and between keep-alive
+requests). A ``/rpc`` body over the node's ``max_frame_size`` is refused without being read.
 """
 
 from __future__ import annotations
@@ -83,7 +90,8 @@ __all__ = [
 ]
 
 SCHEMES = ("http", "https")
-OPTIONS: frozenset[str] = frozenset({"ca", "cert", "key"})
+# max_conns, header_timeout, idle_timeout: the shared server's limits (transports._aioserver)
+OPTIONS: frozenset[str] = frozenset({"ca", "cert", "key", "max_conns", "header_timeout", "idle_timeout"})
 EXTRA = "http"
 # transports.connect() hands the client's credentials to open_client() of modules that set this.
 WANTS_CREDS = True
@@ -271,8 +279,9 @@ def _response(
     return resp
 
 
-def _invalid(request: web.BaseRequest) -> web.Response:
-    return _response(request, 400, INVALID_REQUEST, content_type="text/plain")
+def _invalid(request: web.BaseRequest, *, close: bool = False) -> web.Response:
+    """``400 Invalid request``; ``close``: and close the connection (a body was left unread)."""
+    return _response(request, 400, INVALID_REQUEST, content_type="text/plain", keep_alive=False if close else None)
 
 
 def _rest_status(code: int) -> int:
@@ -337,6 +346,20 @@ class HttpListener:
         limit = self.node.max_frame_size
         return bool(limit) and size > limit + slack
 
+    async def _read_body(self, request: web.BaseRequest, *, slack: int = 2) -> bytes | None:
+        """The body, or None once it is over the frame size (the rest is not read: a chunked body has no
+        Content-Length to refuse it by, and must not make the device hold megabytes)."""
+        if self._too_big(request.content_length or 0, slack=slack):
+            return None
+        if not self.node.max_frame_size:
+            return await request.read()
+        body = bytearray()
+        while chunk := await request.content.readany():
+            body += chunk
+            if self._too_big(len(body), slack=slack):
+                return None
+        return bytes(body)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request to ``/rpc`` or ``/rpc/<Method>``."""
         raw_path = request.rel_url.raw_path
@@ -380,9 +403,9 @@ class HttpListener:
     async def _full_frame(self, request: web.Request) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return _invalid(request)  # an empty frame (errata)
-        if self._too_big(request.content_length or 0, slack=2):
-            return _invalid(request)  # too big to be a frame: do not even read it
-        body = await request.read()
+        body = await self._read_body(request)
+        if body is None:
+            return _invalid(request, close=True)  # too big to be a frame: the rest is not even read
         if self._codec_name == "json":
             body = body.rstrip(b"\r\n\t ")  # mos's trailing newline is not part of the frame
 
@@ -421,11 +444,9 @@ class HttpListener:
         if request.method != "POST":
             return _response(request, 405, b"JSON-RPC 2.0 takes POST\r\n", content_type="text/plain",
                              headers={"Allow": "POST, OPTIONS"})  # fmt: skip
-        if self._too_big(request.content_length or 0, slack=2):
-            return _response(request, 413, _TOO_LARGE)
-        body = await request.read()
-        if self._too_big(len(body), slack=2):
-            return _response(request, 413, _TOO_LARGE)
+        body = await self._read_body(request)
+        if body is None:
+            return _response(request, 413, _TOO_LARGE, keep_alive=False)
         return await self._jsonrpc(request, body)
 
     async def _jsonrpc(self, request: web.BaseRequest, body: bytes) -> web.StreamResponse:
@@ -449,9 +470,9 @@ class HttpListener:
     async def _rest(self, request: web.Request, method_name: str) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return _response(request, 200)  # CORS preflight
-        if self._too_big(request.content_length or 0, slack=2):
-            return _invalid(request)
-        body = await request.read()
+        body = await self._read_body(request)
+        if body is None:
+            return _invalid(request, close=True)
         text = body.decode("utf-8", "replace").strip()
         if not text and request.method == "GET" and request.query_string:
             # As the device: {"k":v,...} with the URL-decoded values inserted raw (not quoted).

@@ -25,6 +25,14 @@ from 1 s doubling to 60 s.
 with it still serves JSON peers (mos): each message is read in its own codec, and the answers go
 out in the codec the peer last used (:class:`rpc.codec.AutoCodec`).
 
+Limits of the device side (listen URL options, shared with an ``http://`` listener on the same
+``host:port``; see :mod:`transports._aioserver`): ``max_conns`` (default 64; one more closes first a
+connection that has sent no request or WebSocket message yet, then the one quiet the longest),
+``header_timeout`` (default 10 s from the first byte of a request head to its end; slowloris
+connections are closed) and ``idle_timeout`` (default 60 s waiting for a request; upgraded
+connections are not idle). A peer that does not read its replies is dropped once
+:data:`MAX_OUT_BUFFER` bytes are unsent or :data:`MAX_PENDING_SENDS` sends wait.
+
 ``?stall_over=N`` (device side) makes the listener behave as a stock Mongoose OS device: after a
 message longer than N bytes (Mongoose OS: :data:`MGOS_WS_MESSAGE_LIMIT`) nothing more is answered on
 that connection. For benchmarks and tests of clients against stock devices.
@@ -76,7 +84,10 @@ __all__ = [
 ]
 
 SCHEMES = ("ws", "wss")
-OPTIONS: frozenset[str] = frozenset({"reconnect", "outbound", "ca", "cert", "key", "stall_over"})
+# max_conns, header_timeout, idle_timeout: the shared server's limits (transports._aioserver)
+OPTIONS: frozenset[str] = frozenset(
+    {"reconnect", "outbound", "ca", "cert", "key", "stall_over", "max_conns", "header_timeout", "idle_timeout"}
+)
 # What Mongoose OS's rpc-ws does with a longer message (3072 bytes with its masked-frame header):
 # nothing more is answered on that connection (measured on the real firmware, ../shared/mgos-ubuntu).
 MGOS_WS_MESSAGE_LIMIT = 3064
@@ -212,12 +223,14 @@ class WsChannel(Channel):
         codec: FrameCodec | None = None,
         transport: asyncio.BaseTransport | None = None,
         stall_over: int | None = None,
+        on_message: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(codec=codec, style="device")
         self.ws = ws
         self.peer = peer
         self._transport = transport
         self.stall_over = stall_over
+        self._on_message = on_message
         self._sending = 0
 
     def info(self) -> str:
@@ -247,11 +260,14 @@ class WsChannel(Channel):
             self._sending -= 1
 
     async def run(self) -> None:
-        """Read messages until the connection ends."""
-        await _pump(
-            _server_messages(self.ws, self), self, close=lambda code: self.ws.close(code=code),
-            stall_over=self.stall_over,
-        )  # fmt: skip
+        """Read messages until the connection ends (``on_message`` is told of each)."""
+        await _pump(self._messages(), self, close=lambda code: self.ws.close(code=code), stall_over=self.stall_over)
+
+    async def _messages(self) -> AsyncIterator[tuple[bool, bytes]]:
+        async for msg in _server_messages(self.ws, self):
+            if self._on_message is not None:
+                self._on_message()
+            yield msg
 
     async def close(self) -> None:
         """Drop the connection as mongoose does (send what is queued, then close; no close frame).
@@ -304,9 +320,15 @@ class WsListener:
         protocols = tuple(p.strip() for p in requested.split(",") if p.strip())
         ws = _echo_protocol_response()(protocols=protocols, compress=False, autoping=True)
         await ws.prepare(request)
+        conn = self.server.connection(request)
+        if conn is not None:
+            conn.websocket_opened()
         # A device listening with a binary codec still serves JSON peers (mos): the codec follows the peer.
         codec = device_codec(codec_from_url(self._url))
-        ch = WsChannel(ws, peer_address(request), codec=codec, transport=request.transport, stall_over=self.stall_over)
+        ch = WsChannel(
+            ws, peer_address(request), codec=codec, transport=request.transport, stall_over=self.stall_over,
+            on_message=conn.message if conn is not None else None,
+        )  # fmt: skip
         if isinstance(self.node.auth, Authenticator):
             # A valid digest on the upgrade request names the channel's user (spec §2).
             ch.user = verify_http_digest(self.node.auth, request.headers.get("Authorization", ""), request.method)

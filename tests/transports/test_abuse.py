@@ -219,3 +219,178 @@ async def test_a_websocket_peer_that_never_reads_is_dropped() -> None:
         sock.close()
         await lst.close()
         await node.close()
+
+
+# -- ws:// and http:// (one aiohttp server per host:port): max_conns, header_timeout, idle_timeout
+
+
+async def _raw_http(host: str, port: int, data: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    r, w = await asyncio.open_connection(host, port)
+    if data:
+        w.write(data)
+        await w.drain()
+    return r, w
+
+
+async def _closed_by_peer(reader: asyncio.StreamReader, within_s: float = T) -> bool:
+    """True if the device closes the connection (EOF or reset) within ``within_s``."""
+    try:
+        while await asyncio.wait_for(reader.read(65536), within_s):
+            pass
+    except TimeoutError:
+        return False
+    except (ConnectionError, OSError):
+        pass
+    return True
+
+
+async def _eventually(predicate: Any, within_s: float = T) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+async def web_pair() -> AsyncIterator[tuple[Any, Any, Node]]:
+    """A ws and an http listener on one server, with small limits."""
+    node = _node()
+    ws = await transports.listen("ws://127.0.0.1:0/rpc?max_conns=8&header_timeout=0.5&idle_timeout=30", node)
+    http = await transports.listen(ws.url.replace("ws://", "http://").split("?")[0], node)
+    assert http.server is ws.server
+    yield ws, http, node
+    await http.close()
+    await ws.close()
+    await node.close()
+
+
+async def test_slowloris_heads_are_closed_after_header_timeout(web_pair: tuple[Any, Any, Node]) -> None:
+    ws, _, _ = web_pair
+    host, port = _addr(ws.url)
+    slow = [await _raw_http(host, port, b"POST /rpc HTTP/1.1\r\nHost: x\r\nX-Slow: ") for _ in range(5)]
+    try:
+        for r, w in slow:  # a byte now and then never finishes the head: closed all the same
+            w.write(b"a")
+            assert await _closed_by_peer(r), "a head that never ends must be closed after header_timeout"
+        assert await _eventually(lambda: len(ws.server.connections) == 0)
+        await _ping(ws.url)
+    finally:
+        for _, w in slow:
+            w.close()
+
+
+async def test_idle_and_half_open_connections_beyond_max_conns_make_room(web_pair: tuple[Any, Any, Node]) -> None:
+    ws, http, _ = web_pair
+    host, port = _addr(ws.url)
+    async with await transports.connect(ws.url, timeout_s=T) as good:  # a client that has made a call
+        assert await good.call("RPC.Ping")
+        idle = [await _raw_http(host, port) for _ in range(20)]  # 2.5 x max_conns, silent
+        half = [await _raw_http(host, port, b"GET /rpc HTTP/1.1\r\n") for _ in range(10)]
+        try:
+            assert await _eventually(lambda: len(ws.server.connections) <= 8)
+            dropped = [r for r, _ in idle + half if await _closed_by_peer(r, 0.05)]
+            assert len(dropped) >= 30 - 7, "all but max_conns - 1 of them must have been closed"
+            assert len(ws.server.connections) <= 8
+            assert await good.call("RPC.Ping"), "the client that made a call keeps its connection"
+            await _ping(http.url)  # and a new client is served
+            assert len(ws.server.connections) <= 8
+        finally:
+            for _, w in idle + half:
+                w.close()
+
+
+async def test_idle_websockets_beyond_max_conns_make_room() -> None:
+    node = _node()
+    lst = await transports.listen("ws://127.0.0.1:0/rpc?max_conns=4", node)
+    try:
+        quiet = [await transports.connect(lst.url, timeout_s=T) for _ in range(4)]  # upgraded, never a message
+        async with await transports.connect(lst.url, timeout_s=T) as good:
+            assert await good.call("RPC.Ping")
+            assert len(lst.server.connections) <= 4
+            more = [await transports.connect(lst.url, timeout_s=T) for _ in range(6)]
+            assert await good.call("RPC.Ping")
+            assert len(lst.server.connections) <= 4
+            for c in more:
+                await c.close()
+        for c in quiet:
+            await c.close()
+    finally:
+        await lst.close()
+        await node.close()
+
+
+async def test_idle_timeout_closes_a_silent_connection() -> None:
+    node = _node()
+    lst = await transports.listen("http://127.0.0.1:0/rpc?idle_timeout=0.3", node)
+    host, port = _addr(lst.url)
+    try:
+        r, w = await _raw_http(host, port)
+        assert await _closed_by_peer(r)
+        w.close()
+        body = b'{"id":1,"src":"x","method":"RPC.Ping"}'
+        head = b"POST /rpc HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nContent-Length: %d\r\n\r\n" % len(body)
+        r, w = await _raw_http(host, port, head + body)
+        assert b" 200 " in await asyncio.wait_for(r.readline(), T)
+        assert await _closed_by_peer(r), "a keep-alive connection left idle is closed too"
+        w.close()
+    finally:
+        await lst.close()
+        await node.close()
+
+
+async def test_a_chunked_body_over_max_frame_size_is_refused_before_its_end() -> None:
+    node = _node()  # max_frame_size 4096
+    lst = await transports.listen("http://127.0.0.1:0/rpc", node)
+    host, port = _addr(lst.url)
+    try:
+        for path in ("/rpc", "/rpc/RPC.Ping", "/jsonrpc"):
+            r, w = await _raw_http(host, port, f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                                              "Transfer-Encoding: chunked\r\n\r\n".encode())  # fmt: skip
+            chunk = b"10000\r\n" + b"A" * 0x10000 + b"\r\n"
+            status = b""
+            try:
+                for _ in range(200):  # up to 12.5 MiB, never the last chunk: the answer must come first
+                    w.write(chunk)
+                    await w.drain()
+                    try:
+                        status = await asyncio.wait_for(r.readline(), 0.01)
+                    except TimeoutError:
+                        continue
+                    break
+            except (ConnectionError, OSError):
+                status = status or await r.readline()
+            finally:
+                w.close()
+            assert status.split()[1:2] in ([b"400"], [b"413"]), (path, status)
+        await _ping(lst.url)
+    finally:
+        await lst.close()
+        await node.close()
+
+
+@pytest.mark.parametrize("scheme", ["ws", "http"])
+@pytest.mark.parametrize("option", ["max_conns=0", "max_conns=1.5", "header_timeout=0", "idle_timeout=-1",
+                                    "idle_timeout=nan", "header_timeout=x"])  # fmt: skip
+async def test_bad_web_limits_are_usage_errors(scheme: str, option: str) -> None:
+    node = _node()
+    with pytest.raises(UsageError, match=option.split("=")[0]):
+        await transports.listen(f"{scheme}://127.0.0.1:0/rpc?{option}", node)
+    await node.close()
+
+
+async def test_listeners_on_one_server_cannot_disagree_on_limits() -> None:
+    node = _node()
+    ws = await transports.listen("ws://127.0.0.1:0/rpc?max_conns=5", node)
+    port = _addr(ws.url)[1]
+    try:
+        with pytest.raises(UsageError, match="max_conns=5"):
+            await transports.listen(f"http://127.0.0.1:{port}/rpc?max_conns=6", node)
+        http = await transports.listen(f"http://127.0.0.1:{port}/rpc?max_conns=5&header_timeout=10", node)
+        assert http.server.limits.max_conns == 5
+        await http.close()
+    finally:
+        await ws.close()
+        await node.close()
