@@ -98,6 +98,10 @@ DEFAULT_POLL_S = 0.1  # the reference client's rx_ctl polling period
 DISCONNECT_TIMEOUT_S = 5.0
 READER_STOP_TIMEOUT_S = 2.0
 MAX_INCOMING_FRAME = 1 << 20  # a sanity bound on announced lengths; the codec enforces the real limit
+# Device side: a client that does not read its replies is disconnected past either bound (memory stays
+# bounded), as the ws:// and tcp:// listeners drop a peer that does not read.
+MAX_QUEUED_FRAMES = 256
+MAX_OUT_BUFFER = 1 << 20
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 _CB_UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
 
@@ -172,9 +176,22 @@ class GattsChannel(Channel):
         task.add_done_callback(self._tasks.discard)
 
     def send_nowait(self, frame: Frame) -> bool:
-        """Queue ``frame``; announce it on ``rx_ctl`` if it is the pending one now."""
+        """Queue ``frame``; announce it on ``rx_ctl`` if it is the pending one now.
+
+        A client that lets :data:`MAX_QUEUED_FRAMES` frames or :data:`MAX_OUT_BUFFER` bytes pile up
+        unread is disconnected (:class:`ChannelClosed`), rather than the device holding ever more.
+        """
         if self.closed:
             raise ChannelClosed("BLE connection is gone")
+        if len(self.sender) >= MAX_QUEUED_FRAMES or self.sender.queued_bytes > MAX_OUT_BUFFER:
+            log.warning("BLE: %s does not read its replies (%d frames, %d bytes queued); disconnecting",
+                        self.info(), len(self.sender), self.sender.queued_bytes)  # fmt: skip
+            self.mark_closed()
+            self.sender.clear()
+            task = asyncio.get_running_loop().create_task(self._disconnect())
+            self.listener._tasks.add(task)
+            task.add_done_callback(self.listener._tasks.discard)
+            raise ChannelClosed("BLE client does not read its replies")
         announce = self.sender.queue(self.encode(frame))
         if announce:
             self._announce(announce)
@@ -189,11 +206,14 @@ class GattsChannel(Channel):
         if not self.closed:
             self.mark_closed()
             self.sender.clear()
-            # bounded: a controller that lost the peer may never report the disconnection
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.connection.disconnect(), DISCONNECT_TIMEOUT_S)
+            await self._disconnect()
         for t in list(self._tasks):
             t.cancel()
+
+    async def _disconnect(self) -> None:
+        # bounded: a controller that lost the peer may never report the disconnection
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.connection.disconnect(), DISCONNECT_TIMEOUT_S)
 
     def connection_lost(self) -> None:
         """The BLE connection went away."""

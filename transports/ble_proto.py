@@ -231,9 +231,15 @@ class FrameSender:
         self.max_queued = max_queued
         self._queue: deque[bytes] = deque()
         self._offset = 0
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of every queued frame, the pending one included."""
+        return self._bytes
 
     @property
     def pending_length(self) -> int:
@@ -252,6 +258,7 @@ class FrameSender:
         if self.max_queued is not None and len(self._queue) >= self.max_queued:
             raise TransportError(f"GATT send queue is full ({self.max_queued} frames)")
         self._queue.append(bytes(frame))
+        self._bytes += len(frame)
         return len(frame) if len(self._queue) == 1 else 0
 
     def read_rx_ctl(self) -> bytes:
@@ -273,7 +280,7 @@ class FrameSender:
         self._offset += len(chunk)
         if self._offset < len(frame):
             return DataChunk(chunk)
-        self._queue.popleft()
+        self._bytes -= len(self._queue.popleft())
         self._offset = 0
         return DataChunk(chunk, self.pending_length)
 
@@ -281,6 +288,7 @@ class FrameSender:
         """Drop every queued frame (the connection went away)."""
         self._queue.clear()
         self._offset = 0
+        self._bytes = 0
 
 
 # -- client side: reading a frame -----------------------------------------------------------------------

@@ -21,6 +21,9 @@ URL options (``serial:///dev/ttyUSB0?baud=921600&pacing=1``):
 ``set_control_lines``     ``0`` leaves DTR/RTS alone (default ``1``: both false)
 ``inverted_control_lines`` ``1``: DTR/RTS true instead of false
 ``uart_no``               device side: the number in the channel info ``UART<n>`` (default 0)
+``max_out_buffer``        device side: bytes queued for a host that does not read the port (default
+                          1 MiB); past it, what the device sends is dropped, whole frames at a
+                          time, as a UART nobody listens to loses it (memory stays bounded)
 ========================  =======================================================================
 
 Device side (``listen``): opens the tty (a USB-UART adapter, or one end of a pty pair such as a
@@ -68,7 +71,7 @@ __all__ = [
 SCHEMES = ("serial",)
 OPTIONS: frozenset[str] = frozenset(
     {"baud", "baud_rate", "handshake", "handshake_wait", "pacing", "hw_flow_control", "set_control_lines",
-     "inverted_control_lines", "uart_no"}
+     "inverted_control_lines", "uart_no", "max_out_buffer"}
 )  # fmt: skip
 EXTRA = "serial"
 
@@ -95,6 +98,7 @@ class SerialOptions:
     handshake_interval_s: float = 0.2
     handshake_timeout_s: float = 15.0
     uart_no: int = 0
+    max_out_buffer: int = 1 << 20  # device side: bytes queued for a host that does not read
     io: str = "auto"  # "fd" (event loop watches the fd), "thread", or "auto"
 
 
@@ -110,8 +114,10 @@ def _options(url: TransportURL, opts: dict[str, Any]) -> SerialOptions:
             kw["baud"] = int(baud)
         if url.option("uart_no") is not None:
             kw["uart_no"] = int(url.option("uart_no") or 0)
+        if url.option("max_out_buffer") is not None:
+            kw["max_out_buffer"] = int(url.option("max_out_buffer") or 0)
     except ValueError:
-        raise UsageError(f"serial: baud and uart_no must be integers ({url.raw!r})") from None
+        raise UsageError(f"serial: baud, uart_no and max_out_buffer must be integers ({url.raw!r})") from None
     for name in _FLAGS:
         if name in url.query:
             kw[name] = url.flag(name)
@@ -133,6 +139,8 @@ def _options(url: TransportURL, opts: dict[str, Any]) -> SerialOptions:
         )
     if o.baud <= 0:
         raise UsageError("serial: baud must be positive")
+    if o.max_out_buffer <= 0:
+        raise UsageError("serial: max_out_buffer must be a positive number of bytes")
     return o
 
 
@@ -184,6 +192,8 @@ def open_port(path: str, options: SerialOptions, *, control_lines: bool = True) 
 
 
 class _PortIO(Protocol):
+    @property
+    def unsent(self) -> int: ...
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
     def write(self, data: bytes) -> None: ...
     async def drain(self) -> None: ...
@@ -226,6 +236,11 @@ class _FdIO(_IOBase):
         self._drained.set()
         self._writing = False
         self._closed = False
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written but not on the port yet."""
+        return len(self._tx)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -303,6 +318,11 @@ class _ThreadIO(_IOBase):
         self._drained.set()
         self._closed = False
         self._threads: list[threading.Thread] = []
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written but not on the port yet."""
+        return self._queued - self._written
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -530,6 +550,8 @@ class SerialDeviceChannel(StreamDeviceChannel):
         self.options = options
         self._io = _make_io(ser, options, self.data_received, self._lost)
         self._started = False
+        self.dropped_bytes = 0  # sent while the host read nothing (see max_out_buffer)
+        self._dropping = False
 
     def info(self) -> str:
         """``UART<n>`` as rpc-uart reports it."""
@@ -542,7 +564,19 @@ class SerialDeviceChannel(StreamDeviceChannel):
             self._io.start(asyncio.get_running_loop())
 
     def write(self, data: bytes) -> None:
-        """Queue bytes on the port."""
+        """Queue bytes on the port; dropped while ``max_out_buffer`` bytes wait (the host reads nothing).
+
+        Each call carries whole frames (or a handshake answer, or console text), so a drop never
+        leaves half a frame on the line.
+        """
+        if self._io.unsent > self.options.max_out_buffer:
+            if not self._dropping:
+                log.warning("serial %s: the host reads nothing (%d bytes unsent); dropping output",
+                            self.path, self._io.unsent)  # fmt: skip
+            self._dropping = True
+            self.dropped_bytes += len(data)
+            return
+        self._dropping = False
         self._io.write(data)
 
     async def drain(self) -> None:

@@ -5,7 +5,10 @@ no newline), and at most 10000 bytes of a datagram are read.
 
 Device side (ours; no Mongoose OS library has one): ``listen`` binds ``host:port`` and keeps one
 channel per peer address (type ``UDP``, info ``ip:port``); the least recently heard peer's channel
-is dropped when more than ``max_peers`` are known.
+is dropped when more than ``max_peers`` (URL option, default 64) are known; a dropped peer that
+writes again gets a new channel, so it is still answered. Datagrams over the node's
+``max_frame_size`` are dropped, and replies are sent without waiting (a peer that reads nothing
+costs the device nothing: the kernel drops what does not fit).
 """
 
 from __future__ import annotations
@@ -212,10 +215,13 @@ async def listen(url: TransportURL, node: Node, **opts: Any) -> UdpListener:
     """Serve ``node`` on ``udp://host:port`` (port 0 picks a free one; see ``.url``)."""
     host, port = url.host_port(default_host="127.0.0.1")
     codec = _codec(url, opts, JsonCodec())  # as the client side: a codec name other than json is an error
+    text = opts.pop("max_peers", url.option("max_peers", "64"))
     try:
-        max_peers = int(opts.pop("max_peers", url.option("max_peers", "64")))
-    except ValueError:
-        raise UsageError("udp:// option max_peers must be an integer") from None
+        max_peers = int(text)
+    except (TypeError, ValueError):
+        max_peers = 0
+    if max_peers <= 0:  # 0 answered nobody; a negative bound raised on every datagram
+        raise UsageError(f"udp:// option max_peers must be a positive integer, not {text!r}")
     listener = UdpListener(node, max_peers=max_peers, codec=codec)
     proto = _Protocol()
     proto.on_datagram = listener.datagram_received
