@@ -51,7 +51,7 @@ from aiohttp import web
 
 from rpc.errors import TransportError, UsageError
 from rpc.node import Node
-from transports._urlopts import client_ssl_context, codec_from_url
+from transports._urlopts import client_ssl_context, codec_from_url, tls_failure_hint
 from transports.registry import TransportURL
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "peer_address",
     "serve_role",
     "server_ssl_context",
+    "tls_failure_hint",
 ]
 
 log = logging.getLogger("mgrpc.http.server")

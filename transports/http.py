@@ -4,7 +4,8 @@ Host side (:func:`open_client`), as ``mos``'s HTTP codec: ``POST <url>`` with
 ``Content-Type: application/json`` and the frame JSON + ``\\n`` as body, one request per frame; the
 reply body is one frame. A non-200, non-401 status is ``server returned an error``. On 401 the
 ``WWW-Authenticate: Digest`` challenge is answered once with the channel's ``creds`` (handed over by
-:func:`transports.connect`); a second 401 is ``authentication failed``.
+:func:`transports.connect`); a second 401 is ``authentication failed``. ``https://`` verifies the
+server as ``wss://`` does (system CAs, ``?ca=FILE``, or ``?insecure=1`` for nothing).
 
 Device side (:func:`listen`), the ``/rpc`` endpoint of the shared aiohttp server
 (:mod:`transports._aioserver`), each request a short-lived channel (type ``HTTP``, non-persistent,
@@ -74,6 +75,7 @@ from transports._aioserver import (
     codec_from_url,
     peer_address,
     serve_role,
+    tls_failure_hint,
 )
 from transports.registry import TransportURL
 
@@ -91,7 +93,7 @@ __all__ = [
 
 SCHEMES = ("http", "https")
 # max_conns, header_timeout, idle_timeout: the shared server's limits (transports._aioserver)
-OPTIONS: frozenset[str] = frozenset({"ca", "cert", "key", "max_conns", "header_timeout", "idle_timeout"})
+OPTIONS: frozenset[str] = frozenset({"ca", "cert", "key", "insecure", "max_conns", "header_timeout", "idle_timeout"})
 EXTRA = "http"
 # transports.connect() hands the client's credentials to open_client() of modules that set this.
 WANTS_CREDS = True
@@ -158,7 +160,9 @@ class HttpClientChannel(Channel):
                 data = await resp.read()
                 return resp.status, data, resp.headers.get("WWW-Authenticate", "")
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            raise TransportError(f"POST {self.target} failed: {e or type(e).__name__}") from e
+            cert_error = getattr(e, "certificate_error", None)  # aiohttp's ClientConnectorCertificateError
+            hint = tls_failure_hint(cert_error if isinstance(cert_error, BaseException) else e)
+            raise TransportError(f"POST {self.target} failed: {e or type(e).__name__}{hint}") from e
 
     async def send(self, frame: Frame) -> None:
         """POST ``frame``; deliver the reply frame (if any) to the node."""

@@ -6,7 +6,9 @@ Host side (:func:`open_client`), exactly as ``mos``: dial the URL minus query an
 JSON followed by ``\\n``; accept TEXT or BINARY messages; answer pings. A non-101 answer is
 ``Invalid HTTP response code returned. Missing rpc-ws library?``. ``?reconnect=1`` keeps the channel
 alive across disconnections (backoff 1 s doubling to 60 s, and an immediate attempt when a frame
-is sent while disconnected).
+is sent while disconnected). ``wss://`` verifies the server's certificate against the system CAs,
+or ``?ca=FILE``; ``?insecure=1`` verifies nothing (mos without ``--ca-cert-file``); ``?cert=&key=``
+present a client certificate.
 
 Device side (:func:`listen`): the WebSocket upgrade at ``/rpc`` (and ``/rpc/...``) of the shared
 aiohttp server (:mod:`transports._aioserver`), the request's ``Sec-WebSocket-Protocol`` echoed
@@ -55,7 +57,7 @@ from rpc.errors import ChannelClosed, FrameError, FrameTooLarge, TransportError,
 from rpc.frame import Frame, Style
 from rpc.node import Node
 from transports import _wsclient
-from transports._urlopts import client_ssl_context, codec_from_url
+from transports._urlopts import client_ssl_context, codec_from_url, tls_failure_hint
 from transports.registry import TransportURL
 
 if TYPE_CHECKING:
@@ -86,7 +88,8 @@ __all__ = [
 SCHEMES = ("ws", "wss")
 # max_conns, header_timeout, idle_timeout: the shared server's limits (transports._aioserver)
 OPTIONS: frozenset[str] = frozenset(
-    {"reconnect", "outbound", "ca", "cert", "key", "stall_over", "max_conns", "header_timeout", "idle_timeout"}
+    {"reconnect", "outbound", "ca", "cert", "key", "insecure", "stall_over"}
+    | {"max_conns", "header_timeout", "idle_timeout"}
 )
 # What Mongoose OS's rpc-ws does with a longer message (3072 bytes with its masked-frame header):
 # nothing more is answered on that connection (measured on the real firmware, ../shared/mgos-ubuntu).
@@ -454,7 +457,8 @@ class WsClientChannel(Channel):
                 f"cannot connect to {self.target}: timed out after {self.connect_timeout_s:g} s"
             ) from None
         except OSError as e:
-            raise TransportError(f"cannot connect to {self.target}: {e or type(e).__name__}") from e
+            reason = f"{e or type(e).__name__}{tls_failure_hint(e)}"
+            raise TransportError(f"cannot connect to {self.target}: {reason}") from e
         self.ws = ws
         self.connections += 1
         self._connected.set()

@@ -509,3 +509,22 @@ async def test_ws_and_http_started_together_share_one_port(device: Node) -> None
         for r in res:
             if not isinstance(r, BaseException):
                 await r.close()
+
+
+async def test_https_verifies_the_device_certificate(device: Node, tmp_path: Any) -> None:
+    from tests.transports.test_ws import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    lst: Any = await transports.listen(f"https://127.0.0.1:0/rpc?cert={cert}&key={key}", device)
+    url = f"https://127.0.0.1:{lst.port}/rpc"
+    try:
+        # No CA: the system CAs do not know a self-signed certificate; the error says what to do.
+        async with await transports.connect(url, timeout_s=10) as c:
+            with pytest.raises(TransportError, match=r"not trusted: pass \?ca=FILE .* or \?insecure=1"):
+                await c.call("Sys.Echo", 1)
+        async with await transports.connect(f"{url}?ca={cert}", timeout_s=10) as c:
+            assert await c.call("Sys.Echo", 2) == 2
+        async with await transports.connect(f"{url}?insecure=1", timeout_s=10) as c:
+            assert await c.call("Sys.Echo", 3) == 3
+    finally:
+        await lst.close()

@@ -523,11 +523,19 @@ async def test_wss(device: Node, tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     lst: Any = await transports.listen(f"wss://127.0.0.1:0/rpc?cert={cert}&key={key}", device)
     try:
-        # No CA: the server certificate is not verified (as mos without --ca-cert-file).
-        async with await transports.connect(f"wss://127.0.0.1:{lst.port}/rpc", timeout_s=T) as c:
+        # No CA: verified against the system CAs, which do not know this self-signed certificate.
+        with pytest.raises(TransportError, match=r"not trusted: pass \?ca=FILE .* or \?insecure=1"):
+            async with await transports.connect(f"wss://127.0.0.1:{lst.port}/rpc", timeout_s=T) as c:
+                await c.call("Sys.Echo", 2)
+        # ?insecure=1: nothing is verified (as mos without --ca-cert-file).
+        async with await transports.connect(f"wss://127.0.0.1:{lst.port}/rpc?insecure=1", timeout_s=T) as c:
             assert await c.call("Sys.Echo", 3) == 3
         async with await transports.connect(f"wss://127.0.0.1:{lst.port}/rpc?ca={cert}", timeout_s=T) as c:
             assert await c.call("Sys.Echo", 4) == 4
+        with pytest.raises(UsageError, match="not both"):
+            await transports.connect(f"wss://127.0.0.1:{lst.port}/rpc?ca={cert}&insecure=1", timeout_s=T)
+        with pytest.raises(UsageError, match="must be 0 or 1"):
+            await transports.connect(f"wss://127.0.0.1:{lst.port}/rpc?insecure=yes", timeout_s=T)
     finally:
         await lst.close()
 
