@@ -9,8 +9,9 @@ peer may use either delimiter, with or without CRC) and answered in the style th
 
 Limits of the device side (listen URL options), so that abusive peers cannot starve the others:
 
-``max_conns``       connections held at once (default 64); one more closes the connection that has
-                    been quiet longest (idle connections never lock a real client out)
+``max_conns``       connections held at once (default 64); one more closes first a connection that has
+                    not sent a whole frame yet, then the one quiet the longest (idle or half-sent
+                    connections never lock out a client that has made a call)
 ``max_out_buffer``  bytes of replies queued for a peer that does not read them (default 1 MiB); past
                     that the connection is closed (replies are never dropped from a live stream)
 
@@ -163,6 +164,7 @@ class TcpDeviceChannel(_TcpIO, StreamDeviceChannel):
         self._on_closed = on_closed
         self.max_out_buffer = max_out_buffer
         self.last_active = asyncio.get_running_loop().time()
+        self.useful = False  # a whole frame has arrived (see max_conns)
         self._reader = reader
         self._writer = writer
         peer = writer.get_extra_info("peername")
@@ -184,6 +186,11 @@ class TcpDeviceChannel(_TcpIO, StreamDeviceChannel):
         """Bytes from the peer (also marks the connection active, see ``max_conns``)."""
         self.last_active = asyncio.get_running_loop().time()
         super().data_received(data)
+
+    def deliver_bytes(self, data: bytes) -> Frame | None:
+        """A whole frame arrived: the connection is in use (it is closed last, see ``max_conns``)."""
+        self.useful = True
+        return super().deliver_bytes(data)
 
     def write(self, data: bytes) -> None:
         """Queue bytes on the socket; a peer that lets ``max_out_buffer`` bytes pile up is cut off."""
@@ -267,7 +274,7 @@ async def listen(url: TransportURL, node: Node, **opts: Any) -> TcpListener:
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert listener is not None
         while len(listener.channels) >= max_conns:
-            quiet = min(listener.channels, key=lambda c: c.last_active)
+            quiet = min(listener.channels, key=lambda c: (c.useful, c.last_active))
             log.info("tcp: %d connections (max_conns); closing the quietest, %s", len(listener.channels), quiet.info())
             listener.channels.discard(quiet)
             quiet.abort()

@@ -60,6 +60,29 @@ async def test_idle_connections_never_lock_a_client_out(tcp: tuple[Any, Node]) -
             w.close()
 
 
+async def test_a_client_that_made_a_call_outlives_a_burst_of_idle_connections(tcp: tuple[Any, Node]) -> None:
+    # Before, the connection quiet the longest went first: a client whose last call was a moment before
+    # a burst of idle connections was the oldest, and lost its connection.
+    lst, _ = tcp
+    host, port = _addr(lst.url)
+    async with await transports.connect(lst.url, timeout_s=T) as good:
+        assert await good.call("RPC.Ping")
+        conns = []
+        for i in range(60):  # 3 x max_conns, a third of them in the middle of a frame that never ends
+            _, w = await asyncio.open_connection(host, int(port))
+            if i % 3 == 0:
+                w.write(b'{"id":1,"src":"x","method":"RPC.Pi')
+            conns.append(w)
+        try:
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+            assert len(lst.channels) <= 20
+            assert await asyncio.wait_for(good.call("RPC.Ping"), T), "the same connection still serves"
+        finally:
+            for w in conns:
+                w.close()
+
+
 async def test_a_peer_that_never_reads_is_cut_off(tcp: tuple[Any, Node]) -> None:
     lst, _ = tcp
     host, port = _addr(lst.url)
