@@ -68,7 +68,7 @@ COMMANDS = tuple(dict.fromkeys(module for module, _ in COMMAND_TABLE.values()))
 
 # Global options that take a value (the command word is the first token that is neither one of
 # these, nor their value, nor another option).
-_VALUE_OPTIONS = ("--port", "--timeout", "--rpc-creds", "--baud-rate")
+_VALUE_OPTIONS = ("--port", "--timeout", "--rpc-creds", "--baud-rate", "--ca-cert-file", "--cert-file", "--key-file")
 
 
 def command_in(argv: Sequence[str]) -> str | None:
@@ -131,6 +131,9 @@ def _add_global(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("--mgrpc-compat-args", action="store_true", default=d(False), help="send `args` instead of `params`")
     p.add_argument("--baud-rate", type=int, default=d(None), help="serial speed (default 115200)")
     p.add_argument("--hw-flow-control", action="store_true", default=d(False), help="serial RTS/CTS flow control")
+    p.add_argument("--ca-cert-file", default=d(None), help="wss/https/mqtts: verify the server with this CA")
+    p.add_argument("--cert-file", default=d(None), help="wss/https/mqtts: client certificate")
+    p.add_argument("--key-file", default=d(None), help="wss/https/mqtts: client certificate's key")
     p.add_argument("-v", "--verbose", action="count", default=d(0), help="more logging (-vv: every frame)")
 
 

@@ -15,13 +15,14 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 from mgrpc.errors import AppError
 from rpc.errors import AuthError, ChannelClosed, MgrpcError, RemoteError, RpcTimeout, TransportError, UsageError
 
 __all__ = [
     "EXIT_ERROR", "EXIT_USAGE", "EXTRAS", "CannotConnect", "CliError", "configure_logging", "connect_from_args",
-    "describe_error", "err", "error_line", "missing_extra_message", "parse_duration", "port_from_args",
+    "describe_error", "device_url", "err", "error_line", "missing_extra_message", "parse_duration", "port_from_args",
     "report_error", "run_with_client", "usage",
 ]
 
@@ -88,6 +89,26 @@ def serial_options(port: str, args: Any) -> str:
     return url + ("&" if "?" in url else "?") + "&".join(opts)
 
 
+# mos's TLS flags -> the URL options of the schemes that use TLS (other schemes ignore them, as mos).
+TLS_FLAGS = (("ca_cert_file", "ca"), ("cert_file", "cert"), ("key_file", "key"))
+TLS_SCHEMES = ("wss://", "https://", "mqtts://")
+
+
+def tls_options(port: str, args: Any) -> str:
+    """Fold mos's ``--ca-cert-file``, ``--cert-file``, ``--key-file`` into a wss/https/mqtts URL."""
+    if not port.startswith(TLS_SCHEMES):
+        return port
+    opts = [f"{opt}={quote(str(value), safe='/')}" for flag, opt in TLS_FLAGS if (value := getattr(args, flag, None))]
+    if not opts:
+        return port
+    return port + ("&" if "?" in port else "?") + "&".join(opts)
+
+
+def device_url(args: Any) -> str:
+    """The device URL of ``--port`` with the serial and TLS flags folded in."""
+    return tls_options(serial_options(port_from_args(args), args), args)
+
+
 def err(*parts: object) -> None:
     """Informational and progress text goes to stderr, as mos does."""
     print(*parts, file=sys.stderr, flush=True)
@@ -127,7 +148,7 @@ async def connect_from_args(args: Any, **opts: Any) -> Any:
     parsed = parse_creds(creds) if creds else None
     try:
         return await connect(
-            serial_options(port, args),
+            device_url(args),
             timeout_s=args.timeout,
             creds=parsed,
             compat_args=bool(getattr(args, "mgrpc_compat_args", False)),
@@ -191,7 +212,8 @@ def _root_os_error(e: BaseException) -> BaseException:
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        inner = getattr(cur, "os_error", None)  # aiohttp's ClientConnectorError keeps it here
+        # aiohttp's ClientConnectorError keeps it in os_error, its certificate error in certificate_error
+        inner = getattr(cur, "os_error", None) or getattr(cur, "certificate_error", None)
         if isinstance(inner, OSError):
             best = inner
         elif isinstance(cur, OSError) and not isinstance(cur, MgrpcError):
@@ -201,14 +223,19 @@ def _root_os_error(e: BaseException) -> BaseException:
 
 
 def _is_connect_failure(e: BaseException) -> bool:
-    """A link error whose cause is that the peer could not be reached at all (refused, unknown host)."""
+    """A link error whose cause is that the peer could not be reached at all (refused, unknown host),
+    or not trusted (its TLS certificate failed verification)."""
     import socket
+    import ssl
 
-    return isinstance(_root_os_error(e), ConnectionRefusedError | socket.gaierror | FileNotFoundError)
+    return isinstance(
+        _root_os_error(e), ConnectionRefusedError | socket.gaierror | FileNotFoundError | ssl.SSLCertVerificationError
+    )
 
 
 def _connect_reason(port: str, cause: BaseException) -> tuple[str, str]:
     import socket
+    import ssl
 
     root = _root_os_error(cause)
     text = str(cause)
@@ -228,6 +255,9 @@ def _connect_reason(port: str, cause: BaseException) -> tuple[str, str]:
         return "permission denied", "run as a user allowed to open the port (e.g. in the dialout group)"
     if isinstance(root, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
         return "the connection was closed by the other end", check
+    if isinstance(root, ssl.SSLCertVerificationError):
+        return (f"the server's certificate is not trusted ({root.verify_message})",
+                "pass --ca-cert-file FILE (its CA), or ?insecure=1 at the end of --port to verify nothing")  # fmt: skip
     words = getattr(root, "strerror", None) or str(root) or type(root).__name__
     if port in words:  # "tcp://h:p: Connect call failed" -> no need to say the URL twice
         words = words.split(": ", 1)[-1]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mgrpc.cli._common import port_from_args
+from mgrpc.cli._common import device_url
 from rpc.errors import MgrpcError, UsageError
 
 __all__ = ["cmd_conformance", "register"]
@@ -181,7 +181,7 @@ async def _run(args: argparse.Namespace) -> Any:
             return await run_client(args.client, schemes=schemes, timeout_s=max(args.timeout, 10.0), creds=ccreds)
         from conformance.runner import run
 
-        return await run(port_from_args(args), options=options, only=only)
+        return await run(device_url(args), options=options, only=only)
     except ConformanceError as e:
         raise UsageError(str(e)) from None
 

@@ -21,13 +21,13 @@ from rpc.node import Node
 class DeviceThread:
     """A device node served on tcp://127.0.0.1 from its own event loop thread."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, listen: str = "tcp://127.0.0.1:0") -> None:
         self.node = node
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.listener = asyncio.run_coroutine_threadsafe(
-            transports.listen("tcp://127.0.0.1:0", node), self.loop
+            transports.listen(listen, node), self.loop
         ).result()
         self.url = self.listener.url
 
@@ -153,6 +153,25 @@ def test_rpc_creds(capsys, tmp_path) -> None:
         f = tmp_path / "creds"
         f.write_text("admin:pw\n")
         assert run(capsys, "--port", d.url, "--rpc-creds", f"@{f}", "call", "Who")[:2] == (0, '"admin"\n')
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("scheme", ["wss", "https"])
+def test_mos_tls_flags_verify_the_device(capsys, tmp_path, scheme: str) -> None:
+    from tests.transports.test_ws import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    node = Node(id="dev")
+    node.add_handler("Echo", lambda ctx, p: p)
+    d = DeviceThread(node, f"{scheme}://127.0.0.1:0/rpc?cert={cert}&key={key}")
+    url = d.url.split("?", 1)[0]
+    try:
+        rc, _out, err = run(capsys, "--port", url, "call", "Echo", "1")
+        assert rc == 1 and "certificate is not trusted" in err and "--ca-cert-file" in err and "?insecure=1" in err
+        assert len(err.strip().splitlines()) == 1
+        assert run(capsys, "--port", url, "--ca-cert-file", str(cert), "call", "Echo", "2")[:2] == (0, "2\n")
+        assert run(capsys, "--port", f"{url}?insecure=1", "call", "Echo", "3")[:2] == (0, "3\n")
     finally:
         d.stop()
 
