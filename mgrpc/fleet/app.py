@@ -33,10 +33,17 @@ database decides: a job moves in one transaction on its row (:meth:`FleetDB.lock
 start in one transaction on the rollout (:meth:`FleetDB.locked_rollout`), so whichever worker gets
 a device's message, the move happens once. Workers split ``<id>/ota/progress`` through the shared
 subscription ``$share/<share_group>/...``; ``<id>/status`` (retained; shared subscriptions get no
-retained messages) and the ``$aws/...`` shadow topics (mosquitto 2.0 delivers no ``$`` topic to a
-shared subscription) reach every worker. Each worker writes a heartbeat every second; the jobs of
-a worker silent for ``WORKER_DEAD_S`` are taken over (:meth:`FleetApp._requeue_orphans`), and one
-worker at a time, holding a lease, answers the devices' shadow requests.
+retained messages) and the ``$aws/...`` shadow topics reach every worker (mosquitto 2.0 delivers no
+``$``-topic to a shared subscription, MQTT 3.1.1 and 5 alike: tests/mgrpc/test_fleet_workers.py
+checks it). Each worker writes a heartbeat every second; a job's ``owner`` is the worker driving
+it (the one that started it; for ``committing``, the one that made that move, as it commits). The
+jobs of a worker silent for ``WORKER_DEAD_S`` are taken over by another (:meth:`FleetApp._adopt_orphans`),
+which drives each from where the device stands (:meth:`FleetApp._resume_transfer`): a push is
+resumed at the device's offset, a device that already runs the bundle is only committed, an
+OTA.Update never sent is sent. A worker restarted under the same id takes back its own jobs. The
+moves a worker makes from its own work on a job are fenced by ownership, so one that was only
+thought dead cannot undo its successor's. One worker at a time, holding a lease, answers the
+devices' shadow requests.
 
 Injected from the composition root (this package never imports :mod:`transports`): ``mqtt`` (a
 connection like ``transports.mqttconn.MqttConnection``) and ``rpc_connect(url)`` (e.g.
@@ -127,6 +134,7 @@ class FleetApp:
         self._saved_progress: dict[str, float] = {}  # device -> when its transfer progress was last saved
         self._last_change = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._job_tasks: dict[tuple[str, str], asyncio.Task[Any]] = {}  # (rollout, device) -> the task driving it
         self._ticker: asyncio.Task[None] | None = None
         self.changes = 0  # bumped on every change (the page can skip redraws)
         self._listeners: set[asyncio.Event] = set()  # one per server-sent-events client
@@ -152,7 +160,7 @@ class FleetApp:
                 self.mqtt.on_state(self._on_broker_state)
         self.db.heartbeat(self.worker_id)
         await self._shadow_lease()
-        self._take_over()
+        self._take_over(restart=True)
         for r in list(self.rollouts.values()):
             if r.state == "running":
                 self._pump(r)
@@ -517,14 +525,15 @@ class FleetApp:
         self._pump(r)
         return r
 
-    def _pump(self, r: Rollout, *, take_over: frozenset[str] | None = None) -> None:
+    def _pump(self, r: Rollout, *, dead: Callable[[str], bool] | None = None) -> None:
         """Start what may start now (one transaction: no other worker starts the same job); with
-        ``take_over`` (live workers), first take back the jobs of workers that died."""
+        ``dead`` (a job owner -> whether that worker is gone), first take over the dead workers' jobs."""
+        adopted: list[str] = []
         with self.db.locked_rollout(r.id) as fr:
             if fr is None:
                 return
-            if take_over is not None:
-                self._requeue_orphans(fr, take_over)
+            if dead is not None:
+                adopted = self._adopt_orphans(fr, dead)
             starts = fr.startable()
             for dev_id in starts:
                 job = fr.jobs[dev_id]
@@ -535,47 +544,100 @@ class FleetApp:
                                "poll": "waiting for the device to poll"}[r.method]  # fmt: skip
         _copy_rollout(r, fr)
         for dev_id in starts:
-            self._spawn(self._run_job(r, r.jobs[dev_id]))
+            self._spawn_job(r, r.jobs[dev_id])
+        for dev_id in adopted:
+            self._spawn_job(r, r.jobs[dev_id], resume=True)
         self._bump()
 
-    def _requeue_orphans(self, r: Rollout, live: frozenset[str]) -> None:
-        """Jobs whose worker died: those the device has not begun start again (shadow, poll: safe to
-        repeat); a transfer the dead worker was making (push, url) fails."""
+    def _adopt_orphans(self, r: Rollout, dead: Callable[[str], bool]) -> list[str]:
+        """Take over the jobs of workers that died (inside the rollout's transaction, so one worker
+        does); returns the devices whose jobs this worker now drives (:meth:`_run_job` ``resume``).
+
+        * shadow or poll not begun (``sending``): queued again and started anew (the same URL: a device
+          acts on it once);
+        * push or url transfers (``sending``, ``updating``): driven from where the device stands
+          (:meth:`_resume_transfer`: committed only if it already runs the bundle, resumed if mid-transfer);
+        * ``committing``: this worker commits; ``rebooting`` devices added by URL: this worker watches them;
+        * the rest (a device downloading by itself, an MQTT device rebooting) is moved by the device's
+          own reports, as before; this worker owns it from now on.
+        """
+        now = time.time()
+        out = []
         for job in r.jobs.values():
-            if job.owner in live or job.owner == self.worker_id:
+            if job.state == "queued" or job.terminal or not dead(job.owner):
                 continue
             who = f"worker {job.owner}" if job.owner else "the dashboard"
             if job.state == "sending" and r.method in ("shadow", "poll"):
                 job.fire("requeue")
                 job.message = f"{who} stopped; starting again"
                 log.warning("rollout %s: %s requeued (%s stopped)", r.id, job.device, who)
-            elif job.state in ("sending", "updating") and r.method in ("push", "url"):
-                job.fire("error")
-                job.error = job.message = f"interrupted: {who} that was sending it stopped or restarted"
+                continue
+            job.owner = self.worker_id
+            job.message = f"{who} stopped in state {job.state}; worker {self.worker_id} took over"
+            if job.state in ("sending", "updating"):
+                job.changed_at = now  # a whole send timeout from here
+            log.warning("rollout %s: %s taken over in state %s (%s stopped)", r.id, job.device, job.state, who)
+            out.append(job.device)
+        return out
 
-    def _take_over(self) -> None:
-        """Adopt rollouts other workers started, and the jobs of workers that died."""
+    def _take_over(self, *, restart: bool = False) -> None:
+        """Adopt rollouts other workers started, and the jobs of workers that died (``restart``: also
+        the jobs this worker's id owned before it started: nothing drives them now)."""
         live = frozenset(self.db.live_workers(WORKER_DEAD_S))
+
+        def dead(owner: str) -> bool:
+            return owner not in live or (restart and owner == self.worker_id)
+
         for fr in self.db.rollouts(unsettled_only=True):
             r = self.rollouts.setdefault(fr.id, fr)
             _copy_rollout(r, fr)
-            if any(j.owner not in live and not j.terminal and j.state in ("sending", "updating")
-                   for j in r.jobs.values()):  # fmt: skip
-                self._pump(r, take_over=live)
+            if any(not j.terminal and j.state != "queued" and dead(j.owner) for j in r.jobs.values()):
+                self._pump(r, dead=dead)
 
-    def _event(self, r: Rollout, job: Job, event: str, *, message: str = "", error: str = "",
+    def _spawn_job(self, r: Rollout, job: Job, *, resume: bool = False) -> None:
+        """Run a job this worker owns (one task per job; :meth:`tick` cancels it if another worker took it)."""
+        key = (r.id, job.device)
+        old = self._job_tasks.get(key)
+        if old is not None:
+            old.cancel()
+        task = asyncio.ensure_future(self._run_job(r, job, resume=resume))
+        self._tasks.add(task)
+        self._job_tasks[key] = task
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if self._job_tasks.get(key) is t:
+                del self._job_tasks[key]
+
+        task.add_done_callback(done)
+
+    def _mine(self, job: Job, *states: str) -> bool:
+        """This worker still owns the job and it is in one of ``states``."""
+        return job.owner == self.worker_id and job.state in states
+
+    def _event(self, r: Rollout, job: Job, event: str, *, message: str = "", error: str = "", owned: bool = False,
                **fields: Any) -> None:  # fmt: skip
-        """Move a job (one transaction on its row; a move another worker already made is not made twice)."""
+        """Move a job (one transaction on its row; a move another worker already made is not made twice).
+
+        ``owned``: the move comes from this worker's own work on the job (a transfer, a commit), and is
+        made only while this worker owns the job (one that took it over after this one was thought
+        dead decides now). The worker that moves a job into ``committing`` owns it from then on: it
+        makes the commit."""
         before = job.state
         d = self.devices.get(job.device)
         with self.db.locked_job(r.id, job.device) as fresh:
             if fresh is None:
                 return
             before = fresh.state
-            if fresh.can(event):
+            if owned and fresh.owner != self.worker_id:
+                log.warning("rollout %s: %s not moved (%s): worker %s owns it now", r.id, job.device, event,
+                            fresh.owner)  # fmt: skip
+            elif fresh.can(event):
                 for k, v in fields.items():
                     setattr(fresh, k, v)
                 fresh.fire(event)
+                if fresh.state == "committing" and before != "committing":
+                    fresh.owner = self.worker_id  # it makes the commit (a dead committer's job is taken over)
                 mqtt_dev = d is not None and d.source == "mqtt"
                 if fresh.state == "rebooting" and before != "rebooting":
                     fresh.applied_boots = d.boots if d is not None and mqtt_dev else -1
@@ -614,10 +676,21 @@ class FleetApp:
         """Where devices download the rollout's bundle (unique per rollout, so shadow sees a new URL)."""
         return f"{self.public_url}/fw/{r.bundle}.zip?rollout={r.id}"
 
-    async def _run_job(self, r: Rollout, job: Job) -> None:
-        d = self.devices[job.device]
+    async def _run_job(self, r: Rollout, job: Job, *, resume: bool = False) -> None:
+        """Drive a job this worker owns: start it, or (``resume``) go on with one taken over from a
+        dead worker, from whatever state it is in."""
         try:
-            if r.method == "push":
+            d = self.devices.get(job.device)
+            if d is None:
+                raise FleetError(f"unknown device {job.device!r}")
+            if resume:
+                if job.state in ("sending", "updating") and r.method in ("push", "url"):
+                    await self._resume_transfer(r, job, d)
+                elif job.state == "committing" and r.autocommit and r.method != "shadow":
+                    await self._commit(r, job, d)  # the cached "committed" may be stale: ask (-1: already is)
+                elif job.state == "committing":
+                    self._committing(r, job)
+            elif r.method == "push":
                 await self._push(r, job, d)
             elif r.method == "url":
                 await self._ota_update(r, job, d)
@@ -629,10 +702,91 @@ class FleetApp:
         except asyncio.CancelledError:
             raise
         except (OSError, MgrpcError, FleetError) as e:
-            self._event(r, job, "error", error=str(e) or type(e).__name__)
+            self._event(r, job, "error", error=str(e) or type(e).__name__, owned=True)
         except Exception as e:
             log.exception("rollout %s: job %s failed", r.id, job.device)
-            self._event(r, job, "error", error=f"internal error: {e}")
+            self._event(r, job, "error", error=f"internal error: {e}", owned=True)
+
+    def _runs_target(self, r: Rollout, d: DeviceRecord) -> bool:
+        """The device runs the rollout's bundle: the same build id where both are known, else the same version."""
+        info = self.db.bundle(r.bundle)
+        if info is not None and info.build_id and d.build_id:
+            return d.build_id == info.build_id
+        return bool(d.version) and d.version == r.version
+
+    async def _where(self, d: DeviceRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The device's ``OTA.Status`` and ``Sys.GetInfo``."""
+        client = await self._client(d)
+        try:
+            st = await client.call("OTA.Status", timeout_s=10)
+            info = await client.call("Sys.GetInfo", timeout_s=10)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+        if not isinstance(st, dict) or not isinstance(info, dict):
+            raise FleetError(f"device {d.id}: OTA.Status/Sys.GetInfo did not answer objects")
+        return st, info
+
+    async def _resume_transfer(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
+        """A push or OTA.Update a dead worker was making: ask the device where it stands, then
+
+        * it runs the bundle already (rebooted into it): no second transfer, only the commit (or
+          nothing, if committed);
+        * ``OTA.End`` went through (state 3, rebooting): the job is ``applied``;
+        * push, mid-transfer (state 1): the writes go on from the device's ``bytes_written``
+          (:func:`rpc.host.ota.ota_update` resumes an update of the same size); idle or failed: from the start;
+        * OTA.Update, downloading (state 1): the device's reports (or this loop) see the end; idle or
+          failed: OTA.Update is sent again.
+
+        An MQTT device that is offline (rebooting) is waited for; a device that stays silent for the
+        send timeout fails the job with the reason."""
+        deadline = time.monotonic() + self.send_timeout_s
+        last: BaseException | None = None
+        written = -1
+        while self._mine(job, "sending", "updating"):
+            why = f"no answer: {last}" if last else "offline"
+            if time.monotonic() > deadline:
+                raise FleetError(f"taken over after its worker stopped, but the device stayed silent ({why})")
+            if (d.source == "mqtt" and not d.online) or last is not None:
+                # this loop bounds the wait (the tick's send timeout would fail the job with less to say)
+                self._note(r, job, message=f"taken over; waiting for the device ({why})", changed_at=time.time())
+                await asyncio.sleep(min(1.0, self.send_timeout_s / 4))
+                if d.source == "mqtt" and not d.online:
+                    continue
+            try:
+                st, info = await self._where(d)
+            except (OSError, MgrpcError) as e:
+                last = e
+                continue
+            last = None
+            d.version = str(info.get("fw_version") or d.version)
+            d.build_id = str(info.get("fw_id") or d.build_id)
+            d.committed = bool(st.get("is_committed", d.committed))
+            if not self._mine(job, "sending", "updating"):
+                return  # the device's own reports moved it meanwhile
+            if self._runs_target(r, d):
+                self._touch(d)
+                self._event(r, job, "online_new", message="already running the new version", owned=True)
+                if d.committed:
+                    self._event(r, job, "committed", message="committed", owned=True)
+                return
+            state = st.get("state")
+            if state == 3:
+                self._event(r, job, "applied", message="applied, rebooting", owned=True)
+                return
+            if r.method == "push":
+                await self._push(r, job, d, resume=state == 1)
+                return
+            if state != 1:
+                await self._ota_update(r, job, d)
+                return
+            # OTA.Update, the device downloading by itself: wait while it gets on (its reports or this loop see the end)
+            done = st.get("bytes_written")
+            if isinstance(done, int) and done > written:
+                written = done
+                deadline = time.monotonic() + self.send_timeout_s
+                self._note(r, job, message="taken over; the device is downloading the bundle", changed_at=time.time())
+            await asyncio.sleep(1.0)
 
     async def _watch_url_device(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
         """A device without MQTT reports nothing: ask it until the job has a result."""
@@ -648,7 +802,9 @@ class FleetApp:
             raise FleetError("this dashboard cannot open RPC connections")
         return await self.rpc_connect(self.device_url(d))
 
-    async def _push(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
+    async def _push(self, r: Rollout, job: Job, d: DeviceRecord, *, resume: bool = False) -> None:
+        """OTA.Begin/Write/End; ``resume``: go on with the update in progress on the device (a taken-over
+        transfer: same size, continued at the device's ``bytes_written``) instead of refusing it."""
         data = self.bundle_data(r.bundle)
         client = await self._client(d)
 
@@ -656,13 +812,16 @@ class FleetApp:
             self._progress(r, job, done, total, "writing")
 
         try:
-            res = await ota_update(client, data, chunk_size=PUSH_CHUNK, window=PUSH_WINDOW, resume=False,
+            res = await ota_update(client, data, chunk_size=PUSH_CHUNK, window=PUSH_WINDOW, resume=resume,
                                    commit_timeout_s=r.commit_timeout_s, on_progress=progress)  # fmt: skip
             client = res.client
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
-        self._event(r, job, "applied", message="applied, rebooting", done_bytes=len(data), total_bytes=len(data))
+        if res.resumed_from:
+            log.warning("rollout %s: %s: the push resumed at byte %d of %d", r.id, d.id, res.resumed_from, len(data))
+        self._event(r, job, "applied", message="applied, rebooting", done_bytes=len(data), total_bytes=len(data),
+                    owned=True)  # fmt: skip
 
     async def _ota_update(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
         client = await self._client(d)
@@ -672,7 +831,7 @@ class FleetApp:
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
-        self._event(r, job, "applied", message="applied, rebooting")
+        self._event(r, job, "applied", message="applied, rebooting", owned=True)
 
     async def _shadow(self, r: Rollout, job: Job, d: DeviceRecord) -> None:
         assert self.mqtt is not None
@@ -731,11 +890,11 @@ class FleetApp:
                 with contextlib.suppress(Exception):
                     await client.close()
         except (OSError, MgrpcError, FleetError) as e:
-            self._event(r, job, "error", error=f"commit failed: {e}")
+            self._event(r, job, "error", error=f"commit failed: {e}", owned=True)
             return
         d.committed = True
         self._touch(d)
-        self._event(r, job, "committed", message="committed")
+        self._event(r, job, "committed", message="committed", owned=True)
 
     async def _tick_loop(self) -> None:
         while True:
@@ -752,6 +911,14 @@ class FleetApp:
         t = time.time() if now is None else now
         self.db.heartbeat(self.worker_id)
         self._take_over()
+        for (rid, dev_id), task in list(self._job_tasks.items()):
+            cached = self.rollouts.get(rid)
+            job_now = cached.jobs.get(dev_id) if cached else None
+            if job_now is not None and job_now.owner and job_now.owner != self.worker_id:
+                # this worker was thought dead (silent too long) and another took the job: it decides now
+                log.warning("rollout %s: %s is worker %s's now: this worker stops driving it", rid, dev_id,
+                            job_now.owner)  # fmt: skip
+                task.cancel()
         for d in self.db.devices(since=self._devices_seen - 2.0):  # found by another worker
             if d.id not in self.devices:
                 self.devices[d.id] = d

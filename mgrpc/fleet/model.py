@@ -367,6 +367,13 @@ class FleetDB:
             c.execute(self.sa.delete(t).where(t.c.id == worker))
             c.execute(self.sa.delete(tl).where(tl.c.holder == worker))
 
+    def lease_holder(self, name: str) -> str:
+        """Who holds the lease ``name`` now ("" if nobody, or if it expired)."""
+        tl = self.t["leases"]
+        with self.engine.begin() as c:
+            row = c.execute(self.sa.select(tl.c.holder, tl.c.expires).where(tl.c.name == name)).first()
+        return str(row[0]) if row is not None and row[1] >= time.time() else ""
+
     def lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take or renew the lease ``name`` for ``ttl_s``; False while another holder's is unexpired."""
         tl = self.t["leases"]

@@ -285,7 +285,9 @@ async def test_device_added_by_url_push_and_rollback(fleet, tmp_path) -> None:
         await dev.stop()
 
 
-async def test_restart_keeps_rollouts_and_fails_interrupted_transfers(tmp_path) -> None:
+async def test_restart_keeps_rollouts_and_takes_back_its_own_interrupted_jobs(tmp_path) -> None:
+    """A dashboard restarted under the same worker id (its heartbeat still fresh) drives the jobs its
+    previous run left: nothing else would. (Taking over from a live device: test_fleet_takeover.py.)"""
     from mgrpc.fleet import DeviceRecord, FleetApp
 
     db = FleetDB(tmp_path / "fleet.sqlite")
@@ -296,14 +298,20 @@ async def test_restart_keeps_rollouts_and_fails_interrupted_transfers(tmp_path) 
     r.jobs["a"].fire("start")
     r.jobs["b"].fire("start")
     r.jobs["b"].fire("applied")
+    for j in r.jobs.values():
+        j.owner = "w1"
     db.save_rollout(r)
+    db.heartbeat("w1")  # the previous run, a moment ago
     db.close()
     db = FleetDB(tmp_path / "fleet.sqlite")
-    app = FleetApp(db)
+    app = FleetApp(db, worker_id="w1", rpc_connect=transports.connect, send_timeout_s=1.0)
     await app.start()
     try:
         jobs = app.rollouts["r1"].jobs
-        assert jobs["a"].state == "failed" and "restarted" in jobs["a"].error
+        assert "worker w1 stopped in state rebooting; worker w1 took over" in jobs["b"].message
+        # a: the push is tried again; the device is gone: failed, with the reason
+        await wait_for(lambda: jobs["a"].state == "failed", what="a failed")
+        assert "taken over after its worker stopped, but the device stayed silent" in jobs["a"].error
         assert jobs["b"].state == "rebooting"  # applied before the restart: still waiting for the device
         assert {d["id"] for d in app.state()["devices"]} == {"a", "b"}
     finally:
