@@ -6,12 +6,16 @@
 subscribes with futures resolved by PUBACK/SUBACK, and reconnects by itself when the broker goes
 away, renewing its subscriptions.
 
-**Threading.** paho runs its network loop in its own thread (``loop_start``); its callbacks only
-hand their arguments to the asyncio loop with ``call_soon_threadsafe``, and all state lives on the
-loop's thread, except the set of subscribed filters: the network thread reads it (under a lock) to
-resubscribe *inside* ``on_connect``. paho sends queued QoS 1 publishes right after ``on_connect``
-returns, so this ordering guarantees a request queued during an outage never reaches the device
-before its reply topic is subscribed again.
+**No network thread.** paho is driven from the asyncio loop (its "external event loop" API): the
+loop watches the socket and calls paho's ``loop_read``/``loop_write``, and ``loop_misc`` once a
+second for the keep-alive. Only paho's blocking connect (TCP, TLS handshake, CONNECT queued) runs in
+a worker thread, and the loop leaves paho alone meanwhile. So every paho callback runs on the loop's
+thread, the socket is watched by the loop's selector (epoll: paho's own ``select()`` loop cannot
+watch a descriptor above 1023, and a process with a few hundred connections has such descriptors),
+and a connection costs one descriptor and no thread. Reconnecting is ours too: backoff with jitter,
+a bounded wait for each CONNACK, until :meth:`MqttConnection.close`. Subscriptions are renewed
+*inside* ``on_connect``: paho sends queued QoS 1 publishes right after ``on_connect`` returns, so a
+request queued during an outage never reaches the device before its reply topic is subscribed again.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
     "MqttMessage",
     "MqttTimeout",
     "StateCallback",
+    "backoff_delay",
     "open_connection",
 ]
 
@@ -180,6 +185,20 @@ def _nodelay(client: Any, userdata: Any, sock: Any) -> None:
         pass  # not a TCP socket (or already closed): nothing to tune
 
 
+def backoff_delay(attempt: int, min_s: float, max_s: float) -> float:
+    """Seconds to wait before reconnection attempt ``attempt`` (0, 1, ...): a random time between
+    half and all of ``min_s * 2**attempt``, capped at ``max_s`` (jitter: clients that lost their
+    broker together do not all come back in the same instant)."""
+    ceiling = min(max_s, min_s * 2 ** min(attempt, 32))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark an abandoned future's exception as seen (no 'never retrieved' warning)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 # ---------------------------------------------------------------------------------------------
 # the asyncio wrapper around paho
 
@@ -207,6 +226,12 @@ class MqttConnection:
     thread; a message matching several subscribed filters reaches each distinct callback once.
     ``on_state`` listeners are told ``True`` when the connection is ready (connected and
     resubscribed) and ``False`` when it is lost.
+
+    Once connected, a lost connection is retried until :meth:`close`, however long the broker stays
+    away: each attempt waits a random time between half and all of a delay that starts at
+    ``reconnect_min_s`` and doubles up to ``reconnect_max_s`` (so a fleet that lost its broker does
+    not come back all at once); an attempt whose CONNACK does not come within the ``timeout_s``
+    given to :meth:`connect` is abandoned and the next one made.
     """
 
     def __init__(
@@ -214,8 +239,8 @@ class MqttConnection:
         config: BrokerConfig,
         *,
         client_id: str | None = None,
-        reconnect_min_s: int = 1,
-        reconnect_max_s: int = 16,
+        reconnect_min_s: float = 1.0,
+        reconnect_max_s: float = 16.0,
         will: tuple[str, bytes, int, bool] | None = None,
     ) -> None:
         self._mqtt = _paho()
@@ -224,10 +249,23 @@ class MqttConnection:
         self.client_id = client_id or config.client_id or f"mgrpc-{random.randrange(1 << 31)}"
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
+        self.connect_timeout_s = 10.0  # set by connect(); bounds every later attempt too
         self.connects = 0  # successful CONNACKs so far (a reconnect makes it > 1)
+        self.attempts = 0  # connection attempts so far (the first one included)
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Shared with paho's network thread (resubscription inside on_connect); guarded by _lock.
+        self._loop_thread = 0
+        # A connect()/reconnect() of paho running in a worker thread (TCP, TLS, CONNECT queued):
+        # while it runs, the loop leaves paho alone.
+        self._inflight: asyncio.Future[Any] | None = None
+        self._fd: int | None = None  # the socket the loop watches (paho's), if any
+        self._writing = False
+        self._tick: asyncio.TimerHandle | None = None
+        self._attempt_result: asyncio.Future[None] | None = None  # the CONNACK of the attempt in progress
+        self._up = False  # CONNACK received, connection not yet lost
+        self._reconnect_task: asyncio.Task[None] | None = None
+        # Read by paho's callbacks, which run on the loop's thread; the lock is kept for the
+        # resubscription snapshot taken inside on_connect.
         self._lock = threading.Lock()
         self._filters: dict[str, int] = {}
         self._resub_mid: int | None = None
@@ -236,9 +274,10 @@ class MqttConnection:
         self._sub_waiters: dict[int, asyncio.Future[list[bool] | None]] = {}
         self._pub_waiters: dict[int, asyncio.Future[None]] = {}
         self._ready = asyncio.Event()
-        self._first: asyncio.Future[None] | None = None
         self._state_listeners: list[StateCallback] = []
         self._tasks: set[asyncio.Future[Any]] = set()
+        # QoS 1/2 publishes made while paho connects in the worker thread, published when it is done.
+        self._deferred: list[tuple[str, bytes | str, int, bool, asyncio.Future[None]]] = []
         self._closed = False
 
     def __repr__(self) -> str:
@@ -276,7 +315,7 @@ class MqttConnection:
 
     # -- connecting -------------------------------------------------------------------------------
     async def connect(self, *, timeout_s: float = 10.0) -> MqttConnection:
-        """Connect (TCP, TLS, CONNECT/CONNACK) and start paho's network thread.
+        """Connect (TCP, TLS, CONNECT/CONNACK); from then on the connection is kept up by itself.
 
         Raises :class:`TransportError` if the broker is unreachable or refuses us (bad
         credentials), :class:`MqttTimeout` if it does not answer within ``timeout_s``.
@@ -286,6 +325,8 @@ class MqttConnection:
         mqtt = self._mqtt
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self.connect_timeout_s = timeout_s
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True, protocol=mqtt.MQTTv311
         )
@@ -294,7 +335,6 @@ class MqttConnection:
         ctx = self.config.ssl_context()
         if ctx is not None:
             c.tls_set_context(ctx)
-        c.reconnect_delay_set(self.reconnect_min_s, self.reconnect_max_s)
         c.connect_timeout = timeout_s
         # paho reports an ordinary connection loss at ERROR level; our own messages say what
         # matters (lost, reconnected), so paho's go to debug.
@@ -304,63 +344,232 @@ class MqttConnection:
         c.on_subscribe = self._t_on_subscribe
         c.on_publish = self._t_on_publish
         c.on_message = self._t_on_message
-        c.on_socket_open = _nodelay
+        c.on_socket_open = self._t_on_socket_open
+        c.on_socket_close = self._t_on_socket_close
+        c.on_socket_register_write = self._t_on_socket_register_write
+        c.on_socket_unregister_write = self._t_on_socket_unregister_write
         if self.will is not None:
             topic, payload, qos, retain = self.will
             c.will_set(topic, payload, qos=qos, retain=retain)
         self._client = c
-        self._first = loop.create_future()
+        self._tick = loop.call_later(1.0, self._on_tick)
         addr = self.config.address
         try:
-            # Blocking socket connect and TLS handshake: off the event loop. A failure here has a
-            # precise reason (refused, TLS error) that paho's own retry loop would hide.
-            await loop.run_in_executor(None, c.connect, self.config.host, self.config.port, self.config.keepalive_s)
-        except (OSError, ValueError) as e:
-            self._client = None
-            raise TransportError(f"cannot connect to MQTT broker {addr}: {e}") from e
-        c.loop_start()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._first), timeout_s)
-        except TimeoutError:
+            await self._attempt(first=True)
+        except MqttTimeout:
             await self.close()
             raise MqttTimeout(f"MQTT broker {addr} did not answer CONNECT within {timeout_s:g} s") from None
+        except TransportError:
+            await self.close()
+            raise
+        except (OSError, ValueError) as e:
+            # A failure with a precise reason (refused, TLS error): reported, nothing kept.
+            await self.close()
+            raise TransportError(f"cannot connect to MQTT broker {addr}: {e}") from e
         except BaseException:
             await self.close()
             raise
         return self
 
+    async def _attempt(self, *, first: bool) -> None:
+        """One connection attempt: paho's blocking connect (TCP, TLS, CONNECT queued) in a worker
+        thread, then the socket watched by the loop until the CONNACK (or its refusal, or the
+        timeout: :class:`MqttTimeout`)."""
+        c, loop = self._client, self._loop
+        assert c is not None and loop is not None
+        self.attempts += 1
+        self._unwatch()  # paho closes the old socket in the worker thread
+        result: asyncio.Future[None] = loop.create_future()
+        result.add_done_callback(_retrieve)
+        self._attempt_result = result
+        if first:
+            cfg = self.config
+            call = loop.run_in_executor(None, c.connect, cfg.host, cfg.port, cfg.keepalive_s)
+        else:
+            call = loop.run_in_executor(None, c.reconnect)
+        self._inflight = call
+        call.add_done_callback(self._on_connect_call_done)
+        await asyncio.shield(call)
+        if self._closed:
+            raise ChannelClosed("MQTT connection closed while connecting")
+        self._watch()
+        try:
+            await asyncio.wait_for(asyncio.shield(result), self.connect_timeout_s)
+        except TimeoutError:
+            raise MqttTimeout(
+                f"MQTT broker {self.config.address} did not answer CONNECT within {self.connect_timeout_s:g} s"
+            ) from None
+
+    def _on_connect_call_done(self, call: asyncio.Future[Any]) -> None:
+        # Runs on the loop before the attempt resumes: paho is the loop's again.
+        self._inflight = None
+        if not call.cancelled():
+            call.exception()  # an abandoned attempt's error is not worth a warning
+        if self._closed:
+            self._drop_socket()
+        else:
+            self._flush_deferred()
+
+    def _reconnect_soon(self) -> None:
+        if self._closed or (self._reconnect_task is not None and not self._reconnect_task.done()):
+            return
+        self._reconnect_task = asyncio.ensure_future(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        n = 0
+        while not self._closed and not self._up:
+            await asyncio.sleep(backoff_delay(n, self.reconnect_min_s, self.reconnect_max_s))
+            n += 1
+            if self._closed or self._up:
+                return  # closed, or a late CONNACK of the previous attempt arrived meanwhile
+            try:
+                await self._attempt(first=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # whatever the reason, the broker is tried again
+                log.debug("MQTT: reconnection %d to %s failed: %s", n, self.config.address, e)
+
     async def close(self) -> None:
-        """Disconnect and stop the network thread; pending waits fail with :class:`ChannelClosed`."""
+        """Disconnect and stop; pending waits fail with :class:`ChannelClosed`."""
         if self._closed:
             return
         self._closed = True
         was_ready = self._ready.is_set()
         self._ready.clear()
+        if self._tick is not None:
+            self._tick.cancel()
+        task = self._reconnect_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
         c = self._client
-        if c is not None:
+        if c is not None and self._inflight is None:
+            # A clean DISCONNECT (the broker then keeps the last will to itself), written at once,
+            # with a bounded wait if the socket's buffer is full; paho closes the socket after it.
             c.disconnect()
-            # loop_stop joins the network thread; it ends within about a second (its reconnect
-            # wait polls the stop flag), so waiting for it is bounded; the thread is a daemon.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.to_thread(c.loop_stop), 5.0)
-        if self._first is not None and not self._first.done():
-            self._first.set_exception(ChannelClosed("MQTT connection closed while connecting"))
-            self._first.exception()  # retrieved here so an abandoned connect does not warn
+            for _ in range(20):
+                if c.socket() is None or not c.want_write():
+                    break
+                c.loop_write()
+                if c.socket() is None or not c.want_write():
+                    break
+                await asyncio.sleep(0.05)
+            self._drop_socket()
+        # else: the worker thread's connect is still running; its end closes the socket.
+        result = self._attempt_result
+        if result is not None and not result.done():
+            result.set_exception(ChannelClosed("MQTT connection closed while connecting"))
         for sfut in self._sub_waiters.values():
             if not sfut.done():
                 sfut.set_exception(ChannelClosed("MQTT connection closed"))
                 sfut.exception()
         self._sub_waiters.clear()
-        for pfut in self._pub_waiters.values():
+        for pfut in [*self._pub_waiters.values(), *(d[-1] for d in self._deferred)]:
             pfut.cancel()  # cancelled, not failed: fire-and-forget publishes never look at these
         self._pub_waiters.clear()
-        for task in list(self._tasks):
-            task.cancel()
+        self._deferred.clear()
+        for t in list(self._tasks):
+            t.cancel()
         if was_ready:
             self._notify_state(False)
 
-    # -- paho's network thread: hand everything to the loop ----------------------------------------
+    # -- the socket, watched by the event loop (epoll: no limit on descriptor numbers) ---------------
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def _watch(self) -> None:
+        """Watch paho's current socket: reads always, writes while paho has something to send."""
+        c, loop = self._client, self._loop
+        if c is None or loop is None or self._closed:
+            return
+        sock = c.socket()
+        if sock is None:
+            return
+        self._unwatch()
+        fd = sock.fileno()
+        loop.add_reader(fd, self._on_readable)
+        self._fd = fd
+        if c.want_write():
+            self._want_write(True)
+
+    def _unwatch(self) -> None:
+        fd, loop = self._fd, self._loop
+        if fd is None or loop is None:
+            return
+        self._fd = None
+        self._writing = False
+        if not loop.is_closed():
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+
+    def _want_write(self, on: bool) -> None:
+        fd, loop = self._fd, self._loop
+        if fd is None or loop is None or on == self._writing:
+            return
+        self._writing = on
+        if on:
+            loop.add_writer(fd, self._on_writable)
+        else:
+            loop.remove_writer(fd)
+
+    def _drop_socket(self) -> None:
+        """Stop watching and close whatever socket paho still has (after :meth:`close`)."""
+        self._unwatch()
+        c = self._client
+        sock = c.socket() if c is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _on_readable(self) -> None:
+        c = self._client
+        if c is None or self._inflight is not None:
+            return
+        c.loop_read()
+        # TLS: records already decrypted wait in the SSL object, where the loop cannot see them.
+        for _ in range(64):
+            sock = c.socket()
+            pending = getattr(sock, "pending", None)
+            if sock is None or pending is None or pending() <= 0:
+                break
+            c.loop_read()
+
+    def _on_writable(self) -> None:
+        c = self._client
+        if c is None or self._inflight is not None:
+            return
+        c.loop_write()  # paho then says (un)register_write
+
+    def _on_tick(self) -> None:
+        """Keep-alive (PINGREQ, and a broker that stopped answering), once a second."""
+        if self._closed or self._loop is None:
+            return
+        c = self._client
+        if c is not None and self._inflight is None and c.socket() is not None:
+            c.loop_misc()
+        self._tick = self._loop.call_later(1.0, self._on_tick)
+
+    # -- paho's callbacks: on the loop's thread (from loop_read/loop_write/loop_misc), except the
+    # socket ones during a connect in the worker thread, which the end of the attempt makes up for.
+    def _t_on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        _nodelay(client, userdata, sock)
+        if self._on_loop_thread() and self._inflight is None:
+            self._watch()  # paho reconnected by itself (a protocol downgrade inside CONNACK handling)
+
+    def _t_on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
+        if self._on_loop_thread():
+            self._unwatch()
+
+    def _t_on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        if self._on_loop_thread():
+            self._want_write(True)
+
+    def _t_on_socket_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        if self._on_loop_thread():
+            self._want_write(False)
+
     def _post(self, fn: Callable[..., object], *args: Any) -> None:
+        # Handled on a later turn of the loop, outside paho's packet processing (listeners may
+        # publish, subscribe or close), in the order paho reported them.
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -375,7 +584,9 @@ class MqttConnection:
         with self._lock:
             filters = list(self._filters.items())
             if filters and not flags.session_present:
-                # Subscribe here, in the network thread, before paho re-sends queued publishes.
+                # Subscribe here, before paho re-sends queued publishes (right after this returns):
+                # a request queued during an outage never reaches the device before its reply
+                # topic is subscribed again.
                 rc, mid = client.subscribe(filters)
                 if rc != self._mqtt.MQTT_ERR_SUCCESS:
                     mid = None
@@ -386,6 +597,8 @@ class MqttConnection:
         _paho_log.debug("%s: %s", self.client_id, buf)
 
     def _t_on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if self._on_loop_thread():
+            self._ready.clear()  # at once: a subscribe() from now on waits for the resubscription
         self._post(self._on_disconnected, str(reason_code))
 
     def _t_on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
@@ -411,7 +624,7 @@ class MqttConnection:
                 log.exception("MQTT state listener failed")
 
     def _set_ready(self) -> None:
-        if self._closed or self._ready.is_set():
+        if self._closed or self._ready.is_set() or not self._up:
             return
         self._ready.set()
         self._notify_state(True)
@@ -419,9 +632,12 @@ class MqttConnection:
     def _on_connected(self, ready_now: bool) -> None:
         if self._closed:
             return
+        self._up = True
         self.connects += 1
-        if self._first is not None and not self._first.done():
-            self._first.set_result(None)
+        result = self._attempt_result
+        if result is not None and not result.done():
+            result.set_result(None)
+        if self.connects == 1:
             log.debug("MQTT: connected to %s as %s", self.config.address, self.client_id)
         else:
             log.info("MQTT: reconnected to %s as %s", self.config.address, self.client_id)
@@ -429,23 +645,24 @@ class MqttConnection:
             self._set_ready()
 
     def _on_connect_refused(self, reason: str) -> None:
-        if self._first is not None and not self._first.done():
-            err = TransportError(f"MQTT broker {self.config.address} refused the connection: {reason}")
-            self._first.set_exception(err)
-        elif not self._closed:
+        err = TransportError(f"MQTT broker {self.config.address} refused the connection: {reason}")
+        result = self._attempt_result
+        if result is not None and not result.done():
+            result.set_exception(err)
+        if self.connects > 0 and not self._closed:
             log.warning("MQTT: broker %s refused the reconnection: %s", self.config.address, reason)
 
     def _on_disconnected(self, reason: str) -> None:
-        was_ready = self._ready.is_set()
+        was_ready = self._ready.is_set() or self._up
+        was_up, self._up = self._up, False
         self._ready.clear()
         if self._closed:
             return
-        if self._first is not None and not self._first.done():
-            err = TransportError(f"MQTT broker {self.config.address} closed the connection: {reason}")
-            self._first.set_exception(err)
-            return
-        if self.connects == 0:
-            return  # a refused first connection: connect() reports it
+        result = self._attempt_result
+        if result is not None and not result.done():
+            result.set_exception(TransportError(f"MQTT broker {self.config.address} closed the connection: {reason}"))
+        if not was_up:
+            return  # an attempt that failed: whoever made it decides what next
         log.warning("MQTT: connection to %s lost (%s); reconnecting", self.config.address, reason)
         # A SUBACK that never came is replaced by the resubscription done on reconnect.
         for fut in self._sub_waiters.values():
@@ -454,6 +671,7 @@ class MqttConnection:
         self._sub_waiters.clear()
         if was_ready:
             self._notify_state(False)
+        self._reconnect_soon()
 
     def _on_suback(self, mid: int, oks: list[bool]) -> None:
         fut = self._sub_waiters.pop(mid, None)
@@ -528,7 +746,10 @@ class MqttConnection:
             self._filters[topic_filter] = q
         mqtt = self._mqtt
         try:
-            rc, mid = self._client.subscribe(topic_filter, q)
+            if self._inflight is not None:  # connecting in the worker thread: renewed with the others
+                rc, mid = mqtt.MQTT_ERR_NO_CONN, 0
+            else:
+                rc, mid = self._client.subscribe(topic_filter, q)
         except ValueError as e:
             self._forget(topic_filter, callback)
             raise UsageError(f"invalid topic filter {topic_filter!r}: {e}") from None
@@ -569,7 +790,7 @@ class MqttConnection:
         self._forget(topic_filter, callback)
         with self._lock:
             still = topic_filter in self._filters
-        if not still:
+        if not still and self._inflight is None:  # (while connecting: simply not renewed)
             self._client.unsubscribe(topic_filter)
 
     def publish_nowait(
@@ -582,6 +803,19 @@ class MqttConnection:
         """
         self._check_open()
         q = self.config.qos if qos is None else qos
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._inflight is not None:
+            # paho is connecting in a worker thread: hand it the message when that ends.
+            if q == 0:
+                raise TransportError(f"not connected to MQTT broker {self.config.address}")
+            if not topic or "+" in topic or "#" in topic:
+                raise UsageError(f"cannot publish to {topic!r}: Publish topic cannot contain wildcards.")
+            self._deferred.append((topic, payload, q, retain, fut))
+            return fut
+        self._publish_now(topic, payload, q, retain, fut)
+        return fut
+
+    def _publish_now(self, topic: str, payload: bytes | str, q: int, retain: bool, fut: asyncio.Future[None]) -> None:
         mqtt = self._mqtt
         try:
             info = self._client.publish(topic, payload, qos=q, retain=retain)
@@ -591,13 +825,22 @@ class MqttConnection:
             raise TransportError(f"not connected to MQTT broker {self.config.address}")
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise TransportError(f"cannot publish to {topic!r}: {mqtt.error_string(info.rc)}")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if info.is_published():
             fut.set_result(None)
         else:
             # The PUBACK callback is posted to this loop, so it cannot run before this line.
             self._pub_waiters[info.mid] = fut
-        return fut
+
+    def _flush_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for topic, payload, q, retain, fut in deferred:
+            if fut.done():
+                continue
+            try:
+                self._publish_now(topic, payload, q, retain, fut)
+            except Exception as e:  # (TransportError, UsageError): the publisher learns it from its future
+                fut.set_exception(e)
+                fut.add_done_callback(_retrieve)
 
     async def publish(
         self,
@@ -634,7 +877,7 @@ async def open_connection(
     *,
     client_id: str | None = None,
     timeout_s: float = 10.0,
-    reconnect_max_s: int = 16,
+    reconnect_max_s: float = 16.0,
     will: tuple[str, bytes, int, bool] | None = None,
 ) -> MqttConnection:
     """Connect to the broker named by ``url`` and return the :class:`MqttConnection`.

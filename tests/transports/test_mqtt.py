@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
 import sys
 import threading
@@ -22,6 +23,7 @@ from rpc.errors import HandlerError, RemoteError, RpcTimeout, TransportError, Us
 from rpc.frame import Frame, RawJSON
 from rpc.node import Node
 from tests.mosquitto import Mosquitto, free_port, make_tls_files, mosquitto_broker  # noqa: F401
+from tests.netfaults import Gate, descriptors_above_1023
 from transports import connect, listen, parse_url, registry
 
 mqtt = pytest.importorskip("paho.mqtt.client")
@@ -404,6 +406,66 @@ async def test_unreachable_broker_is_a_transport_error() -> None:
     assert isinstance(ei.value, OSError) and "cannot connect" in str(ei.value)
     with pytest.raises(TransportError):
         await listen(f"mqtt://127.0.0.1:{port}", Node(id="d"))
+
+
+async def test_reconnection_outlasts_a_broker_that_drops_or_never_answers(broker: Mosquitto) -> None:
+    """After a crash the broker first accepts connections and never sends the CONNACK, then closes
+    them at once: each attempt is abandoned after the CONNECT timeout and the connection keeps
+    trying (with backoff) until it is back, resubscribed."""
+    async with Gate(broker.port) as gate:
+        conn = mqttconn.MqttConnection(mqttconn.BrokerConfig("127.0.0.1", gate.port), reconnect_min_s=0.05,
+                                       reconnect_max_s=0.2)  # fmt: skip
+        await conn.connect(timeout_s=1.0)  # also the CONNACK wait of every reconnection
+        try:
+            got: asyncio.Queue[bytes] = asyncio.Queue()
+            await conn.subscribe("gate/t", lambda m: got.put_nowait(m.payload))
+            states: list[bool] = []
+            conn.on_state(states.append)
+            gate.plan = ["mute", "mute", "drop", "drop", "drop"]
+            gate.cut()
+            for _ in range(int(WAIT_S / 0.01)):
+                if states:
+                    break
+                await asyncio.sleep(0.01)
+            assert states == [False]  # the loss is seen
+            await conn.wait_ready(timeout_s=30)
+            assert gate.accepted >= 7 and gate.forwarded >= 2 and not gate.plan  # every bad attempt made
+            assert conn.connects >= 2 and conn.attempts >= 7
+            async with await mqttconn.open_connection(broker.url()) as other:
+                await other.publish("gate/t", b"back")
+            assert await asyncio.wait_for(got.get(), WAIT_S) == b"back"
+        finally:
+            await conn.close()
+
+
+async def test_sockets_numbered_above_1023_work(broker: Mosquitto) -> None:
+    """A process with a few hundred connections has descriptors above 1023, which paho's own
+    select() loop cannot watch: its connections there waited for a CONNACK forever (issue #16: 3 %
+    of 250 devices in one process never came back after a reboot)."""
+    with descriptors_above_1023():
+        probe = socket.socket()
+        assert probe.fileno() > 1023  # what the next sockets get
+        probe.close()
+        node, _ = make_device("high1")
+        lst = await listen(f"mqtt://127.0.0.1:{broker.port}", node)
+        try:
+            c = await connect(broker.url("high1"), timeout_s=WAIT_S)
+            try:
+                assert await c.call("Test.Echo", "above 1023") == "above 1023"
+            finally:
+                await c.close()
+        finally:
+            await lst.close()
+            await node.close()
+
+
+def test_backoff_delay_grows_with_jitter() -> None:
+    delays = [[mqttconn.backoff_delay(n, 0.5, 8.0) for n in range(8)] for _ in range(50)]
+    for run in delays:
+        for n, d in enumerate(run):
+            ceiling = min(8.0, 0.5 * 2**n)
+            assert ceiling / 2 <= d <= ceiling
+    assert len({run[3] for run in delays}) > 1  # jitter: clients do not all retry in the same instant
 
 
 # ---------------------------------------------------------------------------------------------
