@@ -52,6 +52,7 @@ import asyncio
 import copy
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -348,18 +349,30 @@ class _Session:
             await conn.close()
             raise
 
-    def retry(self, *, max_delay_s: float = 8.0) -> None:
-        """Keep trying :meth:`connect` (backing off up to ``max_delay_s``) until it works or the stack stops."""
+    def retry(self, *, min_delay_s: float = 0.5, max_delay_s: float = 8.0) -> None:
+        """Keep trying :meth:`connect` until it works or the stack stops, as a device does: whatever
+        the failure, the next attempt comes after a random time between half and all of a delay
+        that doubles from ``min_delay_s`` up to ``max_delay_s`` (jitter: a fleet rebooted or cut off
+        together does not hit its broker all in the same instant)."""
 
         async def loop() -> None:
-            delay = 0.5
+            delay = min_delay_s
+            n = 0
             while not self._closed:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                n += 1
                 try:
                     await self.connect()
+                    log.info("%s: MQTT session started at attempt %d", self.id, n + 1)
                     return
                 except (OSError, TimeoutError) as e:
                     log.debug("%s: MQTT connect failed: %s", self.id, e)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self._closed or (task is not None and task.cancelling()):
+                        raise
+                    # a cancellation from inside the attempt, not of this loop: try again
+                    log.warning("%s: MQTT session start was cancelled; retrying", self.id)
                 except Exception:
                     # whatever it was, a device keeps trying to reach its broker
                     log.warning("%s: MQTT session failed to start; retrying", self.id, exc_info=True)

@@ -14,6 +14,7 @@ from mgrpc.shadow_server import ShadowStore
 from mgrpc.wiring import start_fleet, start_fleet_device
 from services.shadow import ShadowDocument, ShadowError, ShadowTopics, delta_of, merge_state, parse_shadow_topic
 from tests.mosquitto import mosquitto_broker  # noqa: F401  (fixture)
+from tests.netfaults import Gate, descriptors_above_1023
 from updater.bundle import make_virtual_bundle
 from updater.storage import DeviceStorage
 
@@ -329,3 +330,43 @@ async def test_device_boots_without_broker_and_connects_later(mosquitto_broker, 
     finally:
         await dev.stop()
         await fleet.close()
+
+
+async def test_device_keeps_trying_a_broker_that_drops_its_connections(mosquitto_broker) -> None:  # noqa: F811
+    """The broker closes the first connections at once (as an overloaded one may): the device
+    keeps trying, with backoff, until its session starts and it answers RPC over MQTT."""
+    import transports
+
+    mq = mosquitto_broker()
+    async with Gate(mq.port, plan=["drop"] * 4) as gate:
+        dev = await start_fleet_device(gate.url().rstrip("/"), "dropped", storage=DeviceStorage.in_memory())
+        try:
+            await wait_for(lambda: dev.agent.session.conn is not None and dev.agent.session.conn.ready,
+                           what="the device's MQTT session")  # fmt: skip
+            assert gate.accepted >= 5 and not gate.plan  # four dropped, then through
+            async with await transports.connect(mq.url("dropped"), timeout_s=10) as c:
+                assert (await c.call("Sys.GetInfo"))["id"] == "dropped"
+        finally:
+            await dev.stop()
+
+
+async def test_device_with_descriptors_above_1023_comes_back_after_reboots(mosquitto_broker) -> None:  # noqa: F811
+    """Issue #16: with 250 virtual devices in one process, ~3 % never came back after their reboot,
+    their new sockets being numbered above 1023 (paho's select() loop cannot watch those). Here every
+    socket of the device is numbered so."""
+    import transports
+
+    mq = mosquitto_broker()
+    with descriptors_above_1023():
+        dev = await start_fleet_device(mq.url().rstrip("/"), "high", storage=DeviceStorage.in_memory())
+        try:
+            for boots in (1, 2, 3):
+                await wait_for(lambda b=boots: dev.boots == b and dev.agent.sessions == b and  # type: ignore[misc]
+                               dev.agent.session.conn is not None and dev.agent.session.conn.ready,
+                               what=f"the device's MQTT session of boot {boots}")  # fmt: skip
+                async with await transports.connect(mq.url("high"), timeout_s=10) as c:
+                    assert (await c.call("Sys.GetInfo"))["id"] == "high"
+                if boots < 3:
+                    dev.schedule_reboot(0.0)
+        finally:
+            await dev.stop()
