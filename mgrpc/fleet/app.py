@@ -86,6 +86,7 @@ EVENT_KEEPALIVE_S = 15.0
 BUNDLE_CACHE = 4  # bundles kept in memory for downloads
 PROGRESS_SAVE_S = 5.0  # transfer progress goes to the database at most this often per device
 SHADOW_RESEND_S = 10.0  # shadow: a device online that has not begun is sent desired.ota again
+PUMP_COALESCE_S = 0.1  # a finished job starts the next ones within this (one pump for all finished meanwhile)
 WORKER_DEAD_S = 5.0  # a worker not heard from for this long is dead: its waiting jobs are taken over
 
 RpcConnect = Callable[[str], Awaitable[Any]]
@@ -138,6 +139,7 @@ class FleetApp:
         self._ticker: asyncio.Task[None] | None = None
         self.changes = 0  # bumped on every change (the page can skip redraws)
         self._listeners: set[asyncio.Event] = set()  # one per server-sent-events client
+        self._pump_due: dict[str, asyncio.TimerHandle] = {}  # rollout id -> its coming pump (_pump_soon)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> FleetApp:
@@ -183,6 +185,9 @@ class FleetApp:
         """Stop the ticker and the running job tasks (the database stays open: the caller owns it)."""
         if self._ticker is not None:
             self._ticker.cancel()
+        for h in self._pump_due.values():
+            h.cancel()
+        self._pump_due.clear()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, *(x for x in [self._ticker] if x), return_exceptions=True)
@@ -309,6 +314,8 @@ class FleetApp:
             d.progress = p
             self._touch(d, save=False)
         state = p.get("state")
+        if state not in ("progress", "success", "error", "committed") or (state == "progress" and not p.get("done")):
+            return  # not a move (a progress of 0: an update began; each poll begins one, most end with 304)
         # Transfer progress is the bulk of the traffic: a job this worker knows to be transferring
         # is used as cached (a move is re-checked under the row lock anyway).
         found = self._cached_transfer(dev_id) if state == "progress" else None
@@ -316,8 +323,6 @@ class FleetApp:
         if found is None:
             return
         r, job = found
-        if state == "progress" and not p.get("done"):
-            return  # an update began; each poll begins one, most end at once with 304 Not Modified
         if state == "progress":
             done = int(p.get("done") or 0)
             total = p.get("total") if isinstance(p.get("total"), int) else job.total_bytes
@@ -355,8 +360,10 @@ class FleetApp:
             d.ota = {**d.ota, **ota}
             self._touch(d, save=False)
         code = ota.get("code")
+        if not isinstance(code, int) or code >= 0:
+            return  # only a failure moves a job here (the rest is the device's progress and status)
         found = self._active_job(dev_id)
-        if found is None or not isinstance(code, int) or code >= 0:
+        if found is None:
             return
         r, job = found
         if job.state in ("sending", "updating"):
@@ -529,7 +536,8 @@ class FleetApp:
         """Start what may start now (one transaction: no other worker starts the same job); with
         ``dead`` (a job owner -> whether that worker is gone), first take over the dead workers' jobs."""
         adopted: list[str] = []
-        with self.db.locked_rollout(r.id) as fr:
+        self._pump_due.pop(r.id, None)
+        with self.db.locked_rollout(r.id, light=dead is None) as fr:
             if fr is None:
                 return
             if dead is not None:
@@ -544,10 +552,29 @@ class FleetApp:
                                "poll": "waiting for the device to poll"}[r.method]  # fmt: skip
         _copy_rollout(r, fr)
         for dev_id in starts:
-            self._spawn_job(r, r.jobs[dev_id])
+            if dev_id in fr.jobs:  # (not if another worker moved it meanwhile)
+                self._spawn_job(r, r.jobs[dev_id])
         for dev_id in adopted:
             self._spawn_job(r, r.jobs[dev_id], resume=True)
         self._bump()
+
+    def _pump_soon(self, r: Rollout) -> None:
+        """:meth:`_pump` within ``PUMP_COALESCE_S``: the jobs that finish meanwhile free their slots
+        for one pump (each pump is a transaction over the whole rollout)."""
+        if r.id in self._pump_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._pump(r)
+            return
+        self._pump_due[r.id] = loop.call_later(PUMP_COALESCE_S, self._pump_due_now, r)
+
+    def _pump_due_now(self, r: Rollout) -> None:
+        try:
+            self._pump(r)
+        except Exception:
+            log.exception("rollout %s: starting jobs failed (the tick tries again)", r.id)
 
     def _adopt_orphans(self, r: Rollout, dead: Callable[[str], bool]) -> list[str]:
         """Take over the jobs of workers that died (inside the rollout's transaction, so one worker
@@ -660,7 +687,7 @@ class FleetApp:
                 self._committing(r, job)
             if job.terminal and (r.state != "running" or any(j.state == "queued" for j in r.jobs.values())
                                  or all(j.terminal for j in r.jobs.values())):  # fmt: skip
-                self._pump(r)  # (otherwise nothing can start: the tick settles the rest)
+                self._pump_soon(r)  # (otherwise nothing can start: the tick settles the rest)
 
     def _note(self, r: Rollout, job: Job, **fields: Any) -> None:
         """Change a job's fields (a message, progress) without moving it."""

@@ -295,9 +295,16 @@ class FleetDB:
         return rs[0] if rs else None
 
     @contextlib.contextmanager
-    def locked_rollout(self, rollout_id: str) -> Iterator[Rollout | None]:
+    def locked_rollout(self, rollout_id: str, *, light: bool = False) -> Iterator[Rollout | None]:
         """A transaction holding the rollout and its jobs: yields the stored rollout (None if unknown);
-        what the caller changed in it (state, jobs) is written when the block ends without an error."""
+        what the caller changed in it (state, jobs) is written when the block ends without an error.
+
+        ``light`` (starting queued jobs, the frequent case): only the rollout's row is held, and the
+        jobs are read from their state and owner columns (no job document is parsed: a pump costs
+        little even with thousands of jobs). A job the caller changed is then written only if its
+        stored state is still the one read (checked under its row lock; another worker may have
+        moved a started job meanwhile), and afterwards the rollout's ``jobs`` hold just the jobs
+        written, as stored."""
         t = self.t["rollouts"]
         with self.engine.begin() as c:
             q = self._sql.for_update(self.sa.select(t.c.doc).where(t.c.id == rollout_id), self.engine)
@@ -305,13 +312,38 @@ class FleetDB:
             if not rows:
                 yield None
                 return
-            r = self._load(c, rows, lock=True)[0]
+            r = self._load_states(c, rows[0]) if light else self._load(c, rows, lock=True)[0]
             before = {d: j.to_json() for d, j in r.jobs.items()}
             state = r.state
             yield r
             if r.state != state:
                 c.execute(self.sa.update(t).where(t.c.id == r.id).values(doc=self._rollout_doc(r), state=r.state))
-            self._put_jobs(c, r, [j for d, j in r.jobs.items() if j.to_json() != before.get(d)])
+            changed = [j for d, j in r.jobs.items() if j.to_json() != before.get(d)]
+            if not light:
+                self._put_jobs(c, r, changed)
+                return
+            r.jobs = {}
+            tj = self.t["jobs"]
+            now = time.time()
+            for j in changed:
+                was = before[j.device]
+                q = self.sa.select(tj.c.doc).where(tj.c.rollout == r.id, tj.c.device == j.device)
+                row = c.execute(self._sql.for_update(q, self.engine)).first()
+                stored = json.loads(row[0]) if row else None
+                if stored is None or stored.get("state", "queued") != was["state"]:
+                    continue  # moved meanwhile: the caller's change was made on a stale state
+                new = Job.from_json({**stored, **{k: v for k, v in j.to_json().items() if v != was[k]}})
+                c.execute(self.sa.update(tj).where(tj.c.rollout == r.id, tj.c.device == j.device).values(
+                    state=new.state, owner=new.owner, doc=json.dumps(new.to_json()), mtime=now))  # fmt: skip
+                r.jobs[j.device] = new
+
+    def _load_states(self, c: Any, row: Any) -> Rollout:
+        """A rollout whose jobs carry only their state and owner (see :meth:`locked_rollout`)."""
+        tj = self.t["jobs"]
+        doc = json.loads(row[0])
+        q = self.sa.select(tj.c.device, tj.c.state, tj.c.owner).where(tj.c.rollout == doc["id"]).order_by(tj.c.seq)
+        doc["jobs"] = {d: {"device": d, "state": st, "owner": o} for d, st, o in c.execute(q)}
+        return Rollout.from_json(doc)
 
     @contextlib.contextmanager
     def locked_job(self, rollout_id: str, device: str) -> Iterator[Job | None]:

@@ -293,3 +293,35 @@ async def test_mosquitto_gives_shared_subscriptions_no_dollar_topics(mosquitto_b
             c.disconnect()  # first: the network thread then ends at once (loop_stop alone waits for its select)
         for c in clients:
             c.loop_stop()
+
+
+def test_light_rollout_lock_starts_jobs_and_leaves_a_job_another_worker_moved(postgres_server) -> None:  # noqa: F811
+    """Starting jobs holds only the rollout's row and reads job states, not documents: a job another
+    worker moved meanwhile is not overwritten, and what is written keeps the stored document's fields."""
+    from mgrpc.fleet.rollout import Rollout
+
+    url = postgres_server.create_database("light")
+    a, b = FleetDB(url), FleetDB(url)
+    try:
+        r = Rollout(id="r1", bundle="b", version="2", method="shadow", devices=["d0", "d1", "d2"], concurrency=2)
+        r.jobs["d0"].message = "kept"
+        a.save_rollout(r)
+        with a.locked_rollout("r1", light=True) as fr:
+            assert fr is not None and fr.startable() == ["d0", "d1"]
+            # meanwhile another worker (its own connection: only the job's row is locked) moves d1
+            with b.locked_job("r1", "d1") as j:
+                assert j is not None
+                j.fire("skip")
+            for d in ("d0", "d1"):
+                fr.jobs[d].fire("start")
+                fr.jobs[d].owner = "w1"
+        assert set(fr.jobs) == {"d0"}  # only what was written
+        stored = b.rollout("r1")
+        assert stored is not None
+        j0, j1, j2 = (stored.jobs[d] for d in ("d0", "d1", "d2"))
+        assert (j0.state, j0.owner, j0.message, j0.started_at > 0) == ("sending", "w1", "kept", True)
+        assert (j1.state, j1.owner) == ("skipped", "")  # not overwritten by the stale start
+        assert j2.state == "queued"
+    finally:
+        a.close()
+        b.close()
