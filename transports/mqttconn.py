@@ -33,6 +33,7 @@ from types import ModuleType
 from typing import Any
 
 from rpc.errors import ChannelClosed, TransportError, UsageError
+from transports._urlopts import insecure_option
 from transports.registry import TransportURL, parse_url
 
 __all__ = [
@@ -113,10 +114,7 @@ class BrokerConfig:
             raise UsageError(f"no broker host in {u.raw!r}; use mqtt://[user[:pass]@]broker[:port]/<device_id>")
         tls = u.scheme == "mqtts"
         ca, cert, key = u.option("ca") or None, u.option("cert") or None, u.option("key") or None
-        insecure_text = u.option("insecure", "0") or "0"
-        if insecure_text not in ("0", "1"):
-            raise UsageError(f"invalid insecure {insecure_text!r}: must be 0 or 1")
-        insecure = insecure_text == "1"
+        insecure = insecure_option(u)
         if not tls and (ca or cert or key or insecure):
             raise UsageError("the ca/cert/key/insecure options need an mqtts:// URL")
         if ca and insecure:

@@ -389,7 +389,11 @@ async def test_broker_restart_both_sides_recover(broker: Mosquitto, client: Any,
     assert await client.call("Test.Echo", "before") == "before"
     states: list[bool] = []
     lst.conn.on_state(states.append)
-    broker.restart()  # same port
+    broker.restart()  # same port (blocks the loop: the lost connection is noticed only after it)
+    for _ in range(300):  # both sides first see the broker gone, then come back (bounded: 30 s)
+        if False in states and states[-1] is True and client.channel.conn.connects >= 2:
+            break
+        await asyncio.sleep(0.1)
     await lst.conn.wait_ready(timeout_s=30)
     await client.channel.conn.wait_ready(timeout_s=30)
     assert states[-1] is True and False in states
