@@ -37,7 +37,7 @@ test: $(STAMP) system-deps
 bench: $(STAMP)
 	@for b in bench/*.py; do [ $$b = bench/soak.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
 
-# Reliability soak (issue #14): power cuts, fuzzing, malformed bundles, kill -9 (SCALE=0.05 for a short run;
+# Reliability soak (issue #14): power cuts, fuzzing, malformed bundles, kill -9, listeners under abuse (SCALE=0.05 for a short run;
 # tests/test_soak.py runs that one in `make test`).
 soak: $(STAMP) system-deps
 	$(PY) bench/soak.py --scale $(SCALE)

@@ -11,6 +11,11 @@ Sections, each printing its figures against the goal of issue #14 (the goal scal
 * ``bundles``: 100,000 malformed fw.zip bundles through the updater (``bench/soaklib/bundles.py``).
 * ``kill9``: 100 runs of ``mgrpc ota`` against a virtual device process that is killed with SIGKILL at
   a random moment and restarted, over ws, tcp, serial (pty) and mqtt (``bench/soaklib/kill9.py``).
+* ``listeners``: every listener of a virtual device process (tcp, udp, ws, http, serial, mqtt, ble)
+  abused in turn -- idle connections, slowloris heads, oversized frames, invalid UTF-8, floods beyond
+  ``max_queue_length``, peers that never read -- while a well-behaved client keeps calling
+  (``bench/soaklib/listeners.py``). Prints per listener what was applied, the client's latency under
+  abuse against its own baseline, the sockets held against the limit, and the device's memory.
 
 The work is spread over ``--jobs`` processes (default: the CPU count). Exit status 1 on any loss,
 uncaught exception, hang, bricked device, or if a section did not reach its goal.
@@ -35,7 +40,7 @@ if str(ROOT) not in sys.path:
 # bench/ itself must not shadow the packages (bench/updater.py vs the updater package)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
-GOALS = {"powercut": 10_000, "fuzz": 1_000_000, "bundles": 100_000, "kill9": 100}
+GOALS = {"powercut": 10_000, "fuzz": 1_000_000, "bundles": 100_000, "kill9": 100, "listeners": 40_000}
 SECTIONS = list(GOALS)
 
 
@@ -193,6 +198,38 @@ class Soak:
               f"mgrpc ota run again after a failure {res.resumed}")  # fmt: skip
         self.show_failures(res.failures)
         self.verdict(res.bricked == 0 and res.runs >= goal and not res.failures, "kill -9")
+
+    def listeners(self) -> None:
+        from bench.soaklib.listeners import LATENCY_ALLOWANCE_S, LATENCY_RATIO, MEM_SLACK_MIB, ROUNDS, run_listeners
+
+        goal = self.goal("listeners")
+        res = run_listeners(self.scale)
+        failed = sum(len(f.calls_failed) for f in res.listeners.values())
+        print(f"  listeners: abusive connections and inputs {res.total} (goal {goal}) in {len(ROUNDS)} rounds "
+              f"(x{', x'.join(map(str, ROUNDS))}); the well-behaved clients' calls failed {failed}")  # fmt: skip
+        for f in res.listeners.values():
+            held = f"held {f.held_max} sockets (max_conns {f.limit})" if f.limit else "one socket (no connections)"
+            print(f"  {f.name:6s}: applied {f.total}; client median {f.base_median * 1000:.2f} ms -> "
+                  f"{f.abused_median * 1000:.2f} ms under abuse ({f.ratio:.2f}x; {len(f.abused_s)} calls), "
+                  f"failed {len(f.calls_failed)}; {held}; {f.seconds:.0f} s")  # fmt: skip
+            print(f"          p95 {f.p95(f.base_s) * 1000:.2f} -> {f.p95(f.abused_s) * 1000:.2f} ms, "
+                  f"slowest {max(f.abused_s, default=0) * 1000:.1f} ms under abuse")  # fmt: skip
+            print(f"          {', '.join(f'{k} {v}' for k, v in sorted(f.applied.items()))}")
+            if f.notes:
+                print(f"          device: {', '.join(f'{k} {v}' for k, v in sorted(f.notes.items()))}")
+            self.show_failures(f.failures + f.calls_failed[:3], limit=4)
+            if not f.latency_ok:
+                print(f"    ! latency over {LATENCY_RATIO:g}x the baseline + {LATENCY_ALLOWANCE_S * 1000:g} ms")
+        r = res.rss_mib
+        rounds = ", ".join(
+            f"{r[i + 1]:.1f} after round {i + 1} (x{t}, {r[i + 1] - r[i]:+.1f})"
+            for i, t in enumerate(ROUNDS)
+            if i + 1 < len(r)
+        )
+        print(f"  device memory (RSS): {r[0]:.1f} MiB after warm-up, {rounds}; the repeated round: "
+              f"{r[-1] - r[-2]:+.1f} MiB (bound +{MEM_SLACK_MIB:g}); peak {res.peak_rss_mib:.1f} MiB")  # fmt: skip
+        self.show_failures(res.failures)
+        self.verdict(res.ok and res.total >= goal, "listeners")
 
 
 def main(argv: list[str] | None = None) -> int:

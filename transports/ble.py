@@ -10,6 +10,10 @@ BLE connection is one channel (type ``GATTS``, non-persistent, broadcast, info
 * ``ble://?hci=hci-socket:0`` - a Linux HCI socket (needs ``CAP_NET_ADMIN``; bring the adapter down
   in BlueZ first).
 
+A client that writes requests and does not read the replies is disconnected once
+:data:`MAX_QUEUED_FRAMES` frames or :data:`MAX_OUT_BUFFER` bytes wait for it (what the device holds stays
+bounded); how many clients connect at once is up to the controller.
+
 ``?address=C0:11:22:33:44:55`` sets the static random address (default: derived from the name, see
 :func:`static_address_for`), ``?name=`` the advertised name (default: the node id). Like rpc-gatts with
 ``rpc.gatts.sec_level`` 0, the characteristics need no pairing or encryption. Tests pass ``link=``

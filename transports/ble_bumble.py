@@ -77,6 +77,20 @@ def _uuid_str(u: UUID) -> str:
     return str(uuid_mod.UUID(bytes=u.to_bytes(force_128=True)[::-1]))
 
 
+LOST = "the connection went away during the GATT operation"
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether a ``CancelledError`` out of a bumble call is our task being cancelled.
+
+    bumble cancels the pending ATT request when the connection goes away; that reaches the awaiting
+    code as a ``CancelledError`` although nobody cancelled it, and would pass for a cancellation of the
+    caller's task (the client's send or read). Only a real cancellation (``Task.cancelling()``) stays one.
+    """
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def _att_call_error(e: Exception) -> Exception:
     if isinstance(e, att.ATT_Error):
         return BleakGATTProtocolError(int(e.error_code))
@@ -308,6 +322,10 @@ class BumbleBleakClient(BaseBleakClient):
         peer = self._require_peer()
         try:
             return bytearray(await peer.read_value(characteristic.handle))
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise BleakError(LOST) from None
         except Exception as e:
             raise _att_call_error(e) from e
 
@@ -318,6 +336,10 @@ class BumbleBleakClient(BaseBleakClient):
         peer = self._require_peer()
         try:
             return bytearray(await peer.read_value(descriptor.handle))
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise BleakError(LOST) from None
         except Exception as e:
             raise _att_call_error(e) from e
 
@@ -326,6 +348,10 @@ class BumbleBleakClient(BaseBleakClient):
         peer = self._require_peer()
         try:
             await peer.write_value(characteristic.handle, bytes(data), with_response=response)
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise BleakError(LOST) from None
         except Exception as e:
             raise _att_call_error(e) from e
 
@@ -334,6 +360,10 @@ class BumbleBleakClient(BaseBleakClient):
         peer = self._require_peer()
         try:
             await peer.write_value(descriptor.handle, bytes(data), with_response=True)
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise BleakError(LOST) from None
         except Exception as e:
             raise _att_call_error(e) from e
 
@@ -350,6 +380,10 @@ class BumbleBleakClient(BaseBleakClient):
         self._subscriptions[characteristic.handle] = on_value
         try:
             await peer.subscribe(proxy, on_value, prefer_notify=True)
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise BleakError(LOST) from None
         except Exception as e:
             raise _att_call_error(e) from e
 
@@ -359,6 +393,10 @@ class BumbleBleakClient(BaseBleakClient):
         on_value = self._subscriptions.pop(characteristic.handle, None)
         try:
             await peer.unsubscribe(characteristic.obj, on_value)
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise BleakError(LOST) from None
         except Exception as e:
             raise _att_call_error(e) from e
 

@@ -50,6 +50,9 @@ SCHEMES = ("tcp",)
 OPTIONS: frozenset[str] = frozenset({"connect_timeout", "max_conns", "max_out_buffer"})
 DEFAULT_MAX_CONNS = 64
 DEFAULT_MAX_OUT_BUFFER = 1 << 20
+# Device side: bytes handled per turn of the event loop for one connection (a few hundred frames), so a
+# flood on one connection delays the others by milliseconds, not by the whole backlog.
+FAIR_READ_SIZE = 16384
 EXTRA = ""
 
 log = logging.getLogger("mgrpc.transport.tcp")
@@ -72,13 +75,18 @@ class _TcpIO(Channel):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
+    _read_size = READ_SIZE
+
     async def _read_loop(self) -> None:
         try:
             while not self.closed:
-                data = await self._reader.read(READ_SIZE)
+                data = await self._reader.read(self._read_size)
                 if not data:
                     break
                 self.data_received(data)
+                # A read returns at once while bytes are buffered: without a turn for the others here, a
+                # peer that floods the connection would hold the event loop until its backlog is served.
+                await asyncio.sleep(0)
         except (ConnectionError, OSError) as e:
             log.info("tcp %s: read failed: %s", self.info(), e)
         finally:
@@ -148,6 +156,7 @@ class TcpDeviceChannel(_TcpIO, StreamDeviceChannel):
     type = "TCP_in"
     persistent = False
     broadcast = True
+    _read_size = FAIR_READ_SIZE
 
     def __init__(
         self,

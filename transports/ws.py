@@ -110,6 +110,7 @@ _CLOSE_BAD_DATA = 1007
 # Device side: a peer that does not read its replies is dropped past either bound (memory stays bounded).
 MAX_PENDING_SENDS = 256  # sends waiting
 MAX_OUT_BUFFER = 1 << 20  # bytes queued on the socket
+FAIR_MESSAGES = 16  # device side: messages of one connection handled per turn of the event loop
 
 
 def _binary(codec: FrameCodec) -> bool:
@@ -267,10 +268,16 @@ class WsChannel(Channel):
         await _pump(self._messages(), self, close=lambda code: self.ws.close(code=code), stall_over=self.stall_over)
 
     async def _messages(self) -> AsyncIterator[tuple[bool, bytes]]:
+        n = 0
         async for msg in _server_messages(self.ws, self):
             if self._on_message is not None:
                 self._on_message()
             yield msg
+            n += 1
+            if n % FAIR_MESSAGES == 0:
+                # Queued messages come without a pause: give the other connections a turn now and then,
+                # so a flood on one connection delays them by milliseconds, not by its whole backlog.
+                await asyncio.sleep(0)
 
     async def close(self) -> None:
         """Drop the connection as mongoose does (send what is queued, then close; no close frame).

@@ -461,3 +461,43 @@ async def test_ble_idle_connections_do_not_lock_a_client_out(ble_device: tuple[A
         for c in idle:
             await c.disconnect()
     assert await _eventually(lambda: not lst.channels)
+
+
+async def test_a_gatt_request_cut_by_a_disconnection_is_an_error_not_a_cancellation() -> None:
+    # Found by the soak: when the device drops a client (e.g. one that never reads) while a write is
+    # pending, bumble cancels the pending ATT request; that came out of write_gatt_char as a
+    # CancelledError, which passes for a cancellation of the caller's task.
+    pytest.importorskip("bumble")
+    from types import SimpleNamespace
+
+    from bleak.exc import BleakError
+
+    from transports.ble_bumble import BumbleBleakClient
+
+    class Peer:
+        async def write_value(self, handle: int, data: bytes, with_response: bool = False) -> None:
+            pending = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(pending.cancel)  # what bumble does on a disconnection
+            await pending
+
+        async def read_value(self, handle: int) -> bytes:
+            await self.write_value(handle, b"")
+            return b""
+
+        async def hang(self, handle: int, data: bytes, with_response: bool = False) -> None:
+            await asyncio.Event().wait()
+
+    peer = Peer()
+    client = object.__new__(BumbleBleakClient)
+    client._peer = peer  # type: ignore[assignment]
+    char: Any = SimpleNamespace(handle=3)
+    with pytest.raises(BleakError, match="went away"):
+        await client.write_gatt_char(char, b"x", True)
+    with pytest.raises(BleakError, match="went away"):
+        await client.read_gatt_char(char)
+    peer.write_value = peer.hang  # type: ignore[method-assign]
+    task = asyncio.ensure_future(client.write_gatt_char(char, b"x", True))
+    await asyncio.sleep(0.01)
+    task.cancel()  # a real cancellation of the caller stays one
+    with pytest.raises(asyncio.CancelledError):
+        await task
