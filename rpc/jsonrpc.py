@@ -365,14 +365,14 @@ class _MethodTable(Mapping[str, Any]):
         node = self._disp.node
         channel = self._channel
         user = channel.user
+        handler = node.find_handler(name)
+        if handler is None:
+            raise KeyError(name)  # jsonrpcserver answers -32601 (before the ACL, as over mgRPC)
         if node.auth is not None and channel is not getattr(node, "_local", None):
             decision = node.auth.check(name, channel.type, self._envelope.get("auth"), user)
             if not decision.allowed:
                 return self._disp.refused(decision.code, decision.message)
             user = decision.user
-        handler = node.find_handler(name)
-        if handler is None:
-            raise KeyError(name)  # jsonrpcserver answers -32601
         return self._disp.method_for(handler, name, channel, user, self._obj, self._envelope)
 
     def __iter__(self) -> Iterator[str]:

@@ -384,12 +384,8 @@ class Node:
         if self.style == "mos" and frame.nr:
             return
         user = channel.user
-        if self.auth is not None and channel is not self._local:
-            decision = self.auth.check(frame.method, channel.type, frame.auth, user)
-            if not decision.allowed:
-                self._reply_error(channel, frame, decision.code, decision.message)
-                return
-            user = decision.user
+        # The method is looked up first: an unknown one is 404 whatever the ACL (as rpc-common does,
+        # frames.md §6-d; real-device.md RD-A14); the ACL decides only for methods that exist.
         handler = self.find_handler(frame.method)
         if handler is None:
             if self.style == "mos":
@@ -397,6 +393,17 @@ class Node:
             else:
                 self._reply_error(channel, frame, 404, f"No handler for {frame.method}")
             return
+        if self.auth is not None and channel is not self._local:
+            decision = self.auth.check(frame.method, channel.type, frame.auth, user)
+            if not decision.allowed:
+                if decision.code == 401 and not frame.wants_reply and channel.type == "HTTP":
+                    # HTTP answers even a notification with its 401 challenge (frames.md §6-g; RD-A2).
+                    err = ErrorInfo(401, decision.message)
+                    self._send(channel, Frame(src=self._reply_src(frame), dst=frame.src, error=err))
+                    return
+                self._reply_error(channel, frame, decision.code, decision.message)
+                return
+            user = decision.user
         ctx = Context(self, channel, frame, user)
         if handler.is_async:
             self._spawn(self._run_async(handler, ctx))

@@ -129,9 +129,13 @@ async def test_acl_deny_and_channel_type(tmp_path) -> None:
     uart.inject(json.dumps({"src": "mos", "id": 3, "method": "Sys.Secret", "auth": auth}).encode())
     err = parse_frame(await uart.next_sent()).error
     assert err is not None and (err.code, err.message) == (403, "unauthorized")
-    # no entry matches: 403
+    # no entry matches a method that exists: 403
+    dev.add_handler("Other.X", lambda ctx, p: "ran")
     uart.inject(b'{"src":"mos","id":4,"method":"Other.X"}')
     assert parse_frame(await uart.next_sent()).error.code == 403  # type: ignore[union-attr]
+    # a method that does not exist is 404 whatever the ACL: it is looked up first (RD-A14)
+    uart.inject(b'{"src":"mos","id":5,"method":"Other.Nope"}')
+    assert parse_frame(await uart.next_sent()).error.code == 404  # type: ignore[union-attr]
 
 
 async def test_missing_password_file_500(tmp_path) -> None:
