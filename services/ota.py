@@ -355,7 +355,9 @@ def add_ota_service(
             )  # fmt: skip
         except HandlerError:
             raise HandlerError(-1, "Failed to init updater") from None
-        code, message = await http_fetch(svc, u, url)
+        from services.polling import poll_headers  # ota-http-client's headers (ota.md §4-c); lazy: no cycle
+
+        code, message = await http_fetch(svc, u, url, headers=poll_headers(fw))
         if code < 0:
             raise HandlerError(code, f"{code} {message}")
         raise HandlerError(0, message)

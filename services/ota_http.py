@@ -246,5 +246,7 @@ async def _pull(request: Any, svc: OtaService, commit_timeout_default: int) -> A
                       ignore_same_version=(int(isv) > 0) if isv.lstrip("-").isdigit() else True)
     except HandlerError:
         return reply(409, "Failed to create updater context.")
-    code, message = await fetch_update(svc, u, url)
+    from services.polling import poll_headers  # as ota-http-client sends them (ota.md §4-c)
+
+    code, message = await fetch_update(svc, u, url, headers=poll_headers(svc.fw))
     return reply(200 if code >= 0 else 500, f"({code if code < 0 else 1}) {message}")
