@@ -38,6 +38,10 @@ class Options:
     ``check_timeout_s`` is each check's own deadline (default: 3 reply timeouts, so it scales with
     ``timeout_s`` on slow links); ``deadline_s`` bounds the whole run (None: no bound).
     ``max_frame_size`` is used only when the device does not report ``rpc.max_frame_size``.
+    ``auth_method`` is a method the device's ACL asks a user for (the auth checks' target);
+    ``denied_method`` one of its methods that no ACL entry matches (``auth.acl_denied``; None: skipped).
+    ``ota_serve_host`` is the address the suite serves firmware on for the device to download (the
+    pull checks; None: found from the device URL).
     """
 
     timeout_s: float = 5.0
@@ -47,10 +51,12 @@ class Options:
     deadline_s: float | None = None
     creds: Credentials | None = None
     auth_method: str = "Sys.GetInfo"
+    denied_method: str | None = None
     destructive: bool = False
     ota_bundle: bytes | None = None
     ota_generate: bool = False
     ota_chunk_size: int = 512
+    ota_serve_host: str | None = None
     reboot_timeout_s: float = 30.0
     device_id: str | None = None
     transport_opts: dict[str, Any] = field(default_factory=dict)

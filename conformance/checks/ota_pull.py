@@ -93,7 +93,7 @@ async def _ota_update_pull(s: Session) -> str | None:
         # mos's arguments (commit_timeout a number) plus the overall timeout the spec allows (§1.5-e).
         resp = await _update(s, {"url": srv.url("/fw/p.zip"), "commit_timeout": 300, "timeout": 600})
         got_at = time.monotonic()
-        expect(_ok_code(resp), "OTA.Update of a good bundle must succeed", seen=_err(resp), expected='code 0')
+        expect(_ok_code(resp), "OTA.Update of a good bundle must succeed", seen=_err(resp), expected="code 0")
         gets = [r for r in srv.requests if r.path == "/fw/p.zip"]
         expect(bool(gets), "the device must download the URL", seen="no request", expected="GET /fw/p.zip")
         req = gets[0]

@@ -161,6 +161,39 @@ async def _sys_reboot_bad_delay(s: Session) -> str | None:
     return None
 
 
+SETDEBUG_UDP = (
+    (400, "invalid udp_log_addr"),  # a device built with UDP logging
+    (501, "MGOS_ENABLE_DEBUG_UDP is not enabled"),  # one without (the reference device, RD-E13)
+)
+
+
+@check(
+    "sys.setdebug_errors",
+    section="frames.md §4-e; real-device.md RD-E13",
+    title="Sys.SetDebug: level -5 is 400 invalid level; a bad udp_log_addr 400 (or 501 without UDP logging)",
+    needs=["Sys.SetDebug"],
+)
+async def _sys_setdebug_errors(s: Session) -> str | None:
+    # Both requests are refused, so nothing about the device's logging changes.
+    resp = await s.request("Sys.SetDebug", {"level": -5})
+    err = resp.error
+    expect(
+        err is not None and err.code == 400 and err.message == "invalid level",
+        "a log level out of range must be refused",
+        seen=show(_raw(resp)),
+        expected='"error":{"code":400,"message":"invalid level"}',
+    )
+    resp = await s.request("Sys.SetDebug", {"udp_log_addr": "conformance:not-an-address"})
+    err = resp.error
+    expect(
+        err is not None and (err.code, err.message) in SETDEBUG_UDP,
+        "an address that is not host:port must be refused",
+        seen=show(_raw(resp)),
+        expected=" or ".join(f'"error":{{"code":{c},"message":"{m}"}}' for c, m in SETDEBUG_UDP),
+    )
+    return f"udp_log_addr: {err.code if err else ''}"
+
+
 @check(
     "sys.reboot",
     section="frames.md §4",

@@ -33,27 +33,45 @@ def _aiohttp() -> Any:
 
 
 async def _http(
-    s: Session, method: str, url: str, body: bytes | None = None, *, auth: bool = True, authorization: str = ""
+    s: Session,
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    *,
+    auth: bool = True,
+    authorization: str = "",
+    content_type: str = "application/json",
+    timeout_s: float | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """One raw HTTP request; with credentials a digest 401 is answered once (``auth=False``: not)."""
-    status, headers, data = await _http_once(s, method, url, body, authorization)
+    status, headers, data = await _http_once(
+        s, method, url, body, authorization, content_type=content_type, timeout_s=timeout_s
+    )
     creds = s.options.creds
     if status == 401 and auth and creds is not None and not authorization:
         challenge = parse_digest_header(headers.get("WWW-Authenticate", ""))
         if challenge is not None:
             path = urlsplit(url).path or "/"
             authz = http_digest_authorization(challenge, creds, method=method, uri=path)
-            return await _http_once(s, method, url, body, authz)
+            return await _http_once(s, method, url, body, authz, content_type=content_type, timeout_s=timeout_s)
     return status, headers, data
 
 
 async def _http_once(
-    s: Session, method: str, url: str, body: bytes | None, authorization: str
+    s: Session,
+    method: str,
+    url: str,
+    body: bytes | None,
+    authorization: str,
+    *,
+    content_type: str = "application/json",
+    timeout_s: float | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     aiohttp = _aiohttp()
-    s.note_sent(f"{method} {urlsplit(url).path or '/'}" + (f" {body.decode('utf-8', 'replace')}" if body else ""))
-    timeout = aiohttp.ClientTimeout(total=s.options.timeout_s)
-    headers = {"Content-Type": "application/json"} if body is not None else {}
+    shown = body.decode("utf-8", "replace") if body and len(body) < 4096 else f"<{len(body)} bytes>" if body else ""
+    s.note_sent(f"{method} {urlsplit(url).path or '/'}" + (f" {shown}" if shown else ""))
+    timeout = aiohttp.ClientTimeout(total=timeout_s if timeout_s is not None else s.options.timeout_s)
+    headers = {"Content-Type": content_type} if body is not None else {}
     if authorization:
         headers["Authorization"] = authorization
     async with (
@@ -244,6 +262,32 @@ async def _http_auth_challenge(s: Session) -> str | None:
         expected="200 with the reply frame",
     )
     return f"realm={ch.get('realm')} algorithm={ch.get('algorithm')}"
+
+
+@check(
+    "http.auth_notification",
+    section="frames.md §6-g; transports.md §3.3; real-device.md RD-A2",
+    title="a notification that needs auth still gets the HTTP 401 Digest challenge",
+    only=HTTP,
+)
+async def _http_auth_notification(s: Session) -> str | None:
+    if s.options.creds is None:
+        raise CheckSkipped("no credentials given (--rpc-creds)")
+    s.require(s.options.auth_method)
+    body = json.dumps({"src": "mos", "method": s.options.auth_method}, separators=(",", ":")).encode() + b"\n"
+    try:
+        status, headers, data = await _http(s, "POST", _base(s), body, auth=False)
+    except TimeoutError:
+        status, headers, data = 0, {}, b""
+    www = headers.get("WWW-Authenticate", "")
+    expect(
+        status == 401 and www.startswith("Digest "),
+        f"a notification of {s.options.auth_method} without credentials must get HTTP 401 all the same",
+        seen=f"{status} WWW-Authenticate: {www}" if status else f"no answer within {s.options.timeout_s:g} s",
+        expected='401 WWW-Authenticate: Digest qop="auth", ...',
+    )
+    expect(b'"id"' not in data, "the 401 carries no reply frame", seen=show(data), expected="an empty body")
+    return None
 
 
 # -- WebSocket ------------------------------------------------------------------------------------

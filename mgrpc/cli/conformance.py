@@ -90,6 +90,16 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--device-id", help="the device's id (default: learned from its replies)")
     p.add_argument("--auth-method", default="Sys.GetInfo", help="method that needs auth (with --rpc-creds)")
+    p.add_argument(
+        "--ota-serve-host",
+        metavar="ADDR",
+        help="address the device can download firmware from us at (pull checks; default: from --port)",
+    )
+    p.add_argument(
+        "--denied-method",
+        metavar="METHOD",
+        help="a method of the device that no rpc.acl entry matches (auth.acl_denied expects 403 unauthorized)",
+    )
     p.add_argument("--client", metavar="CMD", help="check a host tool: CMD with {url} for the device URL")
     p.add_argument(
         "--client-transport",
@@ -162,6 +172,8 @@ async def _run(args: argparse.Namespace) -> Any:
         deadline_s=args.deadline,
         creds=parse_creds(creds_spec) if creds_spec else None,
         auth_method=args.auth_method,
+        denied_method=args.denied_method,
+        ota_serve_host=args.ota_serve_host,
         destructive=bool(args.destructive or args.ota or args.ota_generate),
         ota_bundle=bundle,
         ota_generate=bool(args.ota_generate),

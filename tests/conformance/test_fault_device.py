@@ -18,8 +18,9 @@ import pytest
 from conformance import runner
 from conformance.model import CHECKS, Outcome, citations
 from conformance.session import Options
+from rpc.auth import Credentials
 from tests.conformance.test_citations import DOCS, _anchors
-from tests.faultdev import FAULTS, TRANSPORTS, FaultDevice
+from tests.faultdev import AUTH_DENIED_METHOD, AUTH_USER, FAULTS, TRANSPORTS, FaultDevice
 from tests.mosquitto import Mosquitto, find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +29,11 @@ RUN_LEVEL = {"preflight", "connect"}  # verdicts of the run itself, before any c
 OURS = {"rpc", "transports", "services", "updater", "conformance", "mgrpc"}
 
 
-def _options(destructive: bool) -> Options:
-    return Options(timeout_s=1.0, quiet_s=0.1, destructive=destructive, ota_generate=destructive, reboot_timeout_s=3.0)
+def _options(destructive: bool, auth: bool = False) -> Options:
+    creds = {"creds": Credentials(*AUTH_USER), "denied_method": AUTH_DENIED_METHOD} if auth else {}
+    return Options(
+        timeout_s=1.0, quiet_s=0.1, destructive=destructive, ota_generate=destructive, reboot_timeout_s=3.0, **creds
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +50,16 @@ def broker() -> Iterator[tuple[str, int] | None]:
         m.stop()
 
 
-async def _run(fault: str | None, transport: str, broker: tuple[str, int] | None, only: list[str] | None):
+async def _run(
+    fault: str | None, transport: str, broker: tuple[str, int] | None, only: list[str] | None, *, auth: bool = False
+):
     if transport == "mqtt" and broker is None:
         pytest.skip("mosquitto is not installed (make system-deps)")
-    dev = await FaultDevice(fault).start(transport, broker=broker)
+    auth = auth or (fault is not None and FAULTS[fault].auth)
+    dev = await FaultDevice(fault, auth=auth).start(transport, broker=broker)
     destructive = fault is None or FAULTS[fault].destructive
     try:
-        return await runner.run(dev.url, options=_options(destructive), only=only)
+        return await runner.run(dev.url, options=_options(destructive, auth), only=only)
     finally:
         await dev.close()
 
@@ -76,7 +83,19 @@ async def test_correct_device_passes_everything(transport: str, broker: tuple[st
     assert not bad
     passed = {r.name for r in report.results if r.outcome is Outcome.PASS}
     # Every check whose fault shows on this transport ran and passed there.
-    wanted = {c for f in FAULTS.values() if f.transport == transport for c in f.checks} - RUN_LEVEL
+    wanted = {c for f in FAULTS.values() if f.transport == transport and not f.auth for c in f.checks} - RUN_LEVEL
+    assert wanted <= passed, sorted(wanted - passed)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_correct_device_with_auth_passes_everything(transport: str, broker: tuple[str, int] | None) -> None:
+    """With digest auth and an ACL on, the correct device passes every check it is asked (the suite
+    answers 401s as mos does), the auth checks included."""
+    report = await _run(None, transport, broker, None, auth=True)
+    bad = [(r.name, r.outcome.value, r.message, r.seen) for r in report.failed()]
+    assert not bad
+    passed = {r.name for r in report.results if r.outcome is Outcome.PASS}
+    wanted = {c for f in FAULTS.values() if f.transport == transport and f.auth for c in f.checks}
     assert wanted <= passed, sorted(wanted - passed)
 
 

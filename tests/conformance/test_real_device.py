@@ -178,7 +178,12 @@ def _wait_rebooted(url: str, cwd: Path, since: float, *, within_s: float = 30.0)
         time.sleep(0.3)
 
 
-ACL = '[{"method":"*","acl":"+user"}]'
+# Every method the CLI and the suite call asks for the user; FS.ListExt is matched by no entry, so
+# auth.acl_denied (--denied-method) expects 403 for it (frames.md §6-d).
+ACL = json.dumps(
+    [{"method": m, "acl": "+user"} for m in ("Sys.*", "RPC.*", "Config.*", "FS.List", "FS.Get", "FS.Put", "FS.Remove")]
+)
+DENIED = "FS.ListExt"
 
 
 @pytest.fixture(scope="module")
@@ -222,15 +227,19 @@ def test_conformance_with_auth(auth_device: RealDevice, transport: str, tmp_path
     assert "the device requires authentication: pass --rpc-creds" in results[0]["message"]
     # With them: everything passes, the auth checks included.
     out = tmp_path / "auth.json"
-    mgrpc("--port", url, "--rpc-creds", "user:s3cret", "conformance", "--json", str(out), cwd=tmp_path, timeout=240)
+    mgrpc("--port", url, "--rpc-creds", "user:s3cret", "conformance", "--denied-method", DENIED, "--json", str(out),
+          cwd=tmp_path, timeout=240)  # fmt: skip
     by = {r["name"]: r for r in _report(out)["results"]}
     assert all(r["outcome"] in ("pass", "skip") for r in by.values()), [
         r for r in by.values() if r["outcome"] not in ("pass", "skip")
     ]
+    assert by["auth.acl_denied"]["outcome"] == "pass"
     if transport != "http":
-        assert by["auth.challenge"]["outcome"] == "pass" and by["auth.digest_retry"]["outcome"] == "pass"
+        frame_auth = ("challenge", "digest_retry", "nonce_window", "incomplete_object", "object_variants",
+                      "notification_silent")  # fmt: skip
+        assert all(by[f"auth.{n}"]["outcome"] == "pass" for n in frame_auth), [by[f"auth.{n}"] for n in frame_auth]
     else:
-        assert by["http.auth_challenge"]["outcome"] == "pass"
+        assert by["http.auth_challenge"]["outcome"] == "pass" and by["http.auth_notification"]["outcome"] == "pass"
 
 
 def test_pytest_plugin_against_the_real_device(device: RealDevice, tmp_path: Path) -> None:

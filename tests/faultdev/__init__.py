@@ -22,18 +22,22 @@ from __future__ import annotations
 from typing import Any
 
 from tests.faultdev.device import Device
-from tests.faultdev.faults import FAULTS, Fault
+from tests.faultdev.faults import AUTH_DENIED_METHOD, AUTH_USER, FAULTS, Fault
 
-__all__ = ["FAULTS", "TRANSPORTS", "Fault", "FaultDevice"]
+__all__ = ["AUTH_DENIED_METHOD", "AUTH_USER", "FAULTS", "TRANSPORTS", "Fault", "FaultDevice"]
 
 TRANSPORTS = ("ws", "http", "tcp", "serial", "mqtt")
 
 
 class FaultDevice:
-    """One device (optionally with one fault) served on one transport."""
+    """One device (optionally with one fault) served on one transport.
 
-    def __init__(self, fault: str | None = None, *, device_id: str = "faultdev") -> None:
-        self.device = Device(fault, device_id=device_id)
+    ``auth``: demand digest auth with the ACL of :data:`faults.AUTH_ACL` (default: on for the faults
+    marked ``auth``, off otherwise).
+    """
+
+    def __init__(self, fault: str | None = None, *, device_id: str = "faultdev", auth: bool | None = None) -> None:
+        self.device = Device(fault, device_id=device_id, auth=auth)
         self.url = ""
         self._parts: list[Any] = []
 

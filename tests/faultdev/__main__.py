@@ -14,7 +14,7 @@ async def _main(args: argparse.Namespace) -> None:
     if args.broker:
         host, _, port = args.broker.rpartition(":")
         broker = (host or "127.0.0.1", int(port))
-    dev = await FaultDevice(args.fault).start(args.transport, broker=broker)
+    dev = await FaultDevice(args.fault, auth=args.auth or None).start(args.transport, broker=broker)
     sys.stdout.write(f"READY {dev.url}\n")
     sys.stdout.flush()
     try:
@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--fault", choices=sorted(FAULTS), help="the one rule to break (default: none)")
     p.add_argument("--transport", choices=TRANSPORTS, default="ws")
     p.add_argument("--broker", help="MQTT broker HOST:PORT (for --transport mqtt)")
+    p.add_argument("--auth", action="store_true", help="demand digest auth (user:s3cret, realm RPC) with the ACL")
     p.add_argument("--list", action="store_true", help="list the faults and exit")
     args = p.parse_args()
     if args.list:

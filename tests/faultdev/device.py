@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
+import hashlib
 import io
 import json
 import time
@@ -19,11 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.faultdev import wire
-from tests.faultdev.faults import FAULTS
+from tests.faultdev.faults import AUTH_ACL, AUTH_REALM, AUTH_USER, FAULTS
 
-__all__ = ["WRONG_DST", "Channel", "Device", "RpcError"]
+__all__ = ["AUTH_NEEDED", "WRONG_DST", "Channel", "Device", "RpcError"]
 
 WRONG_DST = object()
+AUTH_NEEDED = object()  # HTTP only: answer 401 with a WWW-Authenticate: Digest challenge
+NONCE_MAX_AGE_S = 3600
+AUTH_MEMBERS = ("realm", "username", "nonce", "cnonce", "response")
 REBOOT_S = 0.5  # how long a reboot keeps the device silent
 
 GETINFO_ORDER = (
@@ -37,6 +42,7 @@ ARGS_FMT = {
     "RPC.Ping": "",
     "Sys.GetInfo": "",
     "Sys.Reboot": "{abort: %B, delay_ms: %d}",
+    "Sys.SetDebug": "{udp_log_addr: %Q, level: %d, file_level: %Q}",
     "Config.Get": "{key: %Q, level: %d}",
     "Config.Set": "{key: %Q, config: %T, value: %T, level: %d, save: %B, try_once: %B, reboot: %B}",
     "Config.Save": "{try_once: %B, reboot: %B}",
@@ -72,6 +78,7 @@ class Channel:
 
     kind: str  # ws, http, serial, tcp, mqtt
     info: str = ""
+    user: str | None = None  # HTTP: the user a valid Authorization: Digest header named
 
 
 @dataclass
@@ -98,10 +105,19 @@ class Ota:
 class Device:
     """A Mongoose-OS-like device with one optional fault (``fault=None``: the correct device)."""
 
-    def __init__(self, fault: str | None = None, *, device_id: str = "faultdev", max_frame_size: int = 4096) -> None:
+    def __init__(
+        self,
+        fault: str | None = None,
+        *,
+        device_id: str = "faultdev",
+        max_frame_size: int = 4096,
+        auth: bool | None = None,
+    ) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
         self.fault = fault
+        # Digest auth and the ACL (frames.md §6): on for the auth faults, or when asked.
+        self.auth = FAULTS[fault].auth if auth is None and fault is not None else bool(auth)
         self.id = device_id
         self.max_frame_size = max_frame_size
         self.arch = "esp32"
@@ -120,6 +136,7 @@ class Device:
         self.files: dict[str, bytes] = {"index.html": b"<html>faultdev</html>\n", "conf0.json": b"{}"}
         self.ota = Ota()
         self.crashed = False  # a crashed device answers nothing until it is restarted
+        self.deferred: Any = None  # a handler's pending work whose end the reply waits for (OTA.Update)
         self.down_until = 0.0  # while rebooting the device answers nothing
         self.reboot_hooks: list[Callable[[], None]] = []
         self._timers: list[Any] = []
@@ -129,6 +146,7 @@ class Device:
             "RPC.Ping": self._rpc_ping,
             "Sys.GetInfo": self._sys_getinfo,
             "Sys.Reboot": self._sys_reboot,
+            "Sys.SetDebug": self._sys_set_debug,
             "Config.Get": self._config_get,
             "Config.Set": self._config_set,
             "Config.Save": self._config_save,
@@ -186,6 +204,15 @@ class Device:
         result: str | None = None
         error: tuple[int, str] | None = None
         handler = self._find(method)
+        if self.auth and (handler is not None or self.has("acl_before_lookup")):
+            denied = self._authorize(doc, method, ch)
+            if denied is AUTH_NEEDED:
+                return AUTH_NEEDED
+            if denied is not None:
+                if "id" not in doc and not self.has("auth_notification_answered"):
+                    return []
+                assert isinstance(denied, tuple)
+                return [self._encode(doc, ch, error=denied)]
         if handler is None:
             error = self._not_found(method)
         else:
@@ -195,11 +222,119 @@ class Device:
                     result = "null"
             except RpcError as e:
                 error = (e.code, e.message)
+            if self.deferred is not None:
+                return self._later_reply(doc, ch, self.deferred)
         if "id" not in doc and self.fault not in ("notification_answered", f"{ch.kind}_notification_answered"):
             return []
         if error is not None and self.has("error_with_result"):
             result = "null"
         return [self._encode(doc, ch, result=result, error=error)]
+
+    # -- auth (frames.md §6) ----------------------------------------------------------------------------
+    def challenge(self) -> str:
+        """The 401 message: the JSON document mos parses (§6-e), in the device's spacing."""
+        nonce = int(time.time())
+        if self.has("auth_challenge_order"):
+            return f'{{"realm": "{AUTH_REALM}", "auth_type": "digest", "nonce": {nonce}, "nc": 1, "algorithm": "MD5"}}'
+        return f'{{"auth_type": "digest", "nonce": {nonce}, "nc": 1, "realm": "{AUTH_REALM}", "algorithm": "MD5"}}'
+
+    def fresh(self, nonce: int) -> bool:
+        """§6-k: ``now >= nonce`` and ``now - nonce < 3600``."""
+        now = int(time.time())
+        if nonce > now:
+            return self.has("auth_future_nonce_ok")
+        return now - nonce < NONCE_MAX_AGE_S or self.has("auth_stale_nonce_ok")
+
+    @staticmethod
+    def ha1() -> str:
+        user, password = AUTH_USER
+        return hashlib.md5(f"{user}:{AUTH_REALM}:{password}".encode()).hexdigest()
+
+    def _verify(self, auth: Any) -> tuple[str | None, tuple[int, str] | None]:
+        """The frame's ``auth`` object: (user or None, error or None) (§6-i, §6-k, §6-l)."""
+        bad = (400, "bad request")
+        if not isinstance(auth, dict) or any(k not in auth for k in AUTH_MEMBERS):
+            return None, (None if self.has("auth_incomplete_401") else bad)
+        if "algorithm" not in auth and self.has("auth_algorithm_required"):
+            return None, bad
+        if auth["realm"] != AUTH_REALM or str(auth.get("algorithm") or "MD5").upper() != "MD5":
+            return None, bad
+        nonce = auth["nonce"]
+        if isinstance(nonce, str) and self.has("auth_string_nonce_refused"):
+            return None, bad
+        try:
+            nonce_i = int(nonce)
+        except (TypeError, ValueError):
+            return None, bad
+        if auth["username"] != AUTH_USER[0] or not self.fresh(nonce_i):
+            return None, None
+        ha2_text = "POST:/rpc" if self.has("auth_retry_refused") else "dummy_method:dummy_uri"
+        ha2 = hashlib.md5(ha2_text.encode()).hexdigest()
+        want = hashlib.md5(f"{self.ha1()}:{nonce_i}:1:{auth['cnonce']}:auth:{ha2}".encode()).hexdigest()
+        return (AUTH_USER[0], None) if str(auth["response"]).lower() == want else (None, None)
+
+    def _authorize(self, doc: dict[str, Any], method: str, ch: Channel) -> object:
+        """None when the ACL lets the request run; else the error (code, message) or AUTH_NEEDED."""
+        user = ch.user
+        if "auth" in doc:
+            verified, err = self._verify(doc["auth"])
+            if err is not None:
+                return err
+            user = verified or user
+        low = method.lower()
+        entry = next((acl for pat, acl in AUTH_ACL if fnmatch.fnmatchcase(low, pat.lower())), None)
+        if entry is None:
+            if self.has("acl_unmatched_allowed"):
+                return None
+            if not self.has("acl_unmatched_challenged"):
+                return (403, "unauthorized")
+            entry = "+" + AUTH_USER[0]
+        if entry in ("*", "+*") or (user is not None and entry == "+" + user):
+            return None
+        if user is not None:
+            return (403, "unauthorized")
+        if ch.kind == "http":
+            if "id" not in doc and self.has("http_auth_notification_silent"):
+                return (401, "")  # the fault: handled like any notification, no 401
+            return AUTH_NEEDED
+        return (401, self.challenge())
+
+    def http_user(self, header: str, verb: str) -> str | None:
+        """The user of a valid ``Authorization: Digest`` header (RFC 2617, qop auth; §6-f), else None."""
+        if not header.lower().startswith("digest "):
+            return None
+        params: dict[str, str] = {}
+        for part in header[7:].split(","):
+            k, _, v = part.strip().partition("=")
+            params[k.strip().lower()] = v.strip().strip('"')
+        try:
+            nonce = int(params.get("nonce", ""), 16)
+        except ValueError:
+            return None
+        if params.get("username") != AUTH_USER[0] or params.get("realm") != AUTH_REALM or not self.fresh(nonce):
+            return None
+        ha2 = hashlib.md5(f"{verb}:{params.get('uri', '')}".encode()).hexdigest()
+        text = f"{self.ha1()}:{params['nonce']}:{params.get('nc', '')}:{params.get('cnonce', '')}:"
+        want = hashlib.md5(f"{text}{params.get('qop', '')}:{ha2}".encode()).hexdigest()
+        return AUTH_USER[0] if params.get("response", "").lower() == want else None
+
+    def _later_reply(self, doc: dict[str, Any], ch: Channel, work: Any) -> Any:
+        """A future of the replies to a request whose answer waits for ``work`` (OTA.Update)."""
+        import asyncio
+
+        self.deferred = None
+
+        async def finish() -> list[str]:
+            code, message = await work
+            if "id" not in doc:
+                return []
+            error = (code if code < 0 else 0, f"{code} {message}" if code < 0 else message)
+            return [self._encode(doc, ch, error=error)]
+
+        if self.has("ota_update_reply_early"):
+            self._timers.append(asyncio.ensure_future(finish()))  # its reply is dropped: one came already
+            return [self._encode(doc, ch, error=(0, "Update applied, finalizing"))] if "id" in doc else []
+        return asyncio.ensure_future(finish())
 
     def _find(self, method: str) -> Callable[[Any, Channel], str | None] | None:
         if self.has("case_sensitive"):
@@ -331,6 +466,17 @@ class Device:
             return None  # the fault: accepted and (harmlessly) ignored
         self.later(delay / 1000, self.reboot)
         return None
+
+    def _sys_set_debug(self, p: Any, ch: Channel) -> str | None:
+        """frames.md §4-e: this device has no UDP logging; success is code 0 through the error path."""
+        p = p if isinstance(p, dict) else {}
+        if p.get("udp_log_addr"):
+            raise RpcError(501, "MGOS_ENABLE_DEBUG_UDP is not enabled")
+        level = p.get("level")
+        bad = level is not None and (not isinstance(level, int) or not -1 <= level <= 4)
+        if bad and not self.has("setdebug_level_accepted"):
+            raise RpcError(400, "invalid level")
+        raise RpcError(0)
 
     # -- Config ----------------------------------------------------------------------------------------
     def _lookup(self, key: str) -> Any:
@@ -518,18 +664,28 @@ class Device:
             if self.has("ota_end_early_ok"):
                 return None  # the fault: the abort is reported as success
             raise RpcError(-1, "Update aborted")
-        manifest = self._bundle_ok(bytes(o.buf))
+        data = bytes(o.buf)
         o.buf = bytearray()
+        if not self.install(data, o.begin_commit_timeout):
+            raise RpcError(-1, "Invalid firmware bundle")
+        return None
+
+    def install(self, data: bytes, commit_timeout: int) -> bool:
+        """Apply a whole bundle: the other slot gets it and the device reboots into it, uncommitted
+        (ota.md §1.4); False (state error) when the bundle is refused."""
+        o = self.ota
+        manifest = self._bundle_ok(data)
         if manifest is None:
             o.state = 2
-            raise RpcError(-1, "Invalid firmware bundle")
+            return False
         new = 1 - o.active
         o.slots[new] = Slot(str(manifest.get("version", "?")), str(manifest.get("build_id", "?")))
         if self.has("ota_update_stale_version"):
             o.slots[new] = Slot(o.slots[o.active].version, str(manifest.get("build_id", "?")))
         o.state = 3
+        o.begin_commit_timeout = commit_timeout
         if self.has("ota_no_reboot"):
-            return None
+            return True
 
         def switch() -> None:
             if not self.has("ota_update_same_slot"):
@@ -543,7 +699,7 @@ class Device:
             self.reboot()
 
         self.later(0.1, switch)
-        return None
+        return True
 
     def _ota_update(self, p: Any, ch: Channel) -> str | None:
         url = p.get("url") if isinstance(p, dict) else None
@@ -551,10 +707,69 @@ class Device:
             if self.has("ota_update_malformed_ok"):
                 return None
             raise RpcError(-1, "Malformed request")
-        raise RpcError(-1, "Failed to init updater")  # this device downloads nothing
+        if self.ota.state == 1 or not self.ota.committed:
+            raise RpcError(-1, "Failed to init updater")
+        ct = p.get("commit_timeout", 0)
+        self.deferred = self.pull(url, ct if isinstance(ct, int) and not self.has("ota_update_ct_ignored") else 0)
+        return None  # handle() sends the reply when the download is done (ota.md §1.5-c)
+
+    async def pull(self, url: str, commit_timeout: int, *, ignore_same_version: bool = False) -> tuple[int, str]:
+        """Download ``url`` (plain HTTP, ``Content-Length``) into the updater, as ota-http-client does
+        (ota.md §4): (0, status) when applied (a reboot follows), (1, status) when there was nothing
+        to do, (negative result, status) on failure."""
+        import asyncio
+        import urllib.parse
+
+        o = self.ota
+        u = urllib.parse.urlsplit(url)
+        o.state = 1
+        try:
+            try:
+                reader, writer = await asyncio.open_connection(u.hostname or "127.0.0.1", u.port or 80)
+            except OSError:
+                return -10, "Failed to connect"
+            slot = o.slots[o.active]
+            head = f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: close\r\n"
+            if not self.has("ota_update_no_headers"):
+                head += f"X-MGOS-Device-ID: {self.id} 02FD00000001\r\n"
+                head += f"X-MGOS-FW-Version: {self.arch} {slot.version} {slot.build_id}\r\n"
+            try:
+                writer.write((head + "\r\n").encode("latin-1"))
+                status_head = await reader.readuntil(b"\r\n\r\n")
+                lines = status_head.decode("latin-1").split("\r\n")
+                status = int(lines[0].split(" ")[1])
+                length = next((int(x.split(":", 1)[1]) for x in lines if x.lower().startswith("content-length:")), -1)
+                if status == 304:
+                    return (-304, "Not Modified") if self.has("ota_update_304_error") else (1, "Not Modified")
+                if status != 200:
+                    if self.has("ota_update_error_2017"):
+                        return -1, "Invalid HTTP response code"
+                    return -status, "Invalid HTTP response code"
+                if length < 0:
+                    return -1, "Invalid content-length, perhaps chunked-encoding"
+                data = await reader.readexactly(length)
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                return -5, "Update failed"
+            finally:
+                writer.close()
+            manifest = self._bundle_ok(data)
+            if manifest is None:
+                return -1, "Invalid firmware bundle"
+            same = (str(manifest.get("version")), str(manifest.get("build_id"))) == (slot.version, slot.build_id)
+            if ignore_same_version and same:
+                return 1, "Version is the same as current"
+            self.install(data, commit_timeout)
+            return 0, "Update applied, finalizing"
+        finally:
+            if o.state == 1:
+                o.state = 0
 
     def http_update(self, what: str) -> bool:
         """``GET /update/commit`` or ``/update/revert`` (ota.md §3): True for 200 Ok, False for 400 Error."""
+        if what == "revert" and self.has("http_revert_no_reboot") and not self.ota.committed:
+            return True
+        if what == "commit" and self.has("http_commit_noop") and not self.ota.committed:
+            return True
         try:
             (self._ota_commit if what == "commit" else self._ota_revert)({}, Channel("http"))
         except RpcError:

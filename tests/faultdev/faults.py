@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FAULTS", "Fault"]
+__all__ = ["AUTH_ACL", "AUTH_DENIED_METHOD", "AUTH_REALM", "AUTH_USER", "FAULTS", "Fault"]
+
+# A device with auth on (``Fault.auth``): one user, realm "RPC", and an ACL that asks that user for
+# every method but RPC.* (open to all) and Config.Save, which no entry matches (frames.md §6-d).
+AUTH_USER = ("user", "s3cret")
+AUTH_REALM = "RPC"
+AUTH_DENIED_METHOD = "Config.Save"
+AUTH_ACL = (
+    ("RPC.*", "*"), ("Sys.*", "+user"), ("Config.Get", "+user"), ("Config.Set", "+user"), ("FS.*", "+user"),
+    ("OTA.*", "+user"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +34,7 @@ class Fault:
     rule: str
     only: tuple[str, ...] = ()
     destructive: bool = False
+    auth: bool = False  # the device demands digest auth (AUTH_USER, AUTH_ACL); the suite gets the credentials
 
     @property
     def checks(self) -> tuple[str, ...]:
@@ -559,6 +570,183 @@ FAULTS: dict[str, Fault] = {
             "mqtt",
             "transports.md §4",
             "<id>/rpc/<Method> sets the method",
+        ),
+        _F("setdebug_level_accepted", "sys.setdebug_errors", "serial", "frames.md §4-e", "level -5 is refused"),
+        # -- OTA by download and over HTTP (ota.md §1.5, §3, §4) -------------------------------------------
+        _F(
+            "ota_update_reply_early",
+            "ota.update_pull",
+            "ws",
+            "ota.md §1.5-c",
+            "the OTA.Update reply waits for the download",
+            destructive=True,
+        ),
+        _F(
+            "ota_update_no_headers",
+            "ota.update_pull",
+            "tcp",
+            "ota.md §4-c",
+            "the download carries X-MGOS-Device-ID and X-MGOS-FW-Version",
+            destructive=True,
+        ),
+        _F(
+            "ota_update_ct_ignored",
+            "ota.update_pull",
+            "http",
+            "ota.md §1.5-a",
+            "commit_timeout sets the commit timeout",
+            destructive=True,
+        ),
+        _F(
+            "ota_update_error_2017",
+            "ota.update_pull_errors",
+            "ws",
+            "ota.md §1.5-d, §4-d",
+            "HTTP 404 is result -404, message prefixed",
+            destructive=True,
+        ),
+        _F(
+            "ota_update_304_error",
+            "ota.update_pull_errors",
+            "tcp",
+            "ota.md §4-d",
+            "304 ends successfully: Not Modified",
+            destructive=True,
+        ),
+        _F(
+            "http_pull_busy_ok",
+            "ota.http_pull",
+            "http",
+            "ota.md §3-i",
+            "409 Another update is in progress",
+            destructive=True,
+        ),
+        _F(
+            "http_pull_same_version_installs",
+            "ota.http_pull",
+            "ws",
+            "ota.md §3-h, §4-e",
+            "ignore_same_version defaults to true",
+            destructive=True,
+        ),
+        _F(
+            "http_pull_ct_ignored",
+            "ota.http_pull",
+            "http",
+            "ota.md §3-h",
+            "commit_timeout of the query is used",
+            destructive=True,
+        ),
+        _F("http_commit_noop", "ota.http_pull", "http", "ota.md §3-j", "/update/commit commits", destructive=True),
+        _F(
+            "http_push_file_field_only",
+            "ota.http_push",
+            "http",
+            "ota.md §3-b",
+            "any part with a file name is the bundle",
+            destructive=True,
+        ),
+        _F(
+            "http_push_ct_after_file_ignored",
+            "ota.http_push",
+            "ws",
+            "ota.md §3-c",
+            "commit_timeout counts also after the file",
+            destructive=True,
+        ),
+        _F("http_push_html", "ota.http_push", "http", "ota.md §3-d", "the reply is text/plain", destructive=True),
+        _F(
+            "http_revert_no_reboot",
+            "ota.http_push",
+            "http",
+            "ota.md §3-j",
+            "/update/revert reboots into the previous slot",
+            destructive=True,
+        ),
+        _F(
+            "http_push_bad_ok",
+            "ota.http_push_bad",
+            "http",
+            "ota.md §3-e",
+            "a failed push is an error status",
+            destructive=True,
+        ),
+        # -- auth (frames.md §6; the device runs with AUTH_USER and AUTH_ACL) ------------------------------
+        _F("auth_challenge_order", "auth.challenge", "ws", "frames.md §6-e", "challenge members in order", auth=True),
+        _F(
+            "auth_retry_refused",
+            "auth.digest_retry",
+            "serial",
+            "frames.md §6-i",
+            'HA2 is H("dummy_method:dummy_uri")',
+            auth=True,
+        ),
+        _F("auth_stale_nonce_ok", "auth.nonce_window", "ws", "frames.md §6-k", "now - nonce < 3600", auth=True),
+        _F("auth_future_nonce_ok", "auth.nonce_window", "tcp", "frames.md §6-k", "now >= nonce", auth=True),
+        _F(
+            "auth_incomplete_401",
+            "auth.incomplete_object",
+            "mqtt",
+            "frames.md §6-l",
+            "an auth object missing members is 400 bad request",
+            auth=True,
+        ),
+        _F(
+            "auth_string_nonce_refused",
+            "auth.object_variants",
+            "ws",
+            "frames.md §6-l",
+            "a nonce sent as a string is accepted",
+            auth=True,
+        ),
+        _F(
+            "auth_algorithm_required",
+            "auth.object_variants",
+            "serial",
+            "frames.md §6-l",
+            "an absent algorithm is accepted",
+            auth=True,
+        ),
+        _F(
+            "auth_notification_answered",
+            "auth.notification_silent",
+            "ws",
+            "frames.md §6-g",
+            "a notification needing auth gets no reply",
+            auth=True,
+        ),
+        _F(
+            "http_auth_notification_silent",
+            "http.auth_notification",
+            "http",
+            "frames.md §6-g",
+            "over HTTP a notification needing auth still gets the 401",
+            auth=True,
+        ),
+        _F(
+            "http_auth_no_challenge",
+            "http.auth_challenge",
+            "http",
+            "frames.md §6-f; transports.md §3.3",
+            "the HTTP 401 carries WWW-Authenticate: Digest",
+            auth=True,
+        ),
+        _F("acl_unmatched_allowed", "auth.acl_denied", "ws", "frames.md §6-d", "no entry matches: 403", auth=True),
+        _F(
+            "acl_unmatched_challenged",
+            "auth.acl_denied",
+            "mqtt",
+            "frames.md §6-d",
+            "no entry matches: 403 unauthorized, not a challenge",
+            auth=True,
+        ),
+        _F(
+            "acl_before_lookup",
+            "frame.not_found_404",
+            "tcp",
+            "frames.md §6-d, §3-b",
+            "an unknown method is 404 whatever the ACL",
+            auth=True,
         ),
     )
 }

@@ -17,19 +17,21 @@ import json
 import os
 import random
 import struct
+import time
 import urllib.parse
 from typing import Any
 
 from tests.faultdev import wire
-from tests.faultdev.device import WRONG_DST, Channel, Device
+from tests.faultdev.device import AUTH_NEEDED, WRONG_DST, Channel, Device
+from tests.faultdev.faults import AUTH_REALM
 from tests.faultdev.stream import StreamLink
 
 __all__ = ["HttpServer", "MqttLink", "PtySerial", "TcpServer"]
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CORS = (("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Headers", "*"))
-REASONS = {200: "OK", 101: "Switching Protocols", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 500: "Internal Server Error"}  # fmt: skip
+REASONS = {200: "OK", 101: "Switching Protocols", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}  # fmt: skip
 
 
 class _Closer:
@@ -123,7 +125,14 @@ class HttpServer(_Closer):
                 writer.close()
 
     def _respond(
-        self, writer: asyncio.StreamWriter, status: int, body: bytes, keep: bool, *, ctype: str = "application/json"
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        keep: bool,
+        *,
+        ctype: str = "application/json",
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> None:
         f = self.dev.fault
         if f == "http_content_type_text":
@@ -131,7 +140,7 @@ class HttpServer(_Closer):
         hdrs = [("Server", "Mongoose/6.18"), ("Content-Type", ctype)]
         if f != "http_no_cors":
             hdrs += CORS
-        hdrs += [("Content-Length", str(len(body))), ("Connection", "keep-alive" if keep else "close")]
+        hdrs += [("Content-Length", str(len(body))), ("Connection", "keep-alive" if keep else "close"), *extra]
         head = f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs)
         writer.write(head.encode("latin-1") + b"\r\n" + body)
 
@@ -149,6 +158,8 @@ class HttpServer(_Closer):
         f = self.dev.fault
         keep = headers.get("connection", "").lower() == "keep-alive" or f == "http_keepalive_always"
         ch = Channel("http", info)
+        if self.dev.auth and headers.get("authorization"):
+            ch.user = self.dev.http_user(headers["authorization"], verb)
         if path in ("/rpc", "/rpc/"):
             if verb == "OPTIONS" and f == "http_options_rpc_200":
                 self._respond(writer, 200, b"", keep)
@@ -158,7 +169,10 @@ class HttpServer(_Closer):
                 self._respond(writer, 400, b"Invalid request", keep)  # an empty frame (transports.md §3.5)
                 await writer.drain()
                 return keep
-            out = self.dev.handle(body.strip(), ch)
+            out = await _settled(self.dev.handle(body.strip(), ch))
+            if out is AUTH_NEEDED:
+                await self._unauthorized(writer)
+                return False
             if out is WRONG_DST:
                 self._respond(writer, 400, b"Invalid request", False)
                 await writer.drain()
@@ -192,7 +206,10 @@ class HttpServer(_Closer):
                 args = ("{" + ",".join(f'"{k}":{v}' for k, v in pairs) + "}").encode()
             frame = b'{"id":%d,"method":%s' % (random.randrange(1, 1 << 31), json.dumps(method).encode())
             frame += (b',"params":' + args if args else b"") + b"}"
-            out = self.dev.handle(frame, ch)
+            out = await _settled(self.dev.handle(frame, ch))
+            if out is AUTH_NEEDED:
+                await self._unauthorized(writer)
+                return False
             if not isinstance(out, list) or not out:
                 self._respond(writer, 400, b"Invalid request", False)
                 await writer.drain()
@@ -216,6 +233,9 @@ class HttpServer(_Closer):
             self._respond(writer, status, text.encode() + b"\r\n", keep)
             await writer.drain()
             return keep
+        if path == "/update":
+            await self._update(writer, verb, query, headers, body)
+            return False
         if path in ("/update/commit", "/update/revert") and verb == "GET":
             ok = self.dev.http_update(path.rsplit("/", 1)[1])
             self._respond(writer, 200 if ok else 400, b"Ok\r\n" if ok else b"Error\r\n", False, ctype="text/html")
@@ -224,6 +244,67 @@ class HttpServer(_Closer):
         self._respond(writer, 404, b"Not Found", False, ctype="text/plain")
         await writer.drain()
         return False
+
+    async def _update(
+        self, writer: asyncio.StreamWriter, verb: str, query: str, headers: dict[str, str], body: bytes
+    ) -> None:
+        """``/update``: a multipart POST pushes a bundle, GET (or a form POST) pulls one (ota.md §3)."""
+        dev, f = self.dev, self.dev.fault
+
+        async def reply(status: int, text: str) -> None:
+            ctype = "text/html" if f == "http_push_html" else "text/plain"
+            self._respond(writer, status, text.encode() + b"\r\n", False, ctype=ctype)
+            await writer.drain()
+
+        ctype = headers.get("content-type", "")
+        if verb == "POST" and ctype.startswith("multipart/"):
+            if dev.ota.state == 1:
+                writer.transport.abort()  # an update already runs: the connection is simply closed (§3-f)
+                return
+            if not dev.ota.committed:
+                await reply(400, "Previous update has not been committed yet")
+                return
+            boundary = ctype.split("boundary=", 1)[1].strip('"') if "boundary=" in ctype else ""
+            data: bytes | None = None
+            commit_timeout = 0
+            for name, filename, value in _form_parts(body, boundary):
+                if filename and data is None and (name == "file" or f != "http_push_file_field_only"):
+                    data = value
+                elif name == "commit_timeout" and value.strip().isdigit():
+                    if data is not None and f == "http_push_ct_after_file_ignored":
+                        continue
+                    commit_timeout = int(value)
+            if data is None:
+                await reply(400, "Update aborted")
+            elif dev.install(data, commit_timeout) or f == "http_push_bad_ok":
+                await reply(200, "Update applied, finalizing")
+            else:
+                await reply(500, "-1 Invalid firmware bundle")
+            return
+        params = dict(urllib.parse.parse_qsl(query if verb == "GET" else body.decode("latin-1")))
+        url = params.get("url", "")
+        if not url:
+            await reply(400, "Update URL not specified and none is configured.")
+            return
+        if dev.ota.state == 1 and f != "http_pull_busy_ok":
+            await reply(409, "Another update is in progress.")
+            return
+        if not dev.ota.committed:
+            await reply(409, "Failed to create updater context.")
+            return
+        ct = params.get("commit_timeout", "0")
+        commit_timeout = int(ct) if ct.isdigit() and f != "http_pull_ct_ignored" else 0
+        isv = params.get("ignore_same_version", "1")
+        same_ok = (int(isv) > 0 if isv.lstrip("-").isdigit() else True) and f != "http_pull_same_version_installs"
+        code, message = await dev.pull(url, commit_timeout, ignore_same_version=same_ok)
+        await reply(200 if code >= 0 else 500, f"({code}) {message}")
+
+    async def _unauthorized(self, writer: asyncio.StreamWriter) -> None:
+        """HTTP 401 with the digest challenge (transports.md §3.3; real-device.md RD-A2)."""
+        www = f'Digest qop="auth", realm="{AUTH_REALM}", nonce="{int(time.time()):x}", algorithm=MD5'
+        extra = () if self.dev.fault == "http_auth_no_challenge" else (("WWW-Authenticate", www),)
+        self._respond(writer, 401, b"", False, extra=extra)
+        await writer.drain()
 
     # -- WebSocket (RFC 6455) ----------------------------------------------------------------------
     async def _websocket(
@@ -283,11 +364,52 @@ class HttpServer(_Closer):
             if out is WRONG_DST:
                 writer.transport.abort()  # closed without a close frame (transports.md §3.5)
                 return
-            assert isinstance(out, list)
-            for text in out:
-                payload = text.encode() + (b"\n" if f == "ws_newline_appended" else b"")
-                writer.write(_ws_frame(0x2 if f == "ws_binary_replies" else 0x1, payload))
+
+            def send(texts: list[str]) -> None:
+                for text in texts:
+                    payload = text.encode() + (b"\n" if f == "ws_newline_appended" else b"")
+                    writer.write(_ws_frame(0x2 if f == "ws_binary_replies" else 0x1, payload))
+
+            _deliver(out, send)
             await writer.drain()
+
+
+def _form_parts(body: bytes, boundary: str) -> list[tuple[str, str, bytes]]:
+    """The parts of a ``multipart/form-data`` body: (field name, file name or "", value)."""
+    out: list[tuple[str, str, bytes]] = []
+    if not boundary:
+        return out
+    for chunk in body.split(b"--" + boundary.encode("latin-1"))[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, value = chunk.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        disp = next(
+            (ln for ln in head.decode("latin-1").split("\r\n") if ln.lower().startswith("content-disposition")), ""
+        )
+        attrs = dict(
+            (k.strip().lower(), v.strip().strip('"')) for k, _, v in (a.partition("=") for a in disp.split(";")[1:])
+        )
+        out.append((attrs.get("name", ""), attrs.get("filename", ""), value.removesuffix(b"\r\n")))
+    return out
+
+
+def _deliver(out: Any, send: Any) -> None:
+    """Send ``out`` (replies now, or a future of replies that wait, e.g. for OTA.Update's download)."""
+    if isinstance(out, list):
+        send(out)
+    elif isinstance(out, asyncio.Future):
+
+        def done(fut: asyncio.Future[list[str]]) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                with contextlib.suppress(Exception):
+                    send(fut.result())
+
+        out.add_done_callback(done)
+
+
+async def _settled(out: Any) -> Any:
+    """``out``, or the replies once a deferred answer is ready."""
+    return await out if isinstance(out, asyncio.Future) else out
 
 
 def _ws_frame(op: int, payload: bytes) -> bytes:
@@ -350,10 +472,7 @@ class TcpServer(_Closer):
                 if now:
                     writer.write(now)
                 for js in frames:
-                    out = self.dev.handle(js, ch)
-                    if isinstance(out, list):
-                        for text in out:
-                            writer.write(link.frame_out(text))
+                    _deliver(self.dev.handle(js, ch), lambda texts: [writer.write(link.frame_out(x)) for x in texts])
                 if link.close_now:
                     return
                 await writer.drain()
@@ -403,6 +522,8 @@ class PtySerial:
             if isinstance(res, list):
                 for text in res:
                     out += self.link.frame_out(text)
+            else:
+                _deliver(res, lambda texts: self._write(b"".join(self.link.frame_out(x) for x in texts)))
         if out:
             self._write(out)
 
@@ -528,14 +649,16 @@ class MqttLink:
         if doc.get("method") and "id" in doc and not doc.get("src"):
             return  # "Drop frame without src" (transports.md §4)
         out = self.dev.handle(json.dumps(doc).encode(), self.ch)
-        if not isinstance(out, list):
-            return
         dst = doc.get("src") if isinstance(doc.get("src"), str) else ""
-        for text in out:
-            if not dst:
-                continue  # "Cannot reply to RPC over MQTT, no dst"
-            reply_topic = f"{dst}/resp" if f == "mqtt_reply_topic_wrong" else f"{dst}/rpc"
-            self.publish(reply_topic, text.encode())
+
+        def send(texts: list[str]) -> None:
+            for text in texts:
+                if not dst:
+                    continue  # "Cannot reply to RPC over MQTT, no dst"
+                reply_topic = f"{dst}/resp" if f == "mqtt_reply_topic_wrong" else f"{dst}/rpc"
+                self.publish(reply_topic, text.encode())
+
+        _deliver(out, send)
 
     async def close(self) -> None:
         if self.writer is not None:
