@@ -21,10 +21,12 @@ request queued during an outage never reaches the device before its reply topic 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
 import random
+import select
 import ssl
 import threading
 from collections.abc import Callable
@@ -59,6 +61,8 @@ EXTRA = "mqtt"
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 log = logging.getLogger("mgrpc.mqtt")
+_READ_BUDGET = 256  # packets read per readiness of the socket before the loop runs other work
+_EVENTS_PER_TURN = 16  # paho reports (messages, acks) handled per turn of the loop
 _paho_log = logging.getLogger("mgrpc.mqtt.paho")
 
 
@@ -274,6 +278,9 @@ class MqttConnection:
         self._ready = asyncio.Event()
         self._state_listeners: list[StateCallback] = []
         self._tasks: set[asyncio.Future[Any]] = set()
+        # paho's reports, handled on the loop a few per turn (see _post).
+        self._events: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = collections.deque()
+        self._events_scheduled = False
         # QoS 1/2 publishes made while paho connects in the worker thread, published when it is done.
         self._deferred: list[tuple[str, bytes | str, int, bool, asyncio.Future[None]]] = []
         self._closed = False
@@ -519,17 +526,32 @@ class MqttConnection:
                 sock.close()
 
     def _on_readable(self) -> None:
+        # Everything the socket holds (up to a budget, so other work gets its turn), with each
+        # PUBACK written at once: a subscriber that reads one packet per turn of a busy loop lets
+        # the broker's queue for it fill up, and the broker then drops messages (mosquitto keeps
+        # 1000 per client by default).
         c = self._client
         if c is None or self._inflight is not None:
             return
-        c.loop_read()
-        # TLS: records already decrypted wait in the SSL object, where the loop cannot see them.
-        for _ in range(64):
-            sock = c.socket()
-            pending = getattr(sock, "pending", None)
-            if sock is None or pending is None or pending() <= 0:
-                break
-            c.loop_read()
+        for _ in range(_READ_BUDGET):
+            if c.loop_read() != 0:
+                return  # the connection is gone (paho said so through on_disconnect)
+            if c.want_write():
+                c.loop_write()
+            if not self._more_to_read():
+                return
+
+    def _more_to_read(self) -> bool:
+        c = self._client
+        sock = c.socket() if c is not None else None
+        if sock is None or self._fd is None:
+            return False
+        pending = getattr(sock, "pending", None)  # TLS: records already decrypted wait in the SSL object
+        if pending is not None and pending() > 0:
+            return True
+        poller = select.poll()  # (not select(): no limit on the descriptor's number)
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _on_writable(self) -> None:
         c = self._client
@@ -566,13 +588,37 @@ class MqttConnection:
             self._want_write(False)
 
     def _post(self, fn: Callable[..., object], *args: Any) -> None:
-        # Handled on a later turn of the loop, outside paho's packet processing (listeners may
-        # publish, subscribe or close), in the order paho reported them.
+        # Handled outside paho's packet processing (listeners may publish, subscribe or close), in
+        # the order paho reported them, a few per turn of the loop: between two batches the loop
+        # reads the socket again, so slow message callbacks (a database write each) never keep the
+        # socket unread while the broker's queue for us fills up and overflows.
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
-            loop.call_soon_threadsafe(fn, *args)
+        if not self._on_loop_thread():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                loop.call_soon_threadsafe(self._post, fn, *args)
+            return
+        self._events.append((fn, args))
+        if not self._events_scheduled:
+            self._events_scheduled = True
+            loop.call_soon(self._run_events)
+
+    def _run_events(self) -> None:
+        events = self._events
+        for _ in range(_EVENTS_PER_TURN):
+            if not events:
+                break
+            fn, args = events.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("MQTT: handling %s failed", getattr(fn, "__name__", fn))
+        loop = self._loop
+        if events and loop is not None and not loop.is_closed():
+            loop.call_soon(self._run_events)  # the rest on the next turn, after the socket was read
+        else:
+            self._events_scheduled = False
 
     def _t_on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:

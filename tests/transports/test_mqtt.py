@@ -463,6 +463,49 @@ async def test_sockets_numbered_above_1023_work(broker: Mosquitto) -> None:
             await node.close()
 
 
+async def test_slow_message_callbacks_do_not_make_the_broker_drop_messages(
+    mosquitto_broker: Callable[..., Mosquitto],  # noqa: F811
+) -> None:
+    """Callbacks slower than the messages come (a blocking database write each, as the fleet
+    dashboard's): the socket is still read between them, so the backlog waits in this process, not
+    in the broker's queue for this client, which drops what overflows (200 messages here; 1000 is
+    mosquitto's default)."""
+    import time
+
+    broker = mosquitto_broker(extra_config="max_queued_messages 200")
+    n = 800
+    conn = await mqttconn.open_connection(broker.url())
+    got: list[int] = []
+
+    def slow(msg: mqttconn.MqttMessage) -> None:
+        got.append(int(msg.payload))
+        time.sleep(0.005)  # blocks the loop, as a synchronous database call does
+
+    publisher = (
+        "import sys, time\n"
+        "import paho.mqtt.client as m\n"
+        "c = m.Client(m.CallbackAPIVersion.VERSION2, client_id='load-publisher')\n"
+        f"c.connect('127.0.0.1', {broker.port}); c.loop_start()\n"
+        f"infos = []\nfor i in range({n}):\n"
+        "    infos.append(c.publish('load/t', str(i), qos=1)); time.sleep(0.0025)\n"
+        "for info in infos: info.wait_for_publish(60)\n"
+        "c.disconnect(); c.loop_stop(); print('sent', flush=True)\n"
+    )
+    try:
+        await conn.subscribe("load/t", slow, qos=1)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", publisher, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        assert out.strip() == b"sent"
+        seen, still = -1, 0
+        while len(got) < n and still < 30:  # until all came, or nothing more for a while
+            await asyncio.sleep(0.1)
+            still = still + 1 if len(got) == seen else 0
+            seen = len(got)
+        assert got == list(range(n))
+    finally:
+        await conn.close()
+
+
 def test_backoff_delay_grows_with_jitter() -> None:
     delays = [[mqttconn.backoff_delay(n, 0.5, 8.0) for n in range(8)] for _ in range(50)]
     for run in delays:
