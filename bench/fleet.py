@@ -2,9 +2,8 @@
 workers, and the dashboard's event latency (device progress -> browser event stream).
 
 1. **Throughput.** N virtual devices (default 1000; in-memory flash, one MQTT connection each, as
-   real devices have; in device processes of ``--per-process`` because paho's ``select()`` loop
-   cannot watch file descriptors above 1023) are updated by a shadow rollout (at most 200 devices
-   downloading at once), first by one
+   real devices have; in device processes of ``--per-process``, so they use every core) are
+   updated by a shadow rollout (at most 200 devices downloading at once), first by one
    ``mgrpc dashboard`` worker, then (fresh devices, fresh database) by two workers sharing the
    database and the device traffic (MQTT shared subscriptions). The database is a private
    PostgreSQL (Debian's packages; see ``tests/postgres.py``) for both runs, so only the number of
@@ -229,8 +228,7 @@ def main() -> int:
     """Run both parts and print the figures."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=1000, help="virtual devices in the throughput runs")
-    ap.add_argument("--per-process", type=int, default=125,
-                    help="devices per device process (250 saturate one on 2 cores: reconnections time out)")
+    ap.add_argument("--per-process", type=int, default=125, help="devices per device process")
     ap.add_argument("--budget", type=float, default=900.0, help="seconds allowed per run (attach, then update)")
     ap.add_argument("--events", type=int, default=100, help="event-latency samples")
     ap.add_argument("--device-process", nargs=3, metavar=("PREFIX", "START", "COUNT"), help=argparse.SUPPRESS)
