@@ -549,6 +549,8 @@ class MqttConnection:
         pending = getattr(sock, "pending", None)  # TLS: records already decrypted wait in the SSL object
         if pending is not None and pending() > 0:
             return True
+        if not hasattr(select, "poll"):  # Windows (its select() takes socket handles of any value)
+            return bool(select.select([self._fd], [], [], 0)[0])
         poller = select.poll()  # (not select(): no limit on the descriptor's number)
         poller.register(self._fd, select.POLLIN)
         return bool(poller.poll(0))
