@@ -433,14 +433,18 @@ class Session:
         p = await self.probe()  # a new one if the device closed the channel
         mark = first_mark if p is first else len(p.frames)
         reply: Frame | None = None
+        send_failed = False
         try:
             await p.send(Frame(id=barrier_id, src="mos", method="RPC.Ping"), timeout_s=self.options.timeout_s)
+        except (MgrpcError, TimeoutError):
+            # The channel broke under the barrier (the device closed it for the frame, and the
+            # close reached us as a failed write before the reader saw the end): it is gone.
+            send_failed = True
+        if not send_failed:
             reply = await p.wait_for(
                 lambda f: f.is_response and id_key(f.id) == barrier_id, start=mark, timeout_s=self.options.timeout_s
             )
-        except (MgrpcError, TimeoutError):
-            reply = None
-        if reply is None and p.closed:
+        if reply is None and (p.closed or send_failed):
             # Closed while we waited: make sure the device still answers on a new channel.
             again = await (await self.reopen()).request("RPC.Ping", timeout_s=self.options.timeout_s)
             if again is None:
