@@ -90,9 +90,11 @@ class ShadowStore:
         t = ShadowTopics(thing)
         token = request.get("clientToken") if isinstance(request, dict) else None
         with self.engine.begin() as c:
-            c.execute(self._sql.insert_ignore(self.t, self.engine).values(thing=thing, doc=""))
             q = self._sql.for_update(self.sa.select(self.t.c.doc).where(self.t.c.thing == thing), self.engine)
             row = c.execute(q).first()
+            if row is None:  # the first update of this thing: make the row to hold (two may race here)
+                c.execute(self._sql.insert_ignore(self.t, self.engine).values(thing=thing, doc=""))
+                row = c.execute(q).first()
             doc = ShadowDocument.from_json(json.loads(row[0])) if row and row[0] else ShadowDocument()
             previous = doc.to_json()
             try:

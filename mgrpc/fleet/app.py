@@ -86,6 +86,7 @@ EVENT_KEEPALIVE_S = 15.0
 BUNDLE_CACHE = 4  # bundles kept in memory for downloads
 PROGRESS_SAVE_S = 5.0  # transfer progress goes to the database at most this often per device
 SHADOW_RESEND_S = 10.0  # shadow: a device online that has not begun is sent desired.ota again
+SHADOW_ASKED_RESEND_S = 60.0  # ... or after this, if it has asked for its shadow since (see FleetApp._resend_after)
 PUMP_COALESCE_S = 0.1  # a finished job starts the next ones within this (one pump for all finished meanwhile)
 WORKER_DEAD_S = 5.0  # a worker not heard from for this long is dead: its waiting jobs are taken over
 
@@ -140,6 +141,8 @@ class FleetApp:
         self.changes = 0  # bumped on every change (the page can skip redraws)
         self._listeners: set[asyncio.Event] = set()  # one per server-sent-events client
         self._pump_due: dict[str, asyncio.TimerHandle] = {}  # rollout id -> its coming pump (_pump_soon)
+        self._shadow_asked: dict[str, float] = {}  # device -> when it last asked for its shadow (a get)
+        self._desired_set: dict[str, float] = {}  # device -> when this worker last set its desired.ota
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> FleetApp:
@@ -282,6 +285,8 @@ class FleetApp:
         if len(parts) < 5 or not parts[2]:
             return
         dev_id, op = parts[2], parts[4]
+        if op == "get":
+            self._shadow_asked[dev_id] = time.time()
         reported = (obj.get("state") or {}).get("reported") if isinstance(obj.get("state"), dict) else None
         d = self.devices.get(dev_id)
         if op == "update" and not isinstance(reported, dict):
@@ -870,6 +875,7 @@ class FleetApp:
         else:
             body = json.dumps({"state": {"desired": desired}, "clientToken": f"fleet-{r.id}"})
             await self.mqtt.publish(ShadowTopics(d.id).update, body, qos=1)
+        self._desired_set[d.id] = time.time()
         if not d.online:
             self._note(r, job, message="desired.ota.url set; waiting for the device to come online")
 
@@ -967,7 +973,7 @@ class FleetApp:
                 if limit is not None and t - job.changed_at > limit:
                     self._event(r, job, "timeout", error=f"no result within {limit:g} s ({job.state})")
                 elif (r.method == "shadow" and job.state == "sending" and job.owner == self.worker_id
-                      and t - job.changed_at > SHADOW_RESEND_S):  # fmt: skip
+                      and t - job.changed_at > self._resend_after(job.device)):  # fmt: skip
                     # The device may have missed the delta (it was reconnecting); saying it again
                     # is harmless (the device acts once per URL).
                     dev = self.devices.get(job.device)
@@ -976,6 +982,13 @@ class FleetApp:
                         self._spawn(self._shadow(r, job, dev))
             if r.state == "running":
                 self._pump(r)
+
+    def _resend_after(self, dev_id: str) -> float:
+        """Seconds a shadow job may wait for its device to begin before desired.ota is said again:
+        SHADOW_RESEND_S, or SHADOW_ASKED_RESEND_S once the device has asked for its shadow since it
+        was set (the answer carries it: the device is only slow, and a resend would add to the load)."""
+        asked = self._shadow_asked.get(dev_id, 0.0) > self._desired_set.get(dev_id, float("inf"))
+        return SHADOW_ASKED_RESEND_S if asked else SHADOW_RESEND_S
 
     # -- HTTP ------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -394,3 +394,44 @@ async def test_control_api_and_server_sent_events(fleet) -> None:
         # an aborted poll job is no longer offered
         async with s.get(fleet.url + "/update", headers={"X-MGOS-Device-ID": "ctl0 0A"}) as resp:
             assert resp.status == 304
+
+
+async def test_shadow_desired_is_said_again_only_to_a_device_that_did_not_ask_for_it() -> None:
+    """A shadow job whose device has not begun is sent desired.ota again after SHADOW_RESEND_S, unless
+    the device asked for its shadow since (the answer carries it: it is only slow); then after
+    SHADOW_ASKED_RESEND_S."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mgrpc.fleet import DeviceRecord, FleetApp
+    from mgrpc.fleet.app import SHADOW_ASKED_RESEND_S, SHADOW_RESEND_S
+
+    sent: list[str] = []
+
+    class Broker:
+        async def publish(self, topic: str, body: str, qos: int = 0) -> None:
+            sent.append(topic.split("/")[2])
+
+    db = FleetDB(":memory:")
+    app = FleetApp(db, mqtt=Broker(), public_url="http://127.0.0.1:1")
+    try:
+        for d in ("quiet", "asking"):
+            app.devices[d] = DeviceRecord(id=d, arch="esp32", version="1.0", online=True)
+        info = db.add_bundle(bundle("1.1"))
+        r = app.start_rollout(devices=["quiet", "asking"], bundle=info.sha, method="shadow")
+        while len(sent) < 2:  # the jobs' tasks set desired.ota
+            await asyncio.sleep(0.01)
+        assert sorted(sent) == ["asking", "quiet"]
+        # the delta made one device ask for its shadow (a get; the other missed it)
+        app._on_shadow_request(SimpleNamespace(topic="$aws/things/asking/shadow/get", payload=b"{}", retain=False))
+        started = max(j.changed_at for j in r.jobs.values())
+        for wait in (SHADOW_RESEND_S + 1, SHADOW_ASKED_RESEND_S + 1):
+            sent.clear()
+            app.tick(now=started + wait)
+            await asyncio.sleep(0.05)
+            # (the quiet one again at the second tick: it was said again at the first)
+            assert sorted(sent) == (["quiet"] if wait < SHADOW_ASKED_RESEND_S else ["asking", "quiet"]), (wait, sent)
+    finally:
+        await app.close()
+        db.close()
+
