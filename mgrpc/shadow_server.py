@@ -7,8 +7,8 @@ publish (and persists the document); :class:`ShadowServer` wires it to an inject
 connection (e.g. ``transports.mqttconn.MqttConnection``). Replies are QoS 1, not retained.
 With ``share_group`` the request topics are shared subscriptions (``$share/<group>/...``): each
 request reaches one of the workers of the group. (mosquitto 2.0 delivers no ``$``-topic to a shared
-subscription, so the fleet runs one active shadow service per group instead, see
-:mod:`mgrpc.fleet.app`.)
+subscription, so the fleet's workers each subscribe every request and answer those of their
+devices instead: ``accept``, see :mod:`mgrpc.fleet.app`.)
 Deletion: ``$aws/things/<id>/shadow/delete`` removes the document (the next update starts it at
 version 1).
 """
@@ -146,9 +146,12 @@ class ShadowServer:
     """Serve a :class:`ShadowStore` through an MQTT connection (``conn`` as in :mod:`services.shadow`)."""
 
     def __init__(self, conn: Any, store: ShadowStore, *, owns_connection: bool = False,
-                 share_group: str = "") -> None:  # fmt: skip
+                 share_group: str = "", accept: Callable[[str], bool] | None = None) -> None:  # fmt: skip
         self.conn = conn
         self.share_group = share_group
+        # which things' requests this server answers (None: all); several servers split them this way
+        # where the broker cannot share $-topics (the fleet's workers, :mod:`mgrpc.fleet.app`)
+        self.accept = accept
         self.serving = False
         self.store = store
         self.owns_connection = owns_connection
@@ -175,6 +178,10 @@ class ShadowServer:
     def _on_message(self, msg: Any) -> None:
         if getattr(msg, "retain", False):
             return  # a stale retained request would be replayed at every start
+        if self.accept is not None:
+            parsed = parse_shadow_topic(msg.topic)
+            if parsed is None or not self.accept(parsed[0]):
+                return  # another server's
         try:
             replies = self.store.handle(msg.topic, msg.payload)
         except Exception:

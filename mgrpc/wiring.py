@@ -193,7 +193,7 @@ async def start_fleet(
             if shadow:
                 store = ShadowStore(db_path, engine=db.engine)
                 shadow_srv = ShadowServer(conn, store)
-                if not share_group:  # with workers, the one holding the lease serves (FleetApp.start)
+                if not share_group:  # with workers, FleetApp.start starts it (each answers its devices)
                     await shadow_srv.start()
         fleet_app = FleetApp(db, mqtt=conn, rpc_connect=transports.connect, broker_url=broker_base, guard=guard,
                              share_group=share_group, shadow_service=shadow_srv, **app_kw)  # fmt: skip

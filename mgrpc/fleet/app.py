@@ -42,8 +42,10 @@ which drives each from where the device stands (:meth:`FleetApp._resume_transfer
 resumed at the device's offset, a device that already runs the bundle is only committed, an
 OTA.Update never sent is sent. A worker restarted under the same id takes back its own jobs. The
 moves a worker makes from its own work on a job are fenced by ownership, so one that was only
-thought dead cannot undo its successor's. One worker at a time, holding a lease, answers the
-devices' shadow requests.
+thought dead cannot undo its successor's. The messages every worker receives (presence, shadow
+requests) are each device's worker's to act on: the live workers split the devices by a hash of
+the id (:meth:`FleetApp._serves`), so each stores and answers its share, and the share of a worker
+that stops goes to the others when its heartbeat is missed.
 
 Injected from the composition root (this package never imports :mod:`transports`): ``mqtt`` (a
 connection like ``transports.mqttconn.MqttConnection``) and ``rpc_connect(url)`` (e.g.
@@ -58,6 +60,7 @@ import json
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -119,6 +122,8 @@ class FleetApp:
         # the shadow service beside this dashboard (mgrpc.shadow_server.ShadowServer): sets desired
         # state directly; with a share group, one worker at a time answers the devices' requests
         self.shadow_service = shadow_service
+        if shadow_service is not None and share_group:
+            shadow_service.accept = self._serves  # each worker answers its devices' requests
         self.guard = guard or Guard()
         self.mqtt = mqtt
         self.rpc_connect = rpc_connect
@@ -140,6 +145,7 @@ class FleetApp:
         self._ticker: asyncio.Task[None] | None = None
         self.changes = 0  # bumped on every change (the page can skip redraws)
         self._listeners: set[asyncio.Event] = set()  # one per server-sent-events client
+        self._peers: list[str] = [self.worker_id]  # the live workers, sorted (see _serves)
         self._pump_due: dict[str, asyncio.TimerHandle] = {}  # rollout id -> its coming pump (_pump_soon)
         self._shadow_asked: dict[str, float] = {}  # device -> when it last asked for its shadow (a get)
         self._desired_set: dict[str, float] = {}  # device -> when this worker last set its desired.ota
@@ -147,15 +153,17 @@ class FleetApp:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> FleetApp:
         """Subscribe the fleet topics and start the timeout ticker."""
+        self.db.heartbeat(self.worker_id)
+        self._set_peers(self.db.live_workers(WORKER_DEAD_S))
         if self.mqtt is not None:
             g = self.share_group
             # Presence is retained, and a shared subscription gets no retained messages: every worker
-            # follows every device's status (the job moves it causes happen once: the database decides).
+            # follows every device's status (in memory; the device's worker stores it and acts on it).
             await self.mqtt.subscribe("+/status", self._on_status, qos=1)
             # The bulk of the traffic: one worker of the group gets each message.
             await self.mqtt.subscribe(_shared("+/ota/progress", g), self._on_progress, qos=0)
             # mosquitto 2.0 delivers no $-topic to a shared subscription: every worker follows the
-            # shadow traffic (light: a few messages per update); the database keeps the moves single.
+            # shadow traffic (light: a few messages per update; the device's worker answers requests).
             await self.mqtt.subscribe("$aws/things/+/shadow/update/accepted", self._on_shadow, qos=1)
             # Discovery of devices that speak only the shadow protocol (Mongoose OS devices): their
             # own requests name them.
@@ -163,8 +171,8 @@ class FleetApp:
             await self.mqtt.subscribe("$aws/things/+/shadow/get", self._on_shadow_request, qos=1)
             if hasattr(self.mqtt, "on_state"):
                 self.mqtt.on_state(self._on_broker_state)
-        self.db.heartbeat(self.worker_id)
-        await self._shadow_lease()
+        if self.shadow_service is not None and self.share_group and not self.shadow_service.serving:
+            await self.shadow_service.start()
         self._take_over(restart=True)
         for r in list(self.rollouts.values()):
             if r.state == "running":
@@ -172,17 +180,32 @@ class FleetApp:
         self._ticker = asyncio.ensure_future(self._tick_loop())
         return self
 
-    async def _shadow_lease(self) -> None:
-        """With a share group, answer the devices' shadow requests only while holding the lease."""
-        srv = self.shadow_service
-        if srv is None or not self.share_group:
+    def _serves(self, dev_id: str) -> bool:
+        """Whether this worker is the device's: it stores the device's presence, makes the job moves
+        its presence causes, and answers its shadow requests. Every worker receives all of these
+        (retained and ``$`` topics cannot be shared subscriptions); the live workers split the devices
+        by a hash of the id, so each does its share, and a dead worker's devices go to the others
+        within ``WORKER_DEAD_S``. Without a share group (one worker) every device is this worker's."""
+        peers = self._peers
+        return len(peers) < 2 or peers[zlib.crc32(dev_id.encode()) % len(peers)] == self.worker_id
+
+    def _set_peers(self, live: set[str] | frozenset[str]) -> None:
+        """The live workers changed: split the devices again (:meth:`_serves`). Devices this worker
+        gains are stored and checked against their jobs (the worker they had may have died before
+        doing it; this worker saw their messages too)."""
+        peers = sorted(set(live) | {self.worker_id}) if self.share_group else [self.worker_id]
+        if peers == self._peers:
             return
-        held = self.db.lease(f"shadow:{self.share_group}", self.worker_id, WORKER_DEAD_S)
-        if held and not srv.serving:
-            await srv.start()
-            log.warning("worker %s: answering the shadow requests (group %s)", self.worker_id, self.share_group)
-        elif not held and srv.serving:
-            await srv.stop_serving()
+        had = {d for d in self.devices if self._serves(d)}
+        self._peers = peers
+        gained = [d for d in self.devices.values() if d.id not in had and self._serves(d.id) and d.source == "mqtt"]
+        n = sum(1 for d in self.devices if self._serves(d))
+        log.warning("worker %s: workers %s; this one serves %d of %d devices (presence, shadow requests)",
+                    self.worker_id, ", ".join(peers), n, len(self.devices))  # fmt: skip
+        for d in gained:
+            self._touch(d)
+            if d.online:
+                self._device_online(d)
 
     async def close(self) -> None:
         """Stop the ticker and the running job tasks (the database stays open: the caller owns it)."""
@@ -258,8 +281,9 @@ class FleetApp:
         if isinstance(st.get("url"), str) and not d.url:
             d.url = st["url"]
         d.last_seen = time.time()
-        self._touch(d)
-        if d.online:
+        mine = self._serves(dev_id)
+        self._touch(d, save=mine)
+        if d.online and mine:
             self._device_online(d)
 
     def _on_broker_state(self, up: bool) -> None:
@@ -269,7 +293,7 @@ class FleetApp:
         for d in self.devices.values():
             if d.source == "mqtt" and d.online:
                 d.online = False
-                self._touch(d)
+                self._touch(d, save=self._serves(d.id))
 
     def _on_shadow_request(self, msg: Any) -> None:
         """A device's own shadow request (``update`` with ``reported`` state, or ``get``): it is on the broker."""
@@ -302,8 +326,9 @@ class FleetApp:
         d.online = True  # a live (not retained) request: it is connected now
         d.last_seen = time.time()
         changed = (d.online, d.version, d.build_id, d.app, d.arch) != before
-        self._touch(d, save=changed or d.presence == "shadow")
-        if changed:
+        mine = self._serves(dev_id)
+        self._touch(d, save=mine and (changed or d.presence == "shadow"))
+        if changed and mine:
             self._device_online(d)
 
     def _on_progress(self, msg: Any) -> None:
@@ -616,6 +641,7 @@ class FleetApp:
         """Adopt rollouts other workers started, and the jobs of workers that died (``restart``: also
         the jobs this worker's id owned before it started: nothing drives them now)."""
         live = frozenset(self.db.live_workers(WORKER_DEAD_S))
+        self._set_peers(live)
 
         def dead(owner: str) -> bool:
             return owner not in live or (restart and owner == self.worker_id)
@@ -934,7 +960,6 @@ class FleetApp:
             await asyncio.sleep(1.0)
             try:
                 self.tick()
-                await self._shadow_lease()
             except Exception:
                 log.exception("fleet tick failed")
 

@@ -435,3 +435,66 @@ async def test_shadow_desired_is_said_again_only_to_a_device_that_did_not_ask_fo
         await app.close()
         db.close()
 
+
+async def test_workers_split_the_devices_presence_and_shadow_requests(tmp_path) -> None:
+    """Every worker receives every device's status and shadow requests (they cannot be shared
+    subscriptions); each stores and answers only its share, the shares cover every device once, and
+    a worker that leaves hands its share to the others (stored from what they received meanwhile)."""
+    import json
+    from types import SimpleNamespace
+
+    from mgrpc.fleet import FleetApp
+    from mgrpc.shadow_server import ShadowServer, ShadowStore
+
+    class Conn:
+        def __init__(self) -> None:
+            self.replies: list[str] = []
+
+        def publish_nowait(self, topic: str, payload: bytes, qos: int = 0) -> None:
+            self.replies.append(topic)
+
+    path = tmp_path / "fleet.sqlite"
+    apps, conns, dbs = [], [], []
+    for name in ("a", "b"):
+        db = FleetDB(path)
+        conn = Conn()
+        srv = ShadowServer(conn, ShadowStore(path, engine=db.engine))
+        apps.append(FleetApp(db, worker_id=name, share_group="g", shadow_service=srv))
+        conns.append(conn)
+        dbs.append(db)
+    a, b = apps
+    try:
+        ids = [f"d{i:02d}" for i in range(40)]
+        for app in apps:
+            app._set_peers({"a", "b"})
+        mine_a = {d for d in ids if a._serves(d)}
+        mine_b = {d for d in ids if b._serves(d)}
+        assert mine_a and mine_b and not mine_a & mine_b and mine_a | mine_b == set(ids)
+        # a device's status reaches both; only its worker stores it
+        for d in ids:
+            st = {"online": True, "id": d, "arch": "esp32", "version": "1.0", "boots": 1}
+            msg = SimpleNamespace(topic=f"{d}/status", payload=json.dumps(st).encode(), retain=False)
+            for app in apps:
+                app._on_status(msg)
+        assert {d.id for d in dbs[0].devices()} == set(ids)  # every device stored once, by its worker
+        assert all(d in app.devices for app in apps for d in ids)  # every worker shows every device
+        # a shadow request reaches both; only its worker answers
+        for d in ids:
+            req = SimpleNamespace(topic=f"$aws/things/{d}/shadow/get", payload=b"{}", retain=False)
+            for app in apps:
+                assert app.shadow_service is not None
+                app.shadow_service._on_message(req)
+        answered = [{t.split("/")[2] for t in c.replies} for c in conns]
+        assert answered == [mine_a, mine_b]
+        # b dies; before a notices, one of b's devices goes offline: a sees it, but it is not a's to store
+        b_dev = sorted(mine_b)[0]
+        st = {"online": False, "id": b_dev, "boots": 1}
+        a._on_status(SimpleNamespace(topic=f"{b_dev}/status", payload=json.dumps(st).encode(), retain=False))
+        assert next(d for d in dbs[0].devices() if d.id == b_dev).online  # stale
+        a._set_peers({"a"})  # a notices (b's heartbeat stopped)
+        assert all(a._serves(d) for d in ids)
+        assert not next(d for d in dbs[0].devices() if d.id == b_dev).online  # a stored it on taking over
+    finally:
+        for app, db in zip(apps, dbs, strict=True):
+            await app.close()
+            db.close()
