@@ -347,8 +347,14 @@ class FleetApp:
         if state not in ("progress", "success", "error", "committed") or (state == "progress" and not p.get("done")):
             return  # not a move (a progress of 0: an update began; each poll begins one, most end with 304)
         # Transfer progress is the bulk of the traffic: a job this worker knows to be transferring
-        # is used as cached (a move is re-checked under the row lock anyway).
-        found = self._cached_transfer(dev_id) if state == "progress" else None
+        # is used as cached (a move is re-checked under the row lock anyway). Workers get the messages
+        # of a transfer in turns (a shared subscription), and one that is behind gets some after the
+        # device came back with the update: a job known to be past its transfer moves no more on them.
+        found = None
+        if state == "progress":
+            found = self._cached_job(dev_id)
+            if found is not None and found[1].state in ("rebooting", "committing"):
+                return
         found = found or self._active_job(dev_id)
         if found is None:
             return
@@ -464,11 +470,13 @@ class FleetApp:
                 self.rollouts[r.id] = r
         return r
 
-    def _cached_transfer(self, dev_id: str) -> tuple[Rollout, Job] | None:
+    def _cached_job(self, dev_id: str) -> tuple[Rollout, Job] | None:
+        """The device's latest started job as this worker last knew it, if transferring or past that
+        and not finished."""
         for r in reversed(list(self.rollouts.values())):
             j = r.jobs.get(dev_id)
-            if j is not None and j.state == "updating":
-                return r, j
+            if j is not None and j.state != "queued":
+                return (r, j) if j.state in ("updating", "rebooting", "committing") else None
         return None
 
     def _active_job(self, dev_id: str) -> tuple[Rollout, Job] | None:
