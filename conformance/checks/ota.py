@@ -237,6 +237,36 @@ def _uptime(info: dict[str, Any]) -> float:
     return float(v) if isinstance(v, int | float) else float("inf")
 
 
+def _expect_new_slot(before: dict[str, Any], after: dict[str, Any], what: str, *, commit_timeout: int) -> None:
+    """After an update: the other slot runs, uncommitted, with ``commit_timeout``."""
+    expect(
+        after["active_slot"] != before["active_slot"]
+        and after["is_committed"] is False
+        and after["commit_timeout"] == commit_timeout,
+        f"after {what} the new slot runs uncommitted, with commit_timeout {commit_timeout}",
+        seen=show(after),
+        expected=f"active_slot != {before['active_slot']}, is_committed false, commit_timeout {commit_timeout}",
+    )
+
+
+async def _expect_reverted(s: Session, before: dict[str, Any], info_before: dict[str, Any], what: str) -> None:
+    """After a revert: the device reboots into the previous slot, committed, with the previous firmware."""
+    back = await _wait_reboot(s, await s.get_info(fresh=True))
+    expect(
+        back["active_slot"] == before["active_slot"] and back["is_committed"] is True,
+        f"after {what} the previous slot must run, committed",
+        seen=show(back),
+        expected=f"active_slot {before['active_slot']}, is_committed true",
+    )
+    info = await s.get_info(fresh=True)
+    expect(
+        info.get("fw_id") == info_before.get("fw_id"),
+        "the previous firmware must run again",
+        seen=info.get("fw_id"),
+        expected=info_before.get("fw_id"),
+    )
+
+
 async def _install(s: Session, bundle: bytes) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Full ``mos ota`` sequence; returns (boot state before, boot state after the reboot, info before)."""
     before = await _ready(s)
@@ -547,20 +577,7 @@ async def _ota_revert(s: Session) -> str | None:
     before, _, info_before = await _install(s, bundle)
     resp = await s.request("OTA.Revert")
     expect(resp.ok, "OTA.Revert of uncommitted firmware must succeed", seen=_err(resp), expected="result null")
-    back = await _wait_reboot(s, await s.get_info(fresh=True))
-    expect(
-        back["active_slot"] == before["active_slot"] and back["is_committed"] is True,
-        "after the revert the previous slot must run, committed",
-        seen=show(back),
-        expected=f"active_slot {before['active_slot']}, is_committed true",
-    )
-    info = await s.get_info(fresh=True)
-    expect(
-        info.get("fw_id") == info_before.get("fw_id"),
-        "the previous firmware must run again",
-        seen=info.get("fw_id"),
-        expected=info_before.get("fw_id"),
-    )
+    await _expect_reverted(s, before, info_before, "the revert")
     again = await s.request("OTA.Revert")
     expect(
         again.error is not None and again.error.code != 0,

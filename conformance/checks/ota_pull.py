@@ -21,6 +21,8 @@ from conformance.checks.ota import (
     _boot_state,
     _bundle,
     _err,
+    _expect_new_slot,
+    _expect_reverted,
     _expect_untouched,
     _ready,
     _status,
@@ -225,14 +227,7 @@ async def _ota_http_pull(s: Session) -> str | None:
             expected="200 (<result>) <message>\\r\\n",
         )
         after = await _wait_reboot(s, info)
-        expect(
-            after["active_slot"] != before["active_slot"]
-            and after["is_committed"] is False
-            and after["commit_timeout"] == 120,
-            "after the pull the new slot runs uncommitted, with the commit_timeout of the query",
-            seen=show(after),
-            expected=f"active_slot != {before['active_slot']}, is_committed false, commit_timeout 120",
-        )
+        _expect_new_slot(before, after, "the pull (commit_timeout of the query)", commit_timeout=120)
         status, headers, body = await _web(s, "GET", "/update/commit")
         expect(
             status == 200 and body == b"Ok\r\n" and headers.get("Content-Type", "").startswith("text/html"),
@@ -300,15 +295,8 @@ async def _ota_http_push(s: Session) -> str | None:
         seen=f"{status} {show(headers)} {show(body)}",
         expected="200 Content-Type: text/plain, Connection: close, body ending \\r\\n",
     )
-    after = await _wait_reboot(s, info)
-    expect(
-        after["active_slot"] != before["active_slot"]
-        and after["is_committed"] is False
-        and after["commit_timeout"] == 150,
-        "after the push the new slot runs uncommitted with the commit_timeout sent after the file",
-        seen=show(after),
-        expected=f"active_slot != {before['active_slot']}, is_committed false, commit_timeout 150",
-    )
+    _expect_new_slot(before, await _wait_reboot(s, info), "the push (commit_timeout sent after the file)",
+                     commit_timeout=150)  # fmt: skip
     status, headers, body = await _web(s, "GET", "/update/revert")
     expect(
         status == 200 and body == b"Ok\r\n",
@@ -316,20 +304,7 @@ async def _ota_http_push(s: Session) -> str | None:
         seen=f"{status} {show(body)}",
         expected="200 Ok\\r\\n",
     )
-    back = await _wait_reboot(s, await s.get_info(fresh=True))
-    expect(
-        back["active_slot"] == before["active_slot"] and back["is_committed"] is True,
-        "after /update/revert the previous slot runs again, committed",
-        seen=show(back),
-        expected=f"active_slot {before['active_slot']}, is_committed true",
-    )
-    info2 = await s.get_info(fresh=True)
-    expect(
-        info2.get("fw_id") == info.get("fw_id"),
-        "the previous firmware runs again",
-        seen=info2.get("fw_id"),
-        expected=info.get("fw_id"),
-    )
+    await _expect_reverted(s, before, info, "/update/revert")
     return None
 
 
