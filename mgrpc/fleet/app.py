@@ -90,7 +90,7 @@ BUNDLE_CACHE = 4  # bundles kept in memory for downloads
 PROGRESS_SAVE_S = 5.0  # transfer progress goes to the database at most this often per device
 SHADOW_RESEND_S = 10.0  # shadow: a device online that has not begun is sent desired.ota again
 SHADOW_ASKED_RESEND_S = 60.0  # ... or after this, if it has asked for its shadow since (see FleetApp._resend_after)
-PUMP_COALESCE_S = 0.1  # a finished job starts the next ones within this (one pump for all finished meanwhile)
+PUMP_COALESCE_S = 0.25  # a finished job starts the next ones within this (one pump for all finished meanwhile)
 WORKER_DEAD_S = 5.0  # a worker not heard from for this long is dead: its waiting jobs are taken over
 
 RpcConnect = Callable[[str], Awaitable[Any]]
@@ -1013,7 +1013,7 @@ class FleetApp:
                     if dev is not None and dev.online:
                         self._note(r, job, changed_at=t)
                         self._spawn(self._shadow(r, job, dev))
-            if r.state == "running":
+            if r.state == "running" and not _slots_full(r):
                 self._pump(r)
 
     def _resend_after(self, dev_id: str) -> float:
@@ -1179,6 +1179,20 @@ class FleetApp:
         r, job = found
         self._note(r, job, message="device polled; downloading")
         return web.Response(body=self.bundle_data(r.bundle), content_type="application/zip")
+
+
+def _slots_full(r: Rollout) -> bool:
+    """As far as this worker knows, ``concurrency`` jobs are under way and others wait: no pump can
+    start one (a job that ends pumps; the tick skips the transaction)."""
+    if r.concurrency <= 0:
+        return False
+    active = queued = 0
+    for j in r.jobs.values():
+        if j.state == "queued":
+            queued += 1
+        elif not j.terminal:
+            active += 1
+    return queued > 0 and active >= r.concurrency
 
 
 def _shared(topic_filter: str, group: str) -> str:

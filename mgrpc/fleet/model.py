@@ -301,10 +301,10 @@ class FleetDB:
 
         ``light`` (starting queued jobs, the frequent case): only the rollout's row is held, and the
         jobs are read from their state and owner columns (no job document is parsed: a pump costs
-        little even with thousands of jobs). A job the caller changed is then written only if its
-        stored state is still the one read (checked under its row lock; another worker may have
-        moved a started job meanwhile), and afterwards the rollout's ``jobs`` hold just the jobs
-        written, as stored."""
+        little even with thousands of jobs). What the caller changed in a job it moved (a new
+        state) is then written, if the job's stored state is still the one read (checked under its
+        row lock; another worker may have moved a started job meanwhile), and afterwards the
+        rollout's ``jobs`` hold just the jobs written, as stored."""
         t = self.t["rollouts"]
         with self.engine.begin() as c:
             q = self._sql.for_update(self.sa.select(t.c.doc).where(t.c.id == rollout_id), self.engine)
@@ -312,21 +312,28 @@ class FleetDB:
             if not rows:
                 yield None
                 return
-            r = self._load_states(c, rows[0]) if light else self._load(c, rows, lock=True)[0]
-            before = {d: j.to_json() for d, j in r.jobs.items()}
+            if not light:
+                r = self._load(c, rows, lock=True)[0]
+                before = {d: j.to_json() for d, j in r.jobs.items()}
+                state = r.state
+                yield r
+                if r.state != state:
+                    c.execute(self.sa.update(t).where(t.c.id == r.id).values(doc=self._rollout_doc(r), state=r.state))
+                self._put_jobs(c, r, [j for d, j in r.jobs.items() if j.to_json() != before.get(d)])
+                return
+            r = self._load_states(c, rows[0])
+            read = {d: (j.state, j.owner) for d, j in r.jobs.items()}
             state = r.state
             yield r
             if r.state != state:
                 c.execute(self.sa.update(t).where(t.c.id == r.id).values(doc=self._rollout_doc(r), state=r.state))
-            changed = [j for d, j in r.jobs.items() if j.to_json() != before.get(d)]
-            if not light:
-                self._put_jobs(c, r, changed)
-                return
+            moved = [j for d, j in r.jobs.items() if j.state != read[d][0]]
             r.jobs = {}
             tj = self.t["jobs"]
             now = time.time()
-            for j in changed:
-                was = before[j.device]
+            for j in moved:
+                st, owner = read[j.device]
+                was = Job.from_json({"device": j.device, "state": st, "owner": owner}).to_json()
                 q = self.sa.select(tj.c.doc).where(tj.c.rollout == r.id, tj.c.device == j.device)
                 row = c.execute(self._sql.for_update(q, self.engine)).first()
                 stored = json.loads(row[0]) if row else None
