@@ -105,6 +105,13 @@ class PostgresServer:
                     raise
                 time.sleep(0.1)
 
+    def pid(self) -> int | None:
+        """The server's main process (from ``postmaster.pid``), or None when it is not running."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def create_database(self, name: str) -> str:
         """A fresh database; returns its URL."""
         import psycopg

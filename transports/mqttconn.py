@@ -63,6 +63,7 @@ DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 log = logging.getLogger("mgrpc.mqtt")
 _READ_BUDGET = 256  # packets read per readiness of the socket before the loop runs other work
 _EVENTS_PER_TURN = 16  # paho reports (messages, acks) handled per turn of the loop
+_ROUTES_MAX = 65536  # topics whose callbacks are remembered (MqttConnection._route); then it starts afresh
 _paho_log = logging.getLogger("mgrpc.mqtt.paho")
 
 
@@ -273,6 +274,9 @@ class MqttConnection:
         self._resub_mid: int | None = None
         # Loop-thread state.
         self._callbacks: dict[str, list[MessageCallback]] = {}
+        # topic -> the callbacks its messages go to (matching every filter for every message costs
+        # more than the rest of a small message's dispatch); emptied whenever a callback comes or goes
+        self._routes: dict[str, list[MessageCallback]] = {}
         self._sub_waiters: dict[int, asyncio.Future[list[bool] | None]] = {}
         self._pub_waiters: dict[int, asyncio.Future[None]] = {}
         self._ready = asyncio.Event()
@@ -737,28 +741,38 @@ class MqttConnection:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
+    def _route(self, topic: str) -> list[MessageCallback]:
+        """The callbacks of the filters that match ``topic``, each once, in subscription order."""
+        called = self._routes.get(topic)
+        if called is not None:
+            return called
+        topic_matches_sub = self._mqtt.topic_matches_sub
+        called = []
+        for flt, cbs in self._callbacks.items():
+            # A shared subscription ($share/<group>/<filter>) delivers the topics its filter matches.
+            match = flt.split("/", 2)[2] if flt.startswith("$share/") and flt.count("/") >= 2 else flt
+            if not topic_matches_sub(match, topic):
+                continue
+            for cb in cbs:
+                if not any(cb is c or cb == c for c in called):  # overlapping filters: once per callback
+                    called.append(cb)
+        if len(self._routes) >= _ROUTES_MAX:
+            self._routes.clear()
+        self._routes[topic] = called
+        return called
+
     def _dispatch(self, msg: MqttMessage) -> None:
         if self._closed:
             return
-        topic_matches_sub = self._mqtt.topic_matches_sub
-        called: list[MessageCallback] = []
-        for flt, cbs in list(self._callbacks.items()):
-            # A shared subscription ($share/<group>/<filter>) delivers the topics its filter matches.
-            match = flt.split("/", 2)[2] if flt.startswith("$share/") and flt.count("/") >= 2 else flt
-            if not topic_matches_sub(match, msg.topic):
-                continue
-            for cb in cbs:
-                if any(cb is c or cb == c for c in called):
-                    continue  # overlapping filters: once per callback
-                called.append(cb)
-                try:
-                    res = cb(msg)
-                    if inspect.isawaitable(res):
-                        task = asyncio.ensure_future(res)
-                        self._tasks.add(task)  # keep a reference until it finishes
-                        task.add_done_callback(self._task_done)
-                except Exception:
-                    log.exception("MQTT message callback for %s failed", msg.topic)
+        for cb in self._route(msg.topic):
+            try:
+                res = cb(msg)
+                if inspect.isawaitable(res):
+                    task = asyncio.ensure_future(res)
+                    self._tasks.add(task)  # keep a reference until it finishes
+                    task.add_done_callback(self._task_done)
+            except Exception:
+                log.exception("MQTT message callback for %s failed", msg.topic)
 
     def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
@@ -788,6 +802,7 @@ class MqttConnection:
             raise UsageError("empty topic filter")
         if callback is not None:
             self._callbacks.setdefault(topic_filter, []).append(callback)
+            self._routes.clear()
         with self._lock:
             self._filters[topic_filter] = q
         mqtt = self._mqtt
@@ -819,6 +834,7 @@ class MqttConnection:
             raise TransportError(f"MQTT broker {self.config.address} refused the subscription to {topic_filter!r}")
 
     def _forget(self, topic_filter: str, callback: MessageCallback | None) -> None:
+        self._routes.clear()
         cbs = self._callbacks.get(topic_filter)
         if cbs is not None and callback is not None:
             with contextlib.suppress(ValueError):
@@ -833,7 +849,7 @@ class MqttConnection:
         self._check_open()
         if callback is None:
             self._callbacks.pop(topic_filter, None)
-        self._forget(topic_filter, callback)
+        self._forget(topic_filter, callback)  # (empties the routes)
         with self._lock:
             still = topic_filter in self._filters
         if not still and self._inflight is None:  # (while connecting: simply not renewed)

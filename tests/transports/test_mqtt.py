@@ -726,3 +726,37 @@ async def test_last_will_published_when_a_process_is_killed(broker: Mosquitto) -
             proc.kill()
             await proc.wait()
         await watcher.close()
+
+
+async def test_connection_routes_follow_subscriptions(broker: Mosquitto) -> None:
+    """A topic's callbacks are remembered: a callback subscribed or removed later still counts."""
+    conn = await mqttconn.open_connection(broker.url())
+    try:
+        got: list[str] = []
+
+        async def publish_and_wait(n: int) -> None:
+            await conn.publish("fleet/d1/state", b"x")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT_S
+            while len(got) < n:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # nothing more arrives
+            assert len(got) == n, got
+
+        def a(msg: mqttconn.MqttMessage) -> None:
+            got.append("a")
+
+        def b(msg: mqttconn.MqttMessage) -> None:
+            got.append("b")
+
+        await conn.subscribe("fleet/+/state", a)
+        await publish_and_wait(1)
+        await conn.subscribe("fleet/#", b)  # a second callback for a topic already routed
+        await publish_and_wait(3)
+        assert sorted(got[1:]) == ["a", "b"]
+        await conn.unsubscribe("fleet/+/state", a)
+        await publish_and_wait(4)
+        assert got[-1] == "b"
+    finally:
+        await conn.close()
