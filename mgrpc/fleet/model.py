@@ -400,28 +400,9 @@ class FleetDB:
         return {r[0] for r in rows}
 
     def forget_worker(self, worker: str) -> None:
-        """A worker that stops cleanly leaves (its jobs and leases are taken over at once)."""
+        """A worker that stops cleanly leaves (its jobs and devices are taken over at once; leases of
+        earlier versions it held are dropped)."""
         t, tl = self.t["workers"], self.t["leases"]
         with self.engine.begin() as c:
             c.execute(self.sa.delete(t).where(t.c.id == worker))
             c.execute(self.sa.delete(tl).where(tl.c.holder == worker))
-
-    def lease_holder(self, name: str) -> str:
-        """Who holds the lease ``name`` now ("" if nobody, or if it expired)."""
-        tl = self.t["leases"]
-        with self.engine.begin() as c:
-            row = c.execute(self.sa.select(tl.c.holder, tl.c.expires).where(tl.c.name == name)).first()
-        return str(row[0]) if row is not None and row[1] >= time.time() else ""
-
-    def lease(self, name: str, holder: str, ttl_s: float) -> bool:
-        """Take or renew the lease ``name`` for ``ttl_s``; False while another holder's is unexpired."""
-        tl = self.t["leases"]
-        now = time.time()
-        with self.engine.begin() as c:
-            c.execute(self._sql.insert_ignore(tl, self.engine).values(name=name, holder=holder, expires=now + ttl_s))
-            row = c.execute(self._sql.for_update(self.sa.select(tl.c.holder, tl.c.expires).where(tl.c.name == name),
-                                                 self.engine)).one()  # fmt: skip
-            if row[0] != holder and row[1] >= now:
-                return False
-            c.execute(self.sa.update(tl).where(tl.c.name == name).values(holder=holder, expires=now + ttl_s))
-            return True
