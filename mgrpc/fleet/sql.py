@@ -77,6 +77,8 @@ def metadata() -> Any:
         sa.Column("id", sa.String(64), primary_key=True), sa.Column("seen_at", sa.Float, nullable=False),
         sa.Column("info", sa.Text, nullable=False, default=""),
     )  # fmt: skip
+    # Unused since workers split devices by hash (earlier workers held a shadow lease here); kept so databases
+    # written by that version keep the same tables.
     TABLES["leases"] = sa.Table(
         "fleet_leases", m,
         sa.Column("name", sa.String(64), primary_key=True), sa.Column("holder", sa.String(64), nullable=False),
