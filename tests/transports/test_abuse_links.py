@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import struct
 import sys
-import tty
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,6 +21,7 @@ from rpc.errors import UsageError
 from rpc.framing import crc32_hex
 from rpc.node import Node
 from tests.mosquitto import mosquitto_broker  # noqa: F401 - a pytest fixture
+from tests.transports.test_serial import Pty
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -158,69 +157,28 @@ async def test_udp_bad_max_peers_is_a_usage_error(value: str) -> None:
 # -- serial (a pty: the test holds the host end) ---------------------------------------------------
 
 
-class _Pty:
-    """A pty pair: ``path`` is the device's end, the test writes and reads ``master`` directly."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.slave)
-        os.set_blocking(self.master, False)
-        self.path = os.ttyname(self.slave)
-        self.rx = bytearray()
-        self.reading = False
-
-    def start_reading(self) -> None:
-        asyncio.get_running_loop().add_reader(self.master, self._readable)
-        self.reading = True
-
-    def _readable(self) -> None:
-        try:
-            self.rx += os.read(self.master, 65536)
-        except OSError:
-            pass
-
-    async def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(self.master, view)
-            except BlockingIOError:
-                await asyncio.sleep(0.001)
-                continue
-            view = view[n:]
-
-    def close(self) -> None:
-        if self.reading:
-            asyncio.get_running_loop().remove_reader(self.master)
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 def _line(frame: bytes) -> bytes:
     """A frame as mgrpc_uart.py writes it: JSON, its CRC, newline."""
     return frame + crc32_hex(frame).encode() + b"\n"
 
 
 @pytest.fixture
-async def pty() -> AsyncIterator[_Pty]:
+async def pty() -> AsyncIterator[Pty]:
     if sys.platform == "win32":
         pytest.skip("ptys are POSIX only")
-    p = _Pty()
+    p = Pty()
     yield p
     p.close()
 
 
-async def test_serial_junk_is_dropped_and_the_link_lives(pty: _Pty) -> None:
+async def test_serial_junk_is_dropped_and_the_link_lives(pty: Pty) -> None:
     node = _node()
     lst = await transports.listen(pty.path, node)
     pty.start_reading()
     try:
         for junk in JUNK:
-            await pty.write(junk + b"\n")
-        await pty.write(_line(b'{"id":77,"src":"x","method":"RPC.Ping"}'))
+            await pty.write_all(junk + b"\n")
+        await pty.write_all(_line(b'{"id":77,"src":"x","method":"RPC.Ping"}'))
         assert await _eventually(lambda: b'"id":77' in pty.rx)
         answered = {int(m) for m in re.findall(rb'"id":(\d+)[^\n]*"result"', bytes(pty.rx))}
         assert answered == JUNK_ANSWERED | {77}, pty.rx[-500:]
@@ -229,20 +187,20 @@ async def test_serial_junk_is_dropped_and_the_link_lives(pty: _Pty) -> None:
         await node.close()
 
 
-async def test_serial_flood_is_answered_in_full(pty: _Pty) -> None:
+async def test_serial_flood_is_answered_in_full(pty: Pty) -> None:
     node = _node()
     lst = await transports.listen(pty.path, node)
     pty.start_reading()
     n = 3000  # far beyond max_queue_length (25): nothing is lost on a link that is read
     try:
-        await pty.write(b"".join(_line(b'{"id":%d,"src":"x","method":"RPC.Ping"}' % i) for i in range(1, n + 1)))
+        await pty.write_all(b"".join(_line(b'{"id":%d,"src":"x","method":"RPC.Ping"}' % i) for i in range(1, n + 1)))
         assert await _eventually(lambda: pty.rx.count(b'"result"') >= n, 30), pty.rx.count(b'"result"')
     finally:
         await lst.close()
         await node.close()
 
 
-async def test_serial_host_that_never_reads_costs_at_most_max_out_buffer(pty: _Pty) -> None:
+async def test_serial_host_that_never_reads_costs_at_most_max_out_buffer(pty: Pty) -> None:
     # Before max_out_buffer, the device queued every reply for a host that reads nothing: 9 MB for
     # 3000 requests of 3 KB replies, without bound.
     node = _node()
@@ -251,7 +209,7 @@ async def test_serial_host_that_never_reads_costs_at_most_max_out_buffer(pty: _P
     try:
         req = _line(b'{"id":1,"src":"x","method":"Test.Big"}')
         for i in range(600):  # ~1.8 MB of replies asked for, none read
-            await pty.write(req)
+            await pty.write_all(req)
             if i % 20 == 0:
                 await asyncio.sleep(0.005)
                 assert ch._io.unsent <= 65536 + 4096  # the limit plus one reply
@@ -259,7 +217,7 @@ async def test_serial_host_that_never_reads_costs_at_most_max_out_buffer(pty: _P
         assert ch._io.unsent <= 65536 + 4096
         pty.start_reading()  # the host comes back: the queue drains and the device answers again
         assert await _eventually(lambda: ch._io.unsent == 0)
-        await pty.write(_line(b'{"id":77,"src":"x","method":"RPC.Ping"}'))
+        await pty.write_all(_line(b'{"id":77,"src":"x","method":"RPC.Ping"}'))
         assert await _eventually(lambda: b'"id":77' in pty.rx)
         assert not ch.closed
     finally:
@@ -268,7 +226,7 @@ async def test_serial_host_that_never_reads_costs_at_most_max_out_buffer(pty: _P
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "lots"])
-async def test_serial_bad_max_out_buffer_is_a_usage_error(pty: _Pty, value: str) -> None:
+async def test_serial_bad_max_out_buffer_is_a_usage_error(pty: Pty, value: str) -> None:
     node = _node()
     with pytest.raises(UsageError, match="max_out_buffer"):
         await transports.listen(f"serial://{pty.path}?max_out_buffer={value}", node)

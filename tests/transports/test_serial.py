@@ -67,6 +67,17 @@ class Pty:
     def write(self, data: bytes) -> None:
         os.write(self.master, data)
 
+    async def write_all(self, data: bytes) -> None:
+        """Write all of ``data``, waiting while the pty's buffer is full (a device reading slowly)."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.master, view)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+                continue
+            view = view[n:]
+
     def close(self) -> None:
         try:
             asyncio.get_running_loop().remove_reader(self.master)
